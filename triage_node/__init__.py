@@ -1,0 +1,19 @@
+"""ICH triage node: DICOM/DICOMweb triage of non-contrast head CT for hemorrhage."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("ich-triage-node")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+source"
+
+# RSNA 2019 class order, used everywhere (model outputs, labels, SR, API).
+CLASSES = (
+    "any",
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+)
+SUBTYPES = CLASSES[1:]

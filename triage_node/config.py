@@ -1,0 +1,277 @@
+"""Settings: one pydantic-settings class for the whole node.
+
+Defaults are the embedded ones (SQLite in the data directory, a Celery broker that
+needs no server, in-process ONNX Runtime). Production points the same fields at
+PostgreSQL, Redis and Triton. Values come from, in order of precedence: keyword
+arguments, ``TRIAGE_*`` environment variables, the TOML file named by
+``TRIAGE_CONFIG_FILE``, and the defaults below.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "models"
+CONFIG_FILE_ENV = "TRIAGE_CONFIG_FILE"
+DEV_SECRET = "development-only-secret"
+
+
+class Environment(StrEnum):
+    development = "development"
+    production = "production"
+
+
+class InferenceBackend(StrEnum):
+    onnx = "onnx"
+    triton = "triton"
+
+
+class OperatingPoint(StrEnum):
+    high_sensitivity = "high_sensitivity"
+    balanced = "balanced"
+
+
+class LogFormat(StrEnum):
+    auto = "auto"
+    json = "json"
+    console = "console"
+
+
+class UnknownStorageClassPolicy(StrEnum):
+    store = "store"
+    reject = "reject"
+
+
+class Settings(BaseSettings):
+    """Every setting of the node. ``docs/CONFIGURATION.md`` is generated from this."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_",
+        extra="forbid",
+        validate_default=True,
+        env_nested_delimiter="__",
+    )
+
+    # -- general -------------------------------------------------------------
+    environment: Environment = Field(
+        Environment.development, description="development or production"
+    )
+    data_dir: Path = Field(
+        Path("triage-data"), description="Spool, SQLite database and embedded broker live here"
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+    log_format: LogFormat = Field(
+        LogFormat.auto, description="json, console, or auto (console on a terminal)"
+    )
+    secret_key: SecretStr = Field(
+        SecretStr(DEV_SECRET),
+        description="Signs webhooks and salts token hashes; required outside development",
+    )
+
+    # -- database and queue --------------------------------------------------
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/triage.db"
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker; default filesystem:// under <data_dir>/broker"
+    )
+    result_backend: str | None = Field(
+        None, description="Celery result backend; default SQLite in <data_dir>"
+    )
+
+    # -- DICOM listener ------------------------------------------------------
+    ae_title: str = Field("TRIAGE_NODE", description="Called AE title of the SCP")
+    dicom_host: str = Field("127.0.0.1", description="Address the SCP binds")
+    dicom_port: int = Field(11112, ge=1, le=65535, description="Port the SCP binds")
+    allowed_callers: list[str] = Field(
+        default_factory=list,
+        description="Allow-list entries 'AE@ip-or-cidr' ('*' for any AE); empty: loopback only",
+    )
+    max_associations: int = Field(16, ge=1, description="Concurrent association cap")
+    unknown_storage_class: UnknownStorageClassPolicy = Field(
+        UnknownStorageClassPolicy.store,
+        description="What to do with non-CT storage classes: store (not triaged) or reject",
+    )
+    min_free_disk_mb: int = Field(
+        512, ge=0, description="Below this free space the SCP answers 0xA700"
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate for DICOM TLS")
+    tls_key: Path | None = Field(None, description="PEM private key for DICOM TLS")
+    tls_ca: Path | None = Field(
+        None, description="CA bundle; when set, client certificates are required"
+    )
+    stability_seconds: float = Field(
+        10.0, gt=0, description="Series complete after this long without a new instance"
+    )
+    selection_rules: Path | None = Field(
+        None, description="YAML file with series-selection rules; default built in"
+    )
+    stat_calling_aes: list[str] = Field(
+        default_factory=list, description="Calling AE titles whose studies go to the stat queue"
+    )
+
+    # -- HTTP API ------------------------------------------------------------
+    http_host: str = Field("127.0.0.1", description="Address the API binds")
+    http_port: int = Field(8080, ge=1, le=65535, description="Port the API binds")
+
+    # -- inference -----------------------------------------------------------
+    inference_backend: InferenceBackend = Field(
+        InferenceBackend.onnx, description="onnx (in-process) or triton (gRPC)"
+    )
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC host:port")
+    model_repository: Path = Field(
+        DEFAULT_MODEL_REPOSITORY, description="Triton-layout model repository with model_card.json"
+    )
+    operating_point: OperatingPoint = Field(
+        OperatingPoint.high_sensitivity, description="high_sensitivity or balanced"
+    )
+    key_slices_per_class: int = Field(
+        2, ge=1, le=10, description="Overlay images per positive class"
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        allowed = ("DEBUG", "INFO", "WARNING", "ERROR")
+        if value.upper() not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value.upper()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        # PS3.5 6.2: AE is 16 characters at most, no backslash or control characters.
+        if not 1 <= len(value.strip()) <= 16 or "\\" in value or not value.isprintable():
+            raise ValueError("must be 1-16 printable characters without a backslash")
+        return value.strip()
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _check_allowed_callers(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ae, sep, network = entry.partition("@")
+            if not sep or not ae:
+                raise ValueError(f"{entry!r}: expected 'AE@ip-or-cidr' (AE may be '*')")
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_default_secret_in_production(self) -> Settings:
+        if (
+            self.environment is Environment.production
+            and self.secret_key.get_secret_value() == DEV_SECRET
+        ):
+            raise ValueError("secret_key must be set (TRIAGE_SECRET_KEY) in production")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            if not Path(config_file).is_file():
+                raise SettingsError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    # -- derived values ------------------------------------------------------
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'triage.db'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        """Folder of the embedded filesystem broker (used when broker_url is unset)."""
+        return self.data_dir.resolve() / "broker"
+
+    @property
+    def effective_result_backend(self) -> str:
+        return self.result_backend or f"db+sqlite:///{self.data_dir.resolve() / 'results.db'}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir.resolve() / "spool"
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings for display: secrets and URL passwords masked."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "********"
+            elif isinstance(value, str) and "://" in value and "@" in value:
+                value = _mask_url_password(value)
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, StrEnum):
+                value = value.value
+            out[name] = value
+        out["effective_database_url"] = _mask_url_password(self.effective_database_url)
+        out["effective_broker_url"] = _mask_url_password(self.effective_broker_url)
+        return out
+
+
+class SettingsError(RuntimeError):
+    """A setting is missing or has a value that is not allowed."""
+
+
+def _mask_url_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:********@{host}" if ":" in creds else url
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning validation errors into one readable message.
+
+    The message names each offending setting by its environment variable and says
+    what is allowed, so that start-up stops with something an operator can act on.
+    """
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "settings"
+            env = f"TRIAGE_{field.upper()}" if err["loc"] else "settings"
+            lines.append(f"{env} ({field}): {err['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,1 @@
+"""The worker side: Celery tasks, the triage pipeline and the model code."""

@@ -1,0 +1,15 @@
+"""Worker-side commands, registered into ``triage-node`` through an entry point."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+# Each module defines ``register(app)``; listed here so the set of commands is explicit.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def register(app: typer.Typer) -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
