@@ -26,6 +26,7 @@ from pydantic_settings import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "models"
+DEFAULT_MODEL_CARD = REPO_ROOT / "deploy" / "triton" / "model_card.json"
 CONFIG_FILE_ENV = "TRIAGE_CONFIG_FILE"
 DEV_SECRET = "development-only-secret"
 
@@ -135,6 +136,9 @@ class Settings(BaseSettings):
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC host:port")
     model_repository: Path = Field(
         DEFAULT_MODEL_REPOSITORY, description="Triton-layout model repository with model_card.json"
+    )
+    model_card: Path = Field(
+        DEFAULT_MODEL_CARD, description="model_card.json of the served models"
     )
     operating_point: OperatingPoint = Field(
         OperatingPoint.high_sensitivity, description="high_sensitivity or balanced"

@@ -19,7 +19,7 @@ def _load_plugins() -> None:
 
 
 def main() -> None:
-    from triage_node.cli import basic, synth  # noqa: F401  (registers commands)
+    from triage_node.cli import basic, db, synth  # noqa: F401  (registers commands)
 
     _load_plugins()
     app()

@@ -1,0 +1,40 @@
+"""Alembic environment: the URL comes from Settings (or the caller's config)."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from triage_node.db.models import Base
+from triage_node.db.session import make_engine
+
+config = context.config
+url = config.get_main_option("sqlalchemy.url")
+if not url:
+    from triage_node.config import get_settings
+
+    url = get_settings().effective_database_url
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=Base.metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,1 @@
+"""Database: models, engine/session factory, audit writes, schema checks."""
