@@ -147,6 +147,34 @@ class Settings(BaseSettings):
         2, ge=1, le=10, description="Overlay images per positive class"
     )
 
+    # -- worklist, notifications, routing --------------------------------------
+    subtype_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "any": 1.0,
+            "epidural": 1.5,
+            "subdural": 1.4,
+            "intraparenchymal": 1.2,
+            "intraventricular": 1.2,
+            "subarachnoid": 1.0,
+        },
+        description="Worklist score weight per class: score = max over classes of weight x probability",
+    )
+    ageing_per_hour: float = Field(
+        0.05, ge=0, description="Worklist score added per hour of waiting, so no study is starved"
+    )
+    webhook_urls: list[str] = Field(
+        default_factory=list,
+        description="URLs that receive a JSON POST (HMAC-SHA256 signed) on positive results and failures",
+    )
+    webhook_attempts: int = Field(4, ge=1, le=20, description="Tries per webhook delivery")
+    hl7_host: str | None = Field(
+        None, description="RIS host that receives HL7 v2 ORM^O01 priority updates over MLLP"
+    )
+    hl7_port: int = Field(2575, ge=1, le=65535, description="RIS MLLP port")
+    routing_rules: Path | None = Field(
+        None, description="YAML/JSON file with modality auto-routing rules; none: no routing"
+    )
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
