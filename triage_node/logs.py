@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import structlog
+from pydicom.multival import MultiValue
 
 # DICOM keywords of the identifiers that must never reach a log line.
 PHI_KEYWORDS = (
@@ -100,7 +101,8 @@ def remember_identifiers(ds: Any) -> None:
         element = ds.get(keyword) if hasattr(ds, "get") else None
         if element is None:
             continue
-        for item in element if isinstance(element, (list, tuple)) else [element]:
+        items = element if isinstance(element, (list, tuple, MultiValue)) else [element]
+        for item in items:
             if hasattr(item, "components"):  # pydicom PersonName
                 text = str(item)
                 values.append(text)
@@ -177,7 +179,13 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        # Exceptions may be rendered only here (from the stdlib record), so scrub again.
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            scrub_phi,
+            renderer,
+        ],
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
