@@ -1,0 +1,1 @@
+"""Model code: networks, datasets, training, evaluation, export."""

@@ -1,0 +1,1 @@
+"""Worker pipeline: preprocess, inference core, heat maps."""
