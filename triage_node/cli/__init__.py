@@ -9,20 +9,27 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
+import typer
+
 from triage_node.cli.app import app
 
+_built = False
 
-def _load_plugins() -> None:
-    for ep in entry_points(group="triage_node.cli"):
-        register = ep.load()
-        register(app)
+
+def build_app() -> typer.Typer:
+    """Attach every command to the app (once) and return it."""
+    global _built
+    if not _built:
+        from triage_node.cli import basic, db, synth  # noqa: F401  (registers commands)
+
+        for ep in entry_points(group="triage_node.cli"):
+            ep.load()(app)
+        _built = True
+    return app
 
 
 def main() -> None:
-    from triage_node.cli import basic, db, synth  # noqa: F401  (registers commands)
-
-    _load_plugins()
-    app()
+    build_app()()
 
 
-__all__ = ["app", "main"]
+__all__ = ["app", "build_app", "main"]

@@ -1,0 +1,111 @@
+"""docker-compose.yml checked against the code (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from triage_node.config import REPO_ROOT, Settings
+
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return env
+
+
+def test_services_of_a_site_are_there(compose):
+    assert set(compose["services"]) >= {
+        "postgres",
+        "redis",
+        "triton",
+        "orthanc",
+        "node",
+        "worker",
+        "flower",
+        "migrate",
+    }
+
+
+def test_every_triage_variable_is_a_setting(compose):
+    fields = {f"TRIAGE_{name.upper()}" for name in Settings.model_fields}
+    used = set()
+    for name, service in compose["services"].items():
+        for key in _env(service):
+            if key.startswith("TRIAGE_"):
+                assert key in fields, f"{name}: {key} is not a Settings field"
+                used.add(key)
+    example = (REPO_ROOT / ".env.example").read_text()
+    for key in re.findall(r"^(TRIAGE_[A-Z_]+)=", example, flags=re.M):
+        assert key in fields, f".env.example: {key} is not a Settings field"
+    assert "TRIAGE_DATABASE_URL" in used and "TRIAGE_BROKER_URL" in used
+
+
+def test_production_values_pass_validation(compose):
+    env = _env(compose["services"]["node"])
+    values = {
+        key[len("TRIAGE_") :].lower(): re.sub(r"\$\{[^}]*\}", "x", str(value))
+        for key, value in env.items()
+        if key.startswith("TRIAGE_")
+    }
+    values["allowed_callers"] = ["*@172.16.0.0/12"]
+    values["secret_key"] = "a-real-site-secret"
+    settings = Settings(**values)
+    assert settings.environment.value == "production"
+    assert settings.inference_backend.value == "triton"
+
+
+def test_model_repository_and_mounts_exist(compose):
+    triton = compose["services"]["triton"]
+    assert any(v.startswith("./deploy/triton/models:/models") for v in triton["volumes"])
+    assert (REPO_ROOT / "deploy" / "triton" / "models").is_dir()
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (REPO_ROOT / source).exists(), f"{name}: {source} missing"
+            else:
+                assert source in compose["volumes"], f"{name}: volume {source} not declared"
+    assert (REPO_ROOT / "deploy" / "Dockerfile").is_file()
+
+
+def test_node_and_worker_share_the_spool(compose):
+    def data_volume(service: str) -> str:
+        return next(
+            v.split(":")[0]
+            for v in compose["services"][service]["volumes"]
+            if v.split(":")[1] == "/data"
+        )
+
+    assert data_volume("node") == data_volume("worker")
+
+
+def test_commands_are_real_cli_commands(compose):
+    from typer.testing import CliRunner
+
+    from triage_node.cli import build_app
+
+    app = build_app()
+    runner = CliRunner()
+    for name in ("migrate", "node", "worker"):
+        argv = compose["services"][name]["command"]
+        assert argv[0] == "triage-node"
+        result = runner.invoke(app, [*argv[1:], "--help"])
+        assert result.exit_code == 0, f"{name}: {argv}: {result.output}"
+
+
+def test_ports_do_not_collide(compose):
+    published = [
+        p.split(":")[0] for s in compose["services"].values() for p in s.get("ports", [])
+    ]
+    assert len(published) == len(set(published))
