@@ -112,6 +112,8 @@ class Series(Base):
     convolution_kernel: Mapped[str | None] = mapped_column(String(64))
     slice_thickness: Mapped[float | None] = mapped_column(Float)
     contrast_agent: Mapped[str | None] = mapped_column(String(64))
+    # WindowWidth (0028,1051), first value: a brain window vs a bone window (selection).
+    window_width: Mapped[float | None] = mapped_column(Float)
     sop_class_uid: Mapped[str | None] = mapped_column(String(64))
     expected_instances: Mapped[int | None] = mapped_column(Integer)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
