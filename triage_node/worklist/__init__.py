@@ -1,0 +1,1 @@
+"""The priority worklist: how studies are ranked (``priority``) and read (``queries``)."""

@@ -1,0 +1,270 @@
+"""Read-side queries: the ordered worklist, one study's details, the audit trail.
+
+Ordering is done in SQL on SQLite and PostgreSQL alike: class rank first (a ``CASE``),
+then the stored score plus ageing, then the waiting time. Ageing needs "seconds since
+the study arrived", which each dialect spells differently; `epoch_seconds` compiles to
+``EXTRACT(EPOCH FROM x)`` on PostgreSQL and to ``julianday`` arithmetic on SQLite
+(where SQLAlchemy stores UTC timestamps as ISO text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Float, Select, case, func, literal, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.functions import FunctionElement
+
+from triage_node.config import Settings
+from triage_node.db.models import (
+    AuditEvent,
+    Job,
+    JobState,
+    PriorityClass,
+    Result,
+    Series,
+    Study,
+    WorklistEntry,
+)
+from triage_node.worklist.priority import CLASS_RANK
+
+
+class epoch_seconds(FunctionElement):  # noqa: N801 - SQL function naming
+    """Seconds since 1970-01-01 UTC of a timestamp column, in SQL."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(epoch_seconds, "postgresql")
+def _epoch_pg(element: epoch_seconds, compiler: Any, **kw: Any) -> str:
+    return f"EXTRACT(EPOCH FROM {compiler.process(element.clauses, **kw)})"
+
+
+@compiles(epoch_seconds, "sqlite")
+def _epoch_sqlite(element: epoch_seconds, compiler: Any, **kw: Any) -> str:
+    return f"((julianday({compiler.process(element.clauses, **kw)}) - 2440587.5) * 86400.0)"
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def class_rank_expr() -> Any:
+    """SQL ``CASE`` giving each class its rank (0 = most urgent)."""
+    return case(
+        {name: rank for name, rank in CLASS_RANK.items()},
+        value=WorklistEntry.priority_class,
+        else_=len(CLASS_RANK),
+    )
+
+
+def effective_score_expr(settings: Settings, now: datetime) -> Any:
+    """SQL expression: stored score + ageing_per_hour * hours since the study arrived."""
+    now_epoch = _as_utc(now).timestamp()
+    hours = (literal(now_epoch, Float()) - epoch_seconds(Study.received_at)) / 3600.0
+    return WorklistEntry.score + literal(settings.ageing_per_hour, Float()) * hours
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    """Filters of ``GET /api/worklist`` (all optional)."""
+
+    status: tuple[str, ...] = ()
+    priority_class: tuple[str, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    modality: str | None = None
+    limit: int = 50
+    offset: int = 0
+
+
+@dataclass
+class WorklistRow:
+    """One line of the worklist, with what the page and the API show."""
+
+    entry: WorklistEntry
+    study: Study
+    effective_score: float
+    waiting_seconds: float
+    result: Result | None
+    rank: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def worklist_select(settings: Settings, flt: WorklistFilter, now: datetime) -> Select[Any]:
+    """The ordered, filtered worklist as a SQL statement (without pagination)."""
+    eff = effective_score_expr(settings, now).label("effective_score")
+    stmt = select(WorklistEntry, Study, eff).join(Study, Study.id == WorklistEntry.study_id)
+    if flt.status:
+        stmt = stmt.where(WorklistEntry.status.in_(flt.status))
+    if flt.priority_class:
+        stmt = stmt.where(WorklistEntry.priority_class.in_(flt.priority_class))
+    if flt.since is not None:
+        stmt = stmt.where(Study.received_at >= flt.since)
+    if flt.until is not None:
+        stmt = stmt.where(Study.received_at < flt.until)
+    if flt.modality:
+        stmt = stmt.where(Study.modality == flt.modality)
+    return stmt.order_by(class_rank_expr(), eff.desc(), Study.received_at, WorklistEntry.id)
+
+
+def latest_results(session: Session, study_ids: list[int]) -> dict[int, Result]:
+    """Per study, the newest result of a job that is not superseded."""
+    if not study_ids:
+        return {}
+    stmt = (
+        select(Result)
+        .join(Job, Job.id == Result.job_id)
+        .where(Result.study_id.in_(study_ids), Job.state != JobState.superseded.value)
+        .order_by(Result.created_at, Result.id)
+    )
+    out: dict[int, Result] = {}
+    for result in session.scalars(stmt):
+        out[result.study_id] = result  # later rows win
+    return out
+
+
+def list_worklist(
+    session: Session, settings: Settings, flt: WorklistFilter, now: datetime | None = None
+) -> tuple[list[WorklistRow], int]:
+    """Return one page of the ordered worklist and the total number of matching entries."""
+    now = now or datetime.now(UTC)
+    stmt = worklist_select(settings, flt, now)
+    total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
+    page = session.execute(stmt.limit(flt.limit).offset(flt.offset)).all()
+    results = latest_results(session, [study.id for _, study, _ in page])
+    rows = []
+    for entry, study, eff in page:
+        rows.append(
+            WorklistRow(
+                entry=entry,
+                study=study,
+                effective_score=float(eff),
+                waiting_seconds=max(0.0, (now - _as_utc(study.received_at)).total_seconds()),
+                result=results.get(study.id),
+                rank=CLASS_RANK.get(entry.priority_class, len(CLASS_RANK)),
+            )
+        )
+    return rows, int(total)
+
+
+@dataclass
+class StudyDetail:
+    """Everything ``GET /api/studies/{uid}`` and the study page show."""
+
+    study: Study
+    entry: WorklistEntry | None
+    series: list[Series]
+    jobs: list[Job]
+    results: dict[int, Result]  # by job id
+
+
+def study_detail(session: Session, study_uid: str) -> StudyDetail | None:
+    """The study with its series, all job versions and their results; None if unknown."""
+    study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one_or_none()
+    if study is None:
+        return None
+    entry = session.scalars(
+        select(WorklistEntry).where(WorklistEntry.study_id == study.id)
+    ).one_or_none()
+    series = list(session.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.id)))
+    jobs = list(
+        session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.series_id, Job.version))
+    )
+    results = {
+        r.job_id: r for r in session.scalars(select(Result).where(Result.study_id == study.id))
+    }
+    return StudyDetail(study=study, entry=entry, series=series, jobs=jobs, results=results)
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Filters of ``GET /api/audit`` and ``triage-node audit``."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    study_uid: str | None = None
+    action: str | None = None
+    actor: str | None = None
+    limit: int = 200
+    offset: int = 0
+
+
+def audit_select(flt: AuditFilter) -> Select[Any]:
+    """Audit events matching ``flt``, oldest first. ``action`` ending in ``*`` is a prefix."""
+    stmt = select(AuditEvent)
+    if flt.since is not None:
+        stmt = stmt.where(AuditEvent.at >= flt.since)
+    if flt.until is not None:
+        stmt = stmt.where(AuditEvent.at < flt.until)
+    if flt.study_uid:
+        stmt = stmt.where(AuditEvent.study_uid == flt.study_uid)
+    if flt.action:
+        if flt.action.endswith("*"):
+            stmt = stmt.where(AuditEvent.action.startswith(flt.action[:-1], autoescape=True))
+        else:
+            stmt = stmt.where(AuditEvent.action == flt.action)
+    if flt.actor:
+        stmt = stmt.where(AuditEvent.actor == flt.actor)
+    return stmt.order_by(AuditEvent.at, AuditEvent.id)
+
+
+def list_audit(session: Session, flt: AuditFilter) -> tuple[list[AuditEvent], int]:
+    """One page of audit events and the total count matching the filter."""
+    stmt = audit_select(flt)
+    total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
+    events = list(session.scalars(stmt.limit(flt.limit).offset(flt.offset)))
+    return events, int(total)
+
+
+AUDIT_CSV_COLUMNS = (
+    "id", "at", "actor", "action", "outcome", "study_uid", "series_uid", "sop_uid", "job_id", "detail",
+)
+
+
+def audit_rows(events: list[AuditEvent]) -> list[dict[str, Any]]:
+    """Audit events as plain dicts (CSV/JSON export), timestamps in ISO 8601 UTC."""
+    return [
+        {
+            "id": e.id,
+            "at": _as_utc(e.at).isoformat(),
+            "actor": e.actor,
+            "action": e.action,
+            "outcome": e.outcome,
+            "study_uid": e.study_uid,
+            "series_uid": e.series_uid,
+            "sop_uid": e.sop_uid,
+            "job_id": e.job_id,
+            "detail": e.detail or {},
+        }
+        for e in events
+    ]
+
+
+def job_state_counts(session: Session) -> dict[str, int]:
+    """Number of jobs in each state (for ``/metrics``)."""
+    return {state: int(n) for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))}
+
+
+__all__ = [
+    "AUDIT_CSV_COLUMNS",
+    "AuditFilter",
+    "PriorityClass",
+    "StudyDetail",
+    "WorklistFilter",
+    "WorklistRow",
+    "audit_rows",
+    "audit_select",
+    "class_rank_expr",
+    "epoch_seconds",
+    "job_state_counts",
+    "latest_results",
+    "list_audit",
+    "list_worklist",
+    "study_detail",
+    "worklist_select",
+]
