@@ -146,6 +146,18 @@ class Settings(BaseSettings):
     key_slices_per_class: int = Field(
         2, ge=1, le=10, description="Overlay images per positive class"
     )
+    inference_threads: int = Field(
+        2, ge=1, le=64, description="ONNX Runtime intra-op threads in each worker process"
+    )
+    inference_timeout_s: float = Field(
+        30.0, gt=0, description="Timeout of each Triton request and start-up check (seconds)"
+    )
+    task_time_limit_s: int = Field(
+        300, ge=10, description="Hard time limit of one triage task; the soft limit is 30 s less"
+    )
+    worker_concurrency: int = Field(
+        1, ge=1, le=32, description="Worker processes of `triage-node worker` (each loads the models)"
+    )
 
     # -- worklist, notifications, routing --------------------------------------
     subtype_weights: dict[str, float] = Field(
