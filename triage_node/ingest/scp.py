@@ -1,0 +1,158 @@
+"""The storage SCP: a pynetdicom AE configured from Settings (PS3.4 Annex A and B).
+
+Accepts C-ECHO, and C-STORE for every storage SOP class pynetdicom knows (or only
+CT Image Storage and Enhanced CT Image Storage when
+``settings.unknown_storage_class`` is ``reject``), in the uncompressed, deflated,
+JPEG Lossless, JPEG 2000 and RLE transfer syntaxes. Objects are stored as received;
+pixel data is never decoded on this side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pynetdicom import AE, AllStoragePresentationContexts, build_context
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    RLELossless,
+)
+
+from triage_node.config import Settings, UnknownStorageClassPolicy
+from triage_node.ingest.access import AccessPolicy
+from triage_node.ingest.handlers import SeenSeries, event_handlers
+from triage_node.ingest.store import InstanceStore
+from triage_node.ingest.tls import server_ssl_context
+from triage_node.logs import get_logger
+
+__all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "TRIAGED_SOP_CLASSES", "StorageSCP", "storage_contexts"]
+
+log = get_logger(__name__)
+
+#: Transfer syntaxes accepted for storage (PS3.5 Section 10 and Annex A).
+ACCEPTED_TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian,  # 1.2.840.10008.1.2.1
+    ImplicitVRLittleEndian,  # 1.2.840.10008.1.2
+    DeflatedExplicitVRLittleEndian,  # 1.2.840.10008.1.2.1.99
+    JPEGLossless,  # 1.2.840.10008.1.2.4.57 (Process 14)
+    JPEGLosslessSV1,  # 1.2.840.10008.1.2.4.70 (Process 14, selection value 1)
+    JPEG2000Lossless,  # 1.2.840.10008.1.2.4.90
+    JPEG2000,  # 1.2.840.10008.1.2.4.91
+    RLELossless,  # 1.2.840.10008.1.2.5
+)
+
+#: Storage classes that are triaged (the others are stored, or refused by setting).
+TRIAGED_SOP_CLASSES = (str(CTImageStorage), str(EnhancedCTImageStorage))
+
+#: Largest P-DATA PDU the SCP accepts. Large PDUs mean fewer PDUs per 512x512 slice
+#: (storescu sends up to what the acceptor allows); measured in docs/BENCHMARKS.md.
+MAX_PDU_SIZE = 1_048_576
+
+
+def storage_contexts(policy: UnknownStorageClassPolicy) -> list[PresentationContext]:
+    """Supported presentation contexts: Verification plus the storage classes."""
+    if policy is UnknownStorageClassPolicy.reject:
+        abstract = list(TRIAGED_SOP_CLASSES)
+    else:
+        abstract = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    contexts = [build_context(Verification)]
+    contexts.extend(build_context(uid, list(ACCEPTED_TRANSFER_SYNTAXES)) for uid in abstract)
+    return contexts
+
+
+class StorageSCP:
+    """The node's DICOM listener.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``ae_title``, ``dicom_host``, ``dicom_port``, ``allowed_callers``,
+        ``max_associations``, ``unknown_storage_class`` and the TLS files are used.
+    store : InstanceStore
+        Where received objects go.
+    association_finished : callable, optional
+        Called with the list of SeriesInstanceUIDs stored on an association when it
+        is released or aborted (``CompletenessTracker.association_finished``).
+    nodelay : bool
+        Set TCP_NODELAY on accepted sockets (on by default; off only to measure it).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: InstanceStore,
+        association_finished: Callable[[list[str]], object] | None = None,
+        nodelay: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.association_finished = association_finished
+        self.nodelay = nodelay
+        self.policy = AccessPolicy(settings.allowed_callers)
+        self.seen = SeenSeries()
+        self.ae = self._build_ae()
+        self.server: ThreadedAssociationServer | None = None
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.supported_contexts = storage_contexts(self.settings.unknown_storage_class)
+        ae.maximum_associations = self.settings.max_associations
+        ae.maximum_pdu_size = MAX_PDU_SIZE
+        # The called AE title is checked in handle_requested (with the caller).
+        ae.require_called_aet = False
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the settings asked for port 0)."""
+        if self.server is None:
+            raise RuntimeError("the SCP is not running")
+        return int(self.server.server_address[1])
+
+    def start(self) -> StorageSCP:
+        """Bind and serve in background threads (one per association)."""
+        handlers = event_handlers(
+            self.store,
+            self.policy,
+            self.settings.ae_title,
+            self.seen,
+            self.association_finished,
+            nodelay=self.nodelay,
+        )
+        ssl_context = server_ssl_context(self.settings)
+        self.server = self.ae.start_server(
+            (self.settings.dicom_host, self.settings.dicom_port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+        )
+        log.info(
+            "DICOM listener started",
+            ae_title=self.settings.ae_title,
+            host=self.settings.dicom_host,
+            port=self.port,
+            tls=ssl_context is not None,
+            client_certificates=ssl_context is not None and self.settings.tls_ca is not None,
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, let open associations end, and close the socket."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        self.ae.shutdown()
+
+    def __enter__(self) -> StorageSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,173 @@
+"""The spool: received objects on disk, written so that an acknowledged file is never lost.
+
+Layout (PS3.10 Part 10 files exactly as received)::
+
+    <spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm       version 1
+    <spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.v2.dcm    version 2, ...
+
+UIDs become path components only after `validate_uid`, so ``../`` or any character
+other than digits and dots never reaches the file system.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["InvalidUID", "Spool", "validate_uid"]
+
+#: PS3.5 9.1: a UID is dot-separated numeric components, at most 64 characters.
+#: (Leading zeros are not allowed by the standard, but real scanners send them, and
+#: they are harmless in a path, so they are accepted.)
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_MAX_LENGTH = 64
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+class InvalidUID(ValueError):
+    """A value is not a DICOM UID (PS3.5 9.1) and must not become a path."""
+
+
+def validate_uid(uid: object, what: str = "UID") -> str:
+    """Return ``uid`` stripped of DICOM padding, or raise `InvalidUID`.
+
+    Parameters
+    ----------
+    uid : object
+        The value to check (a ``str`` or a pydicom ``UID``).
+    what : str
+        Name used in the error message (e.g. ``"SOPInstanceUID"``).
+    """
+    if not isinstance(uid, str):
+        raise InvalidUID(f"{what} is missing or not a string")
+    # PS3.5 6.2: UI values are padded to even length with a trailing NUL.
+    value = uid.rstrip("\x00").strip()
+    if not value:
+        raise InvalidUID(f"{what} is empty")
+    if len(value) > UID_MAX_LENGTH:
+        raise InvalidUID(f"{what} is longer than {UID_MAX_LENGTH} characters")
+    if not UID_PATTERN.match(value):
+        raise InvalidUID(f"{what} has characters other than digits and dots")
+    return value
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Durable, atomic storage of received DICOM files under ``root``.
+
+    Parameters
+    ----------
+    root : Path
+        Spool directory; created (mode 0700) when missing.
+    """
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+        self._known_dirs: set[Path] = set()
+        self._makedirs(self.root)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str, version: int = 1) -> Path:
+        """Path of one object; every UID is validated first.
+
+        Raises
+        ------
+        InvalidUID
+            When any UID is not a DICOM UID.
+        ValueError
+            When ``version`` is below 1.
+        """
+        study = validate_uid(study_uid, "StudyInstanceUID")
+        series = validate_uid(series_uid, "SeriesInstanceUID")
+        sop = validate_uid(sop_uid, "SOPInstanceUID")
+        if version < 1:
+            raise ValueError("version starts at 1")
+        name = f"{sop}.dcm" if version == 1 else f"{sop}.v{version}.dcm"
+        return self.root / study / series / name
+
+    def write(
+        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, version: int = 1
+    ) -> Path:
+        """Write ``data`` durably and atomically; return the final path.
+
+        The bytes go to a temporary file in the target directory, which is fsynced,
+        renamed over the final name (``os.replace``, atomic on POSIX) and followed by
+        an fsync of the directory, so after a crash the file is either complete or
+        absent, never half-written.
+        """
+        path = self.path_for(study_uid, series_uid, sop_uid, version)
+        self._makedirs(path.parent)
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=path.parent)
+        except FileNotFoundError:  # the folder was removed behind the cache's back
+            self._known_dirs.clear()
+            self._makedirs(path.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(Path(tmp_name))
+            raise
+        os.close(fd)
+        try:
+            os.replace(tmp_name, path)
+        except BaseException:
+            _unlink_quietly(Path(tmp_name))
+            raise
+        _fsync_dir(path.parent)
+        return path
+
+    def remove(self, path: Path) -> None:
+        """Delete a spooled file (only paths inside the spool) and fsync its folder."""
+        path = Path(path).resolve()
+        if self.root not in path.parents:
+            raise ValueError(f"{path} is outside the spool")
+        _unlink_quietly(path)
+        _fsync_dir(path.parent)
+
+    def free_mb(self) -> float:
+        """Free space on the spool's file system, in MiB (for the watermark)."""
+        return shutil.disk_usage(self.root).free / 2**20
+
+    def _makedirs(self, folder: Path) -> None:
+        """Create ``folder`` and its parents (0700), fsyncing each new entry's parent."""
+        if folder in self._known_dirs:
+            return
+        missing: list[Path] = []
+        current = folder
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for new in reversed(missing):
+            try:
+                new.mkdir(mode=DIR_MODE)
+            except FileExistsError:
+                pass
+            _fsync_dir(new.parent)
+        if len(self._known_dirs) > 10_000:
+            self._known_dirs.clear()
+        self._known_dirs.add(folder)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,646 @@
+"""`InstanceStore`: the one path by which a received object enters the node.
+
+Both doors call it: the DIMSE C-STORE handler (``source="dimse"``) and the STOW-RS
+endpoint (``source="stow"``). For each Part 10 file it
+
+1. checks the free-disk watermark (0xA700 below it),
+2. parses only the header (no pixel decoding; the bytes are never re-encoded),
+3. checks the UIDs (0xC000-range when they cannot become paths, 0xA900 when they
+   are missing or do not match what the transfer announced),
+4. spools the bytes durably (`triage_node.ingest.spool.Spool.write`),
+5. commits Study/Series/Instance rows and an audit row in one short transaction
+   (0xA701 when that fails: never success without the row),
+6. and only then returns success and calls ``on_stored(series_uid)``.
+
+Status codes are those of the Storage Service Class, PS3.4 Annex B.2.3, Table B.2-1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom.status import Status
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from triage_node.config import Settings
+from triage_node.db import audit
+from triage_node.db.models import Instance, Series, Study
+from triage_node.db.session import transaction
+from triage_node.ingest.spool import InvalidUID, Spool, validate_uid
+from triage_node.logs import get_logger, remember_identifiers
+
+__all__ = [
+    "CANNOT_UNDERSTAND",
+    "DATABASE_UNAVAILABLE",
+    "DATASET_DOES_NOT_MATCH_SOP_CLASS",
+    "INVALID_UID",
+    "OUT_OF_RESOURCES",
+    "SUCCESS",
+    "InstanceStore",
+    "StoreOutcome",
+    "slice_position",
+]
+
+log = get_logger(__name__)
+
+# -- Storage Service Class statuses (PS3.4 Table B.2-1) ----------------------------
+SUCCESS = int(Status.SUCCESS)  # 0x0000
+#: Refused: Out of Resources (A700-A7FF). Free disk below the watermark.
+OUT_OF_RESOURCES = 0xA700
+#: Also "Refused: Out of Resources": the database could not record the instance.
+DATABASE_UNAVAILABLE = 0xA701
+#: Error: Data Set does not match SOP Class (A900-A9FF).
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+#: Error: Cannot understand (C000-CFFF). The header cannot be parsed.
+CANNOT_UNDERSTAND = 0xC000
+#: Error: Cannot understand, a UID is not a UID (PS3.5 9.1) and cannot become a path.
+INVALID_UID = 0xC001
+
+SOURCES = ("dimse", "stow")
+_INSERT_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What happened to one received object.
+
+    Attributes
+    ----------
+    status : int
+        Storage Service Class status (PS3.4 Table B.2-1), one of this module's constants.
+    study_uid, series_uid, sop_uid : str or None
+        UIDs from the header (None when they could not be read or were invalid).
+    stored : bool
+        True when the object is on disk and in the database (new or duplicate).
+    duplicate : bool
+        True when the identical object was already stored (idempotent success).
+    version : int
+        Version of the stored object (1 for the first; 0 when nothing was stored).
+    reason : str or None
+        Why the object was refused; None on success.
+    sop_class_uid : str or None
+        SOP Class UID of the object, when known.
+    path : Path or None
+        Spool path of the stored version.
+    """
+
+    status: int
+    study_uid: str | None
+    series_uid: str | None
+    sop_uid: str | None
+    stored: bool
+    duplicate: bool
+    version: int
+    reason: str | None = None
+    sop_class_uid: str | None = None
+    path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+class _Refused(Exception):
+    """Internal: a validation step refuses the object with a status and a reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Header:
+    """The parts of a header the node records (parsed once, before pixels)."""
+
+    ds: Dataset
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    dataset_offset: int
+
+
+def dataset_offset(data: bytes, meta: Dataset | None) -> int:
+    """Byte offset where the data set starts, after preamble and file meta (PS3.10 7.1).
+
+    Uses FileMetaInformationGroupLength (0002,0000), whose element is 12 bytes long in
+    Explicit VR Little Endian; 0 when the file has no preamble or group length.
+    """
+    if data[128:132] != b"DICM" or meta is None:
+        return 0
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if group_length is None:
+        return 0
+    offset = 132 + 12 + int(group_length)
+    return offset if offset <= len(data) else 0
+
+
+def slice_position(ds: Dataset) -> float | None:
+    """Position of an image along its slice normal, in mm.
+
+    The normal is the cross product of the row and column direction cosines of
+    ImageOrientationPatient (PS3.3 C.7.6.2.1.1); the position is the projection of
+    ImagePositionPatient on it. None when either attribute is missing or malformed.
+    """
+    try:
+        orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=float)
+        position = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=float)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if orientation.shape != (6,) or position.shape != (3,):
+        return None
+    normal = np.cross(orientation[:3], orientation[3:])
+    if not np.isfinite(normal).all() or np.linalg.norm(normal) == 0:
+        return None
+    return float(np.dot(position, normal / np.linalg.norm(normal)))
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    text = text.strip()
+    return text[:limit] if text else None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _requested_priority(ds: Dataset) -> str | None:
+    """RequestedProcedurePriority (0040,1003), top level or in RequestAttributesSequence."""
+    value = _text(ds, "RequestedProcedurePriority", 16)
+    if value:
+        return value
+    for item in ds.get("RequestAttributesSequence") or []:
+        value = _text(item, "RequestedProcedurePriority", 16)
+        if value:
+            return value
+    return None
+
+
+def parse_header(data: bytes) -> _Header:
+    """Parse the header of a Part 10 file (stops before Pixel Data; nothing is decoded).
+
+    Raises
+    ------
+    _Refused
+        0xC000 when the file cannot be parsed, 0xC001 when a UID is invalid,
+        0xA900 when a required UID is missing.
+    """
+    try:
+        ds = dcmread(BytesIO(data), stop_before_pixels=True)
+        # Touch every element now so that a malformed value fails here, not later.
+        for _elem in ds.iterall():
+            pass
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
+            NotImplementedError, AttributeError, IndexError) as exc:
+        raise _Refused(CANNOT_UNDERSTAND, f"header cannot be parsed: {type(exc).__name__}") from None
+    meta = getattr(ds, "file_meta", None)
+    transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not transfer_syntax:
+        raise _Refused(CANNOT_UNDERSTAND, "file meta has no TransferSyntaxUID")
+    # De-identified files may carry the SOP class only in the file meta (DESIGN.md).
+    sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    uids: dict[str, str] = {}
+    for keyword, value in (
+        ("StudyInstanceUID", ds.get("StudyInstanceUID")),
+        ("SeriesInstanceUID", ds.get("SeriesInstanceUID")),
+        ("SOPInstanceUID", ds.get("SOPInstanceUID")),
+        ("SOPClassUID", sop_class),
+    ):
+        if value is None or str(value).strip("\x00 ") == "":
+            raise _Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing")
+        try:
+            uids[keyword] = validate_uid(str(value), keyword)
+        except InvalidUID as exc:
+            raise _Refused(INVALID_UID, str(exc)) from None
+    try:
+        transfer_syntax = validate_uid(str(transfer_syntax), "TransferSyntaxUID")
+    except InvalidUID as exc:
+        raise _Refused(INVALID_UID, str(exc)) from None
+    return _Header(
+        ds=ds,
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax=transfer_syntax,
+        dataset_offset=dataset_offset(data, meta),
+    )
+
+
+def _insert_ignore(session: Session, model: type, **values: Any) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING on the model's unique UID column."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing()
+    else:  # pragma: no cover - only the two engines the node supports
+        raise RuntimeError(f"unsupported database dialect {dialect}")
+    session.execute(stmt)
+
+
+class InstanceStore:
+    """Validate, spool and record received DICOM objects.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``spool_dir`` and ``min_free_disk_mb`` are used.
+    session_factory : sessionmaker
+        Built once at start (STYLE.md 3).
+    on_stored : callable, optional
+        Called with the SeriesInstanceUID after each newly stored object has been
+        committed (not for duplicates); exceptions in it are logged, never turned into
+        a failure status, since the object is already safe.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        on_stored: Callable[[str], object] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.on_stored = on_stored
+        self.spool = Spool(settings.spool_dir)
+        self._series_ids: dict[str, int] = {}
+
+    # -- watermark -----------------------------------------------------------------
+    def below_watermark(self) -> bool:
+        """True when the spool's free space is below ``settings.min_free_disk_mb``."""
+        return self.spool.free_mb() < self.settings.min_free_disk_mb
+
+    # -- the door ------------------------------------------------------------------
+    def store(
+        self,
+        data: bytes,
+        *,
+        calling_ae: str,
+        peer: str,
+        source: str,
+        expected_sop_class: str | None = None,
+        expected_sop_instance: str | None = None,
+    ) -> StoreOutcome:
+        """Store one Part 10 file (preamble, file meta and dataset as received).
+
+        Parameters
+        ----------
+        data : bytes
+            The object exactly as received; written to the spool unchanged.
+        calling_ae : str
+            Calling AE title (DIMSE) or the token name (STOW-RS), for audit rows.
+        peer : str
+            Peer IP address.
+        source : {"dimse", "stow"}
+            Which door the object came through.
+        expected_sop_class, expected_sop_instance : str, optional
+            Affected SOP Class/Instance UID announced by the C-STORE request (PS3.7
+            9.1.1.1); a dataset that disagrees gets 0xA900.
+
+        Returns
+        -------
+        StoreOutcome
+        """
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}")
+        actor = f"ae:{calling_ae}@{peer}"[:64] if source == "dimse" else f"stow:{calling_ae}"[:64]
+        header: _Header | None = None
+        try:
+            if self.below_watermark():
+                raise _Refused(
+                    OUT_OF_RESOURCES,
+                    f"free disk below {self.settings.min_free_disk_mb} MiB on the spool",
+                )
+            header = parse_header(data)
+            remember_identifiers(header.ds)
+            if expected_sop_class and header.sop_class_uid != expected_sop_class.strip("\x00 "):
+                raise _Refused(
+                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    "SOPClassUID differs from the presentation context's abstract syntax",
+                )
+            if expected_sop_instance and header.sop_uid != expected_sop_instance.strip("\x00 "):
+                raise _Refused(
+                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    "SOPInstanceUID differs from the request's Affected SOP Instance UID",
+                )
+            outcome = self._spool_and_record(header, data, calling_ae, peer, source, actor)
+        except _Refused as refused:
+            outcome = self._refuse(header, refused, actor, source)
+        if outcome.stored and not outcome.duplicate and self.on_stored is not None:
+            try:
+                self.on_stored(outcome.series_uid)
+            except Exception:  # noqa: BLE001 - the object is safe; only log
+                log.exception("on_stored callback failed", series_uid=outcome.series_uid)
+        return outcome
+
+    # -- internals -----------------------------------------------------------------
+    def _spool_and_record(
+        self, header: _Header, data: bytes, calling_ae: str, peer: str, source: str, actor: str
+    ) -> StoreOutcome:
+        # The digest covers the dataset only: the same object sent by two peers has
+        # different file meta (PS3.10 7.1, Implementation Class UID etc.).
+        digest = hashlib.sha256(memoryview(data)[header.dataset_offset :]).hexdigest()
+        for attempt in range(_INSERT_RETRIES):
+            try:
+                existing = self._existing_versions(header.sop_uid)
+            except SQLAlchemyError as exc:
+                raise _Refused(DATABASE_UNAVAILABLE, f"database read failed: {type(exc).__name__}") from None
+            same = [row for row in existing if row[1] == digest]
+            if same:
+                return self._duplicate(header, same[0], actor, source)
+            version = max((row[0] for row in existing), default=0) + 1
+            try:
+                path = self.spool.write(
+                    header.study_uid, header.series_uid, header.sop_uid, data, version
+                )
+            except OSError as exc:
+                raise _Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
+            try:
+                self._record(header, data, digest, version, path, calling_ae, source, actor)
+            except _Refused:
+                self._discard_unreferenced(path)
+                raise
+            except IntegrityError:
+                # Another association stored the same SOP Instance UID at the same time:
+                # look again (it may now be a duplicate, or need the next version).
+                self._discard_unreferenced(path)
+                if attempt + 1 == _INSERT_RETRIES:
+                    raise _Refused(DATABASE_UNAVAILABLE, "instance row conflicts") from None
+                continue
+            except SQLAlchemyError as exc:
+                self._discard_unreferenced(path)
+                raise _Refused(
+                    DATABASE_UNAVAILABLE, f"database write failed: {type(exc).__name__}"
+                ) from None
+            log.info(
+                "instance stored",
+                study_uid=header.study_uid,
+                series_uid=header.series_uid,
+                sop_uid=header.sop_uid,
+                version=version,
+                source=source,
+                bytes=len(data),
+            )
+            return StoreOutcome(
+                status=SUCCESS,
+                study_uid=header.study_uid,
+                series_uid=header.series_uid,
+                sop_uid=header.sop_uid,
+                stored=True,
+                duplicate=False,
+                version=version,
+                sop_class_uid=header.sop_class_uid,
+                path=path,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _existing_versions(self, sop_uid: str) -> list[tuple[int, str, str]]:
+        with self.session_factory() as session:
+            rows = session.execute(
+                select(Instance.version, Instance.sha256, Instance.path).where(
+                    Instance.sop_uid == sop_uid
+                )
+            ).all()
+        return [(int(v), str(h), str(p)) for v, h, p in rows]
+
+    def _record(
+        self,
+        header: _Header,
+        data: bytes,
+        digest: str,
+        version: int,
+        path: Path,
+        calling_ae: str,
+        source: str,
+        actor: str,
+    ) -> None:
+        """One short transaction: Study/Series upserts, the Instance row, an audit row.
+
+        Core statements (not ORM units of work) keep this at a few hundred
+        microseconds of Python per instance; the ids of a series already seen are
+        cached, since study and series rows are never deleted.
+        """
+        ds = header.ds
+        now = datetime.now(UTC)
+        expected = _int(ds, "NumberOfSeriesRelatedInstances") or _int(ds, "ImagesInAcquisition")
+        with transaction(self.session_factory) as session:
+            series_id = self._series_ids.get(header.series_uid)
+            if series_id is None:
+                series_id = self._upsert_study_series(session, header, calling_ae, source, expected, now)
+            values: dict[str, Any] = {"last_received_at": now}
+            if version == 1:
+                values["instance_count"] = Series.instance_count + 1
+            if expected is not None:
+                values["expected_instances"] = expected
+            session.execute(update(Series).where(Series.id == series_id).values(**values))
+            session.execute(
+                insert(Instance).values(
+                    series_id=series_id,
+                    sop_uid=header.sop_uid,
+                    version=version,
+                    sop_class_uid=header.sop_class_uid,
+                    transfer_syntax=header.transfer_syntax,
+                    instance_number=_int(ds, "InstanceNumber"),
+                    slice_position=slice_position(ds),
+                    path=str(path),
+                    sha256=digest,
+                    size_bytes=len(data),
+                    calling_ae=calling_ae[:16],
+                    source=source,
+                    received_at=now,
+                )
+            )
+            audit.record(
+                session,
+                "instance.stored" if version == 1 else "instance.new_version",
+                actor=actor,
+                study_uid=header.study_uid,
+                series_uid=header.series_uid,
+                sop_uid=header.sop_uid,
+                version=version,
+                sha256=digest,
+                source=source,
+                transfer_syntax=header.transfer_syntax,
+            )
+        # Only after the commit: a rolled-back insert must not be cached.
+        if len(self._series_ids) > 10_000:
+            self._series_ids.clear()
+        self._series_ids[header.series_uid] = series_id
+
+    def _upsert_study_series(
+        self,
+        session: Session,
+        header: _Header,
+        calling_ae: str,
+        source: str,
+        expected: int | None,
+        now: datetime,
+    ) -> int:
+        """Insert the Study and Series rows if missing (first instance wins); return the series id."""
+        ds = header.ds
+        _insert_ignore(
+            session,
+            Study,
+            study_uid=header.study_uid,
+            patient_name=_text(ds, "PatientName", 324),
+            patient_id=_text(ds, "PatientID"),
+            accession_number=_text(ds, "AccessionNumber"),
+            study_date=_text(ds, "StudyDate", 8),
+            study_description=_text(ds, "StudyDescription"),
+            modality=_text(ds, "Modality", 16),
+            calling_ae=calling_ae[:16] if source == "dimse" else None,
+            requested_priority=_requested_priority(ds),
+            received_at=now,
+            updated_at=now,
+        )
+        study_id = session.execute(
+            select(Study.id).where(Study.study_uid == header.study_uid)
+        ).scalar_one()
+        _insert_ignore(
+            session,
+            Series,
+            study_id=study_id,
+            series_uid=header.series_uid,
+            modality=_text(ds, "Modality", 16),
+            series_number=_int(ds, "SeriesNumber"),
+            description=_text(ds, "SeriesDescription"),
+            body_part=_text(ds, "BodyPartExamined"),
+            protocol_name=_text(ds, "ProtocolName"),
+            image_type=_text(ds, "ImageType", 128),
+            convolution_kernel=_text(ds, "ConvolutionKernel"),
+            slice_thickness=_float(ds, "SliceThickness"),
+            contrast_agent=_text(ds, "ContrastBolusAgent"),
+            sop_class_uid=header.sop_class_uid,
+            expected_instances=expected,
+            instance_count=0,
+            state="receiving",
+            first_received_at=now,
+            last_received_at=now,
+        )
+        series_id, series_study_id = session.execute(
+            select(Series.id, Series.study_id).where(Series.series_uid == header.series_uid)
+        ).one()
+        if series_study_id != study_id:
+            raise _Refused(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SeriesInstanceUID already belongs to another study",
+            )
+        return int(series_id)
+
+    def _duplicate(
+        self, header: _Header, row: tuple[int, str, str], actor: str, source: str
+    ) -> StoreOutcome:
+        version, digest, path = row
+        try:
+            with transaction(self.session_factory) as session:
+                audit.record(
+                    session,
+                    "instance.duplicate",
+                    actor=actor,
+                    study_uid=header.study_uid,
+                    series_uid=header.series_uid,
+                    sop_uid=header.sop_uid,
+                    version=version,
+                    sha256=digest,
+                    source=source,
+                )
+        except SQLAlchemyError as exc:
+            raise _Refused(DATABASE_UNAVAILABLE, f"database write failed: {type(exc).__name__}") from None
+        log.info("duplicate instance", sop_uid=header.sop_uid, version=version, source=source)
+        return StoreOutcome(
+            status=SUCCESS,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            stored=True,
+            duplicate=True,
+            version=version,
+            sop_class_uid=header.sop_class_uid,
+            path=Path(path),
+        )
+
+    def _discard_unreferenced(self, path: Path) -> None:
+        """Remove a spooled file whose row did not commit, unless a row references it."""
+        try:
+            with self.session_factory() as session:
+                referenced = session.execute(
+                    select(func.count()).select_from(Instance).where(Instance.path == str(path))
+                ).scalar_one()
+        except SQLAlchemyError:
+            log.warning("cannot check spooled file; keeping it", path=str(path))
+            return
+        if not referenced:
+            self.spool.remove(path)
+
+    def _refuse(
+        self, header: _Header | None, refused: _Refused, actor: str, source: str
+    ) -> StoreOutcome:
+        log.warning(
+            "instance refused",
+            status=f"0x{refused.status:04X}",
+            reason=refused.reason,
+            sop_uid=header.sop_uid if header else None,
+            source=source,
+        )
+        try:
+            with transaction(self.session_factory) as session:
+                audit.record(
+                    session,
+                    "instance.rejected",
+                    actor=actor,
+                    outcome="failed",
+                    study_uid=header.study_uid if header else None,
+                    series_uid=header.series_uid if header else None,
+                    sop_uid=header.sop_uid if header else None,
+                    status=f"0x{refused.status:04X}",
+                    reason=refused.reason,
+                    source=source,
+                )
+        except SQLAlchemyError:
+            log.error("audit row for a refused instance could not be written")
+        return StoreOutcome(
+            status=refused.status,
+            study_uid=header.study_uid if header else None,
+            series_uid=header.series_uid if header else None,
+            sop_uid=header.sop_uid if header else None,
+            stored=False,
+            duplicate=False,
+            version=0,
+            reason=refused.reason,
+            sop_class_uid=header.sop_class_uid if header else None,
+        )
