@@ -1,0 +1,181 @@
+"""Ingest benchmark: the same slices sent with ``storescu`` to this SCP, DCMTK ``storescp`` and Orthanc.
+
+Every target receives each round's slices in one association from DCMTK ``storescu``
+(``TCP_NODELAY=1``). This node runs its real listener with its database writes
+(SQLite in a temporary data directory, ``synchronous=FULL``), with and without
+TCP_NODELAY on accepted sockets. Each round sends a new series (new UIDs), so no
+target ever sees a duplicate; the median of the rounds is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from triage_node.bench.peers import OrthancPeer, StoreSCPPeer, free_port, storescu, write_ct_slices
+from triage_node.config import REPO_ROOT, load_settings
+from triage_node.db import schema
+from triage_node.db.session import make_engine, make_sessionmaker
+from triage_node.ingest.scp import StorageSCP
+from triage_node.ingest.store import InstanceStore
+
+__all__ = ["markdown_table", "run_ingest_benchmark", "update_benchmarks_md"]
+
+JSON_PATH = REPO_ROOT / "docs" / "bench" / "ingest.json"
+BENCHMARKS_MD = REPO_ROOT / "docs" / "BENCHMARKS.md"
+NODE = "triage-node"
+NODE_NO_NODELAY = "triage-node, no TCP_NODELAY"
+STORESCP = "DCMTK storescp"
+ORTHANC = "Orthanc"
+
+
+class _NodeTarget:
+    """This node's listener in this process, on a fresh data directory."""
+
+    aet = "TRIAGE_NODE"
+
+    def __init__(self, nodelay: bool) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="bench-node-"))
+        self.port = free_port()
+        settings = load_settings(
+            data_dir=self.root, dicom_port=self.port, ae_title=self.aet,
+            allowed_callers=["*@127.0.0.1/32"], min_free_disk_mb=64,
+        )
+        schema.upgrade(settings.effective_database_url)
+        self.engine = make_engine(settings.effective_database_url)
+        store = InstanceStore(settings, make_sessionmaker(self.engine))
+        self.scp = StorageSCP(settings, store, nodelay=nodelay)
+
+    def start(self) -> _NodeTarget:
+        self.scp.start()
+        return self
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.engine.dispose()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _send(files: list[Path], port: int, aet: str) -> float:
+    start = time.perf_counter()
+    proc = storescu(files, port, aet)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"storescu to {aet} failed: {proc.stderr[-400:]}")
+    return elapsed
+
+
+def run_ingest_benchmark(
+    images: int = 200, rounds: int = 3, size: int = 512,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark and return the results (the ``docs/bench/ingest.json`` content)."""
+    say = progress or (lambda _msg: None)
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    try:
+        sets = [write_ct_slices(work / f"round{r}", images, size=size, seed=r) for r in range(rounds)]
+        factories: dict[str, Callable[[], Any]] = {
+            NODE: lambda: _NodeTarget(nodelay=True),
+            NODE_NO_NODELAY: lambda: _NodeTarget(nodelay=False),
+            STORESCP: StoreSCPPeer,
+            ORTHANC: OrthancPeer,
+        }
+        results: dict[str, Any] = {}
+        for name, factory in factories.items():
+            target = factory().start()
+            try:
+                seconds = []
+                for r, files in enumerate(sets):
+                    seconds.append(_send(files, target.port, target.aet))
+                    say(f"{name} round {r + 1}: {images / seconds[-1]:.1f} images/s")
+            finally:
+                target.stop()
+            rates = [images / s for s in seconds]
+            results[name] = {
+                "images_per_s": round(statistics.median(rates), 1),
+                "rounds_images_per_s": [round(x, 1) for x in rates],
+            }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    node = results[NODE]["images_per_s"]
+    ratios = {
+        "node_vs_orthanc": round(node / results[ORTHANC]["images_per_s"], 2),
+        "node_vs_storescp": round(node / results[STORESCP]["images_per_s"], 2),
+        "nodelay_speedup": round(node / results[NODE_NO_NODELAY]["images_per_s"], 2),
+    }
+    return {
+        "benchmark": "ingest",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "images": images,
+        "rounds": rounds,
+        "size": f"{size}x{size}",
+        "sender": "DCMTK storescu, one association per round, TCP_NODELAY=1",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "results": results,
+        "ratios": ratios,
+        "targets": {
+            "at_least_orthanc": ratios["node_vs_orthanc"] >= 1.0,
+            "at_least_half_storescp": ratios["node_vs_storescp"] >= 0.5,
+        },
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The Markdown section for ``docs/BENCHMARKS.md``."""
+    lines = [
+        "## Ingest",
+        "",
+        f"`triage-node bench ingest --images {result['images']}` on {result['date']} "
+        f"({result['machine']['cpus']} CPUs, {result['machine']['platform']}): "
+        f"{result['images']} slices of {result['size']} per round, {result['rounds']} rounds, "
+        f"{result['sender']}; median of the rounds. This node includes its database writes "
+        "(SQLite, synchronous=FULL) and fsyncs before each C-STORE response.",
+        "",
+        "| receiver | images/s (median) | rounds |",
+        "| --- | ---: | --- |",
+    ]
+    for name, row in result["results"].items():
+        rounds = ", ".join(f"{x:.1f}" for x in row["rounds_images_per_s"])
+        lines.append(f"| {name} | {row['images_per_s']:.1f} | {rounds} |")
+    r = result["ratios"]
+    t = result["targets"]
+    lines += [
+        "",
+        f"Ratios: node / Orthanc = {r['node_vs_orthanc']:.2f} "
+        f"(target >= 1: {'met' if t['at_least_orthanc'] else 'not met'}), "
+        f"node / storescp = {r['node_vs_storescp']:.2f} "
+        f"(target >= 0.5: {'met' if t['at_least_half_storescp'] else 'not met'}), "
+        f"TCP_NODELAY on accepted sockets = x{r['nodelay_speedup']:.2f}.",
+        "",
+        "Raw numbers: `docs/bench/ingest.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def update_benchmarks_md(section: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) the ``## Ingest`` section of ``docs/BENCHMARKS.md``."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == "## Ingest"), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        new = "".join(lines[:start]) + section + ("\n" if end < len(lines) else "") + "".join(lines[end:])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)

@@ -1,0 +1,122 @@
+"""``triage-node serve``: the DICOM listener, the completeness timer and the API in one process."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from triage_node.cli.app import app
+from triage_node.cli.common import settings_or_exit
+from triage_node.config import Settings
+from triage_node.db import schema
+from triage_node.db.session import make_engine, make_sessionmaker
+from triage_node.ingest.scp import StorageSCP
+from triage_node.ingest.store import InstanceStore
+from triage_node.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def _completeness(settings: Settings, session_factory: Any) -> Any | None:
+    """The completeness tracker (``triage_node.studies``), when that part is installed."""
+    if importlib.util.find_spec("triage_node.studies.completeness") is None:
+        log.warning("completeness tracker not available; series will not be completed")
+        return None
+    from triage_node.studies.completeness import CompletenessTracker
+
+    return CompletenessTracker(settings, session_factory)
+
+
+class _ApiServer:
+    """uvicorn running ``triage_node.api.app.create_app`` in a thread of this process."""
+
+    def __init__(self, settings: Settings, session_factory: Any) -> None:
+        import uvicorn
+
+        from triage_node.api.app import create_app
+
+        config = uvicorn.Config(
+            create_app(settings, session_factory),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+            access_log=False,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)
+
+    def start(self) -> _ApiServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@app.command()
+def serve(
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Data directory (TRIAGE_DATA_DIR)."),
+    dicom_port: int | None = typer.Option(None, "--dicom-port", help="DICOM port (TRIAGE_DICOM_PORT)."),
+    http_port: int | None = typer.Option(None, "--http-port", help="HTTP API port (TRIAGE_HTTP_PORT)."),
+    ae_title: str | None = typer.Option(None, "--ae-title", help="Called AE title (TRIAGE_AE_TITLE)."),
+    no_api: bool = typer.Option(False, "--no-api", help="Run the DICOM listener without the HTTP API."),
+) -> None:
+    """Receive studies: DICOM SCP, completeness timer and (when installed) the HTTP API.
+
+    Refuses to start on a database whose schema is not current (run
+    ``triage-node db upgrade``). Stops cleanly on SIGTERM or SIGINT.
+    """
+    settings = settings_or_exit(
+        data_dir=data_dir, dicom_port=dicom_port, http_port=http_port, ae_title=ae_title
+    )
+    engine = make_engine(settings.effective_database_url)
+    try:
+        schema.require_current(engine)
+    except schema.SchemaOutOfDate as exc:
+        typer.echo(f"triage-node serve: {exc}", err=True)
+        engine.dispose()
+        raise typer.Exit(2) from None
+    session_factory = make_sessionmaker(engine)
+
+    tracker = _completeness(settings, session_factory)
+    store = InstanceStore(
+        settings, session_factory, on_stored=tracker.instance_stored if tracker else None
+    )
+    scp = StorageSCP(
+        settings, store, association_finished=tracker.association_finished if tracker else None
+    )
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log.info("shutdown requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    api: _ApiServer | None = None
+    try:
+        scp.start()
+        if tracker is not None:
+            tracker.run_in_thread()
+        if not no_api and importlib.util.find_spec("triage_node.api.app") is not None:
+            api = _ApiServer(settings, session_factory).start()
+            log.info("HTTP API started", host=settings.http_host, port=settings.http_port)
+        log.info("node ready", data_dir=str(settings.data_dir.resolve()))
+        while not stop.wait(1.0):
+            pass
+    finally:
+        log.info("stopping")
+        if api is not None:
+            api.stop()
+        scp.stop()
+        if tracker is not None:
+            tracker.stop()
+        engine.dispose()
+        log.info("stopped")
