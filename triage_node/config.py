@@ -16,7 +16,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -55,6 +63,58 @@ class LogFormat(StrEnum):
 class UnknownStorageClassPolicy(StrEnum):
     store = "store"
     reject = "reject"
+
+
+class DestinationKind(StrEnum):
+    dimse = "dimse"
+    dicomweb = "dicomweb"
+
+
+class Destination(BaseModel):
+    """One PACS (or other peer) that receives the SR and overlay objects.
+
+    DIMSE peers get C-STORE (PS3.4 Annex B) from the node's AE title; DICOMweb peers get
+    STOW-RS (PS3.18 10.5) with an optional bearer token.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Unique name (outbox rows refer to it)"
+    )
+    kind: DestinationKind = Field(description="dimse (C-STORE) or dicomweb (STOW-RS)")
+    ae_title: str | None = Field(None, description="Called AE title (dimse)")
+    host: str | None = Field(None, description="Host name or address (dimse)")
+    port: int | None = Field(None, ge=1, le=65535, description="Port (dimse)")
+    tls: bool = Field(False, description="DICOM TLS (dimse); DICOMweb uses https:// URLs")
+    tls_ca: Path | None = Field(
+        None, description="CA bundle that verifies the peer's certificate; default: system CAs"
+    )
+    url: str | None = Field(None, description="DICOMweb root, e.g. http://pacs/dicom-web (dicomweb)")
+    token: SecretStr | None = Field(None, description="Bearer token for DICOMweb")
+    timeout_s: float = Field(30.0, gt=0, description="Connect/response timeout in seconds")
+
+    @model_validator(mode="after")
+    def _check_kind_fields(self) -> Destination:
+        if self.kind is DestinationKind.dimse:
+            missing = [f for f in ("ae_title", "host", "port") if getattr(self, f) in (None, "")]
+            if missing:
+                raise ValueError(f"destination {self.name!r} (dimse) needs {', '.join(missing)}")
+            ae = str(self.ae_title)
+            if len(ae.strip()) > 16 or "\\" in ae or not ae.isprintable():
+                raise ValueError(f"destination {self.name!r}: ae_title must be 1-16 printable characters")
+        elif not self.url or not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"destination {self.name!r} (dicomweb) needs an http(s):// url")
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """For display: token and URL password masked."""
+        out = self.model_dump(mode="json")
+        if self.token is not None:
+            out["token"] = "********"
+        if out.get("url"):
+            out["url"] = _mask_url_password(out["url"])
+        return out
 
 
 class Settings(BaseSettings):
@@ -187,6 +247,41 @@ class Settings(BaseSettings):
         None, description="YAML/JSON file with modality auto-routing rules; none: no routing"
     )
 
+    # -- delivery to the PACS ----------------------------------------------------
+    destinations: list[Destination] = Field(
+        default_factory=list,
+        description="Peers that receive the SR and overlays: JSON list of {name, kind: dimse|dicomweb, "
+        "ae_title, host, port, tls, tls_ca, url, token, timeout_s}",
+    )
+    delivery_max_attempts: int = Field(
+        8, ge=1, le=100, description="Tries per object and destination before it is dead-lettered"
+    )
+    delivery_refused_max_attempts: int = Field(
+        2,
+        ge=1,
+        le=100,
+        description="Tries after the peer refused the object (DIMSE failure status, HTTP 4xx) "
+        "before it is set aside as refused",
+    )
+    delivery_backoff_base_s: float = Field(
+        5.0, gt=0, description="First retry delay; doubles with each failed try"
+    )
+    delivery_backoff_cap_s: float = Field(
+        600.0, gt=0, description="Longest delay between two tries"
+    )
+    delivery_batch_size: int = Field(
+        64, ge=1, le=1000, description="Objects sent per destination in one association or request"
+    )
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destination_names(cls, value: list[Destination]) -> list[Destination]:
+        names = [d.name for d in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique: {', '.join(dupes)}")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -279,6 +374,8 @@ class Settings(BaseSettings):
                 value = str(value)
             elif isinstance(value, StrEnum):
                 value = value.value
+            elif name == "destinations":
+                value = [d.masked() for d in value]
             out[name] = value
         out["effective_database_url"] = _mask_url_password(self.effective_database_url)
         out["effective_broker_url"] = _mask_url_password(self.effective_broker_url)

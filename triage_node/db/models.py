@@ -59,7 +59,8 @@ class JobState(StrEnum):
 class OutboxState(StrEnum):
     pending = "pending"
     delivered = "delivered"
-    dead = "dead"
+    dead = "dead"  # gave up: peer unreachable for delivery_max_attempts tries
+    refused = "refused"  # gave up: peer refused the object (DIMSE failure status, HTTP 4xx)
 
 
 class WorklistStatus(StrEnum):

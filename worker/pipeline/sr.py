@@ -1,0 +1,452 @@
+"""DICOM Structured Report of one triage result (IHE AI Results, TID 1500).
+
+The report is a Comprehensive 3D SR (PS3.3 A.35.13) whose content tree is a TID 1500
+Measurement Report:
+
+- Procedure Reported (TID 1500 row 4): the examination, LOINC 24725-4 "Head CT" (CID 100);
+  not the algorithm.
+- Observer context (TID 1002/1004): a device observer with the model card's Device UID.
+- One TID 1501 Measurement Group per class (``any`` and the five subtypes), each with a
+  Tracking Identifier (TID 4108), the Finding (121071) as a coded concept, the Algorithm
+  Identification (TID 4019: model name and version, operating point as a parameter), a
+  qualitative evaluation (CODE: finding -> Present/Absent at the operating point, CID 240),
+  the study probability as a measurement (TID 300, DCM 122157 "Probability", UCUM "1"),
+  the key source slices as "Source of Measurement" images (TID 1501 row 11), and the
+  overlay images as "Best illustration of finding" (DCM 121080; TID 1501 is extensible).
+- A Comment (DCM 121106) saying the weights were trained on synthetic phantoms, when the
+  model card says so.
+
+The header carries VerificationFlag UNVERIFIED (PS3.3 C.17.2), the source's Study Instance
+UID, a new Series, and a Contributing Equipment Sequence item (PS3.3 C.12.1) that names the
+algorithm (Manufacturer, Manufacturer's Model Name, Software Versions, Device UID).
+
+Codes (``CODES``): where a SNOMED CT concept for the subtype could be verified it is used
+(sources below); for epidural and intraventricular hemorrhage no pre-coordinated concept
+could be verified here, so the finding is the DICOM-listed SNOMED concept "Hemorrhage"
+50960005 (CID 6335) post-coordinated with a Finding Site (TID 1501 row 7): "Brain
+ventricle" 35764002 (CID 7153) for intraventricular, "Intracranial" 1101003 (CID 7151)
+with the local code ``99ICHTRIAGE/EDH`` as finding for epidural.
+
+=================  ===========================  ===========================================
+class              finding (scheme, value)      source
+=================  ===========================  ===========================================
+any                SCT 1386000                  PS3.16 (pydicom concept dictionary)
+                   Intracranial hemorrhage
+epidural           99ICHTRIAGE EDH              local code; finding site SCT 1101003
+                   Epidural hemorrhage          Intracranial (CID 7151)
+intraparenchymal   SCT 274100004                HL7 FHIR stroke value sets
+                   Cerebral hemorrhage
+intraventricular   SCT 50960005 Hemorrhage      CID 6335; finding site SCT 35764002
+                                                Brain ventricle (CID 7153)
+subarachnoid       SCT 21454007 Subarachnoid    HL7 FHIR stroke value sets
+                   intracranial hemorrhage
+subdural           SCT 35486000 Subdural        public SNOMED-coded disease lists
+                   intracranial hemorrhage
+=================  ===========================  ===========================================
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from triage_node import CLASSES
+from triage_node.logs import get_logger
+
+log = get_logger(__name__)
+
+#: Manufacturer written into every object this node creates.
+MANUFACTURER = "ICH triage node (open source)"
+#: Local coding scheme for concepts without a verified standard code (PS3.3 8.2: "99" prefix).
+LOCAL_SCHEME = "99ICHTRIAGE"
+#: Series numbers of what the node writes (kept clear of scanner series numbers).
+SR_SERIES_NUMBER = 9901
+OVERLAY_SERIES_NUMBER = 9902
+#: Prefix of ImageComments (0020,4000) on overlay images: ``<prefix> class=<c> slice=<i> p=<p>``.
+OVERLAY_COMMENT_PREFIX = "ICH-TRIAGE-OVERLAY"
+
+PROCEDURE_CT_HEAD = hd.sr.CodedConcept("24725-4", "LN", "Head CT")
+PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
+ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
+PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+BEST_ILLUSTRATION = hd.sr.CodedConcept("121080", "DCM", "Best illustration of finding")
+COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+_HEMORRHAGE = hd.sr.CodedConcept("50960005", "SCT", "Hemorrhage")
+
+
+@dataclass(frozen=True)
+class FindingCode:
+    """Finding concept of one class, with an optional finding site (post-coordination)."""
+
+    finding: hd.sr.CodedConcept
+    site: hd.sr.CodedConcept | None = None
+
+
+CODES: dict[str, FindingCode] = {
+    "any": FindingCode(hd.sr.CodedConcept("1386000", "SCT", "Intracranial hemorrhage")),
+    "epidural": FindingCode(
+        hd.sr.CodedConcept("EDH", LOCAL_SCHEME, "Epidural hemorrhage"),
+        hd.sr.CodedConcept("1101003", "SCT", "Intracranial"),
+    ),
+    "intraparenchymal": FindingCode(hd.sr.CodedConcept("274100004", "SCT", "Cerebral hemorrhage")),
+    "intraventricular": FindingCode(_HEMORRHAGE, hd.sr.CodedConcept("35764002", "SCT", "Brain ventricle")),
+    "subarachnoid": FindingCode(
+        hd.sr.CodedConcept("21454007", "SCT", "Subarachnoid intracranial hemorrhage")
+    ),
+    "subdural": FindingCode(hd.sr.CodedConcept("35486000", "SCT", "Subdural intracranial hemorrhage")),
+}
+assert tuple(CODES) == CLASSES
+
+#: Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that
+#: de-identified sources often lack and highdicom requires to be present.
+TYPE2_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDate",
+    "StudyTime",
+)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class PredictionLike(Protocol):
+    """What the SR needs of ``worker.pipeline.inference_core.StudyPrediction``."""
+
+    study_probs: np.ndarray
+    decision: Mapping[str, bool]
+    thresholds: np.ndarray
+    operating_point: str
+
+
+class CardLike(Protocol):
+    """What the writers need of ``worker.model.card.ModelCard``."""
+
+    name: str
+    version: str
+    device_uid: str
+    intended_use: str
+
+
+class ReportError(ValueError):
+    """The inputs cannot make a valid report (no sources, mixed studies, ...)."""
+
+
+def reference_header(ds: Dataset) -> Dataset:
+    """Header copy of a source image, ready to be a highdicom reference.
+
+    Pixel data is left out; SOPClassUID / SOPInstanceUID come from the File Meta
+    Information (PS3.10 7.1) when the dataset lacks them (normal for de-identified files);
+    each missing type 2 attribute of ``TYPE2_ATTRIBUTES`` is added empty. The source
+    dataset is never modified.
+    """
+    out = Dataset()
+    for elem in ds:
+        if elem.keyword in _PIXEL_KEYWORDS:
+            continue
+        out.add(copy.deepcopy(elem))
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        out.file_meta = copy.deepcopy(meta)
+        if "SOPClassUID" not in out and "MediaStorageSOPClassUID" in meta:
+            out.SOPClassUID = meta.MediaStorageSOPClassUID
+        if "SOPInstanceUID" not in out and "MediaStorageSOPInstanceUID" in meta:
+            out.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not out.get(keyword):
+            raise ReportError(f"source image lacks {keyword}")
+    for keyword in TYPE2_ATTRIBUTES:
+        if keyword not in out:
+            setattr(out, keyword, None)
+    return out
+
+
+def trained_on_synthetic(card: CardLike) -> bool:
+    """True when the model card says its weights come from synthetic phantoms."""
+    texts = [getattr(card, "intended_use", "") or "", str(getattr(card, "training", "") or "")]
+    return any("synthetic" in t.lower() for t in texts)
+
+
+def synthetic_notice(card: CardLike) -> str:
+    return (
+        f"Model {card.name} {card.version} was trained on synthetic phantoms for pipeline "
+        "verification only; not for clinical use. Findings are unverified."
+    )
+
+
+def overlay_comment(class_name: str, slice_index: int, probability: float) -> str:
+    """ImageComments value that tells the SR writer what an overlay image shows."""
+    return f"{OVERLAY_COMMENT_PREFIX} class={class_name} slice={slice_index} p={probability:.3f}"
+
+
+def overlay_class(ds: Dataset) -> str | None:
+    """Class an overlay image shows (from :func:`overlay_comment`), or None."""
+    text = str(ds.get("ImageComments", "") or "")
+    if not text.startswith(OVERLAY_COMMENT_PREFIX):
+        return None
+    for part in text.split():
+        if part.startswith("class="):
+            name = part[len("class="):]
+            return name if name in CLASSES else None
+    return None
+
+
+def algorithm_identification(card: CardLike, operating_point: str) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification: model name, version, operating point."""
+    return hd.sr.AlgorithmIdentification(
+        name=card.name, version=str(card.version), parameters=[f"operating_point={operating_point}"]
+    )
+
+
+def _image_item(ds: Dataset, name: hd.sr.CodedConcept) -> hd.sr.ImageContentItem:
+    return hd.sr.ImageContentItem(
+        name=name,
+        referenced_sop_class_uid=ds.SOPClassUID,
+        referenced_sop_instance_uid=ds.SOPInstanceUID,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+
+
+def _group(
+    class_name: str,
+    probability: float,
+    present: bool,
+    algorithm: hd.sr.AlgorithmIdentification,
+    sources: Sequence[Dataset],
+    overlays: Sequence[Dataset],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    code = CODES[class_name]
+    measurement = hd.sr.Measurement(
+        name=PROBABILITY,
+        value=float(probability),
+        unit=NO_UNITS,
+        algorithm_id=algorithm,
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"ICH triage: {class_name}"
+        ),
+        finding_type=code.finding,
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(code.site)] if code.site is not None else None,
+        measurements=[measurement],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=code.finding, value=PRESENT if present else ABSENT)
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]
+        or None,
+    )
+    container = group[0]
+    for ds in overlays:
+        container.ContentSequence.append(_image_item(ds, BEST_ILLUSTRATION))
+    return group
+
+
+def build_sr(
+    source_datasets: Sequence[Dataset],
+    prediction: PredictionLike,
+    card: CardLike,
+    overlay_datasets: Sequence[Dataset],
+    key_slices: Mapping[str, Sequence[int]],
+    *,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    series_number: int = SR_SERIES_NUMBER,
+    instance_number: int = 1,
+    software_version: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 report of one study.
+
+    Parameters
+    ----------
+    source_datasets : sequence of Dataset
+        Headers of the analysed series in volume order (``Volume.datasets``); pixel data
+        is not needed. Indexes in ``key_slices`` refer to this order.
+    prediction : StudyPrediction
+        ``study_probs`` [6] (CLASSES order), ``decision`` {class: bool}, ``thresholds``
+        [6], ``operating_point``.
+    card : ModelCard
+        ``name``, ``version``, ``device_uid``, ``intended_use``.
+    overlay_datasets : sequence of Dataset
+        The overlay images (from :func:`worker.pipeline.overlay.build_overlays`); each is
+        referenced in the group of the class named in its ImageComments (``any`` if none).
+    key_slices : mapping of str to sequence of int
+        Key slice indexes per class (:func:`worker.pipeline.overlay.select_key_slices`);
+        they are the Source of Measurement images of that class's group, and of ``any``.
+    series_instance_uid, sop_instance_uid : str, optional
+        UIDs to use (new ones by default; pass fixed ones to make re-runs idempotent).
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        Same Study Instance UID as the sources, a new series, VerificationFlag UNVERIFIED.
+    """
+    if not source_datasets:
+        raise ReportError("no source datasets")
+    sources = [reference_header(ds) for ds in source_datasets]
+    study_uids = {ds.StudyInstanceUID for ds in sources}
+    if len(study_uids) != 1:
+        raise ReportError(f"sources belong to {len(study_uids)} studies")
+    probs = np.asarray(prediction.study_probs, dtype=float)
+    if probs.shape != (len(CLASSES),):
+        raise ReportError(f"study_probs must have shape ({len(CLASSES)},), got {probs.shape}")
+    for name, indexes in key_slices.items():
+        if name not in CLASSES:
+            raise ReportError(f"key_slices names unknown class {name!r}")
+        for i in indexes:
+            if not 0 <= int(i) < len(sources):
+                raise ReportError(f"key slice {i} of {name!r} outside 0..{len(sources) - 1}")
+    overlays = [reference_header(ds) for ds in overlay_datasets]
+    for ds in overlays:
+        if ds.StudyInstanceUID not in study_uids:
+            raise ReportError("an overlay image belongs to another study")
+
+    algorithm = algorithm_identification(card, prediction.operating_point)
+    groups = []
+    for k, name in enumerate(CLASSES):
+        if name == "any":
+            idx = sorted({int(i) for v in key_slices.values() for i in v})
+        else:
+            idx = [int(i) for i in key_slices.get(name, ())]
+        shown = [ds for ds in overlays if (overlay_class(ds) or "any") == name]
+        groups.append(
+            _group(
+                name,
+                probs[k],
+                bool(prediction.decision[name]),
+                algorithm,
+                [sources[i] for i in idx],
+                shown,
+            )
+        )
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=card.device_uid,
+            name=card.name,
+            manufacturer_name=MANUFACTURER,
+            model_name=card.name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE_CT_HEAD,
+        imaging_measurements=groups,
+    )
+    if trained_on_synthetic(card):
+        report[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=synthetic_notice(card),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+
+    referenced = {ds.SOPInstanceUID: ds for ds in sources if _is_referenced(ds, key_slices, sources)}
+    evidence = [sources[0], *referenced.values(), *overlays]
+    evidence = list({ds.SOPInstanceUID: ds for ds in evidence}.values())
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or hd.UID(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        record_evidence=False,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[contributing_equipment(card, software_version)],
+        series_description=_series_description(card),
+    )
+    sr.ManufacturerModelName = card.name
+    sr.SoftwareVersions = software_version or str(card.version)
+    log.info(
+        "sr_built",
+        sop_uid=sr.SOPInstanceUID,
+        series_uid=sr.SeriesInstanceUID,
+        study_uid=sr.StudyInstanceUID,
+        positive_classes=[c for c in CLASSES if prediction.decision[c]],
+        overlays=len(overlays),
+    )
+    return sr
+
+
+def _is_referenced(ds: Dataset, key_slices: Mapping[str, Sequence[int]], sources: list[Dataset]) -> bool:
+    wanted = {sources[int(i)].SOPInstanceUID for v in key_slices.values() for i in v}
+    return ds.SOPInstanceUID in wanted
+
+
+def _series_description(card: CardLike) -> str:
+    text = "AI ICH triage result"
+    if trained_on_synthetic(card):
+        text += " (synthetic weights)"
+    return text[:64]
+
+
+def contributing_equipment(card: CardLike, software_version: str | None = None) -> hd.ContributingEquipment:
+    """Contributing Equipment Sequence item naming the algorithm (PS3.3 C.12.1.1.5).
+
+    Purpose of reference DCM 109102 "Processing Equipment" (CID 7005); Device UID
+    (0018,1002) is the model card's, a new one per retrain.
+    """
+    item = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=card.name,
+        software_versions=software_version or str(card.version),
+        contribution_description=_contribution_description(card),
+    )
+    item.DeviceUID = card.device_uid
+    return item
+
+
+def _contribution_description(card: CardLike) -> str:
+    text = f"AI triage for intracranial hemorrhage, model {card.name} {card.version}"
+    if trained_on_synthetic(card):
+        text += "; synthetic weights, pipeline verification only"
+    return text[:64]
+
+
+def summary(sr: Dataset) -> dict[str, Any]:
+    """Per-class (present, probability) read back from an SR written by :func:`build_sr`.
+
+    Used by tests and by the demo to show what a PACS receives.
+    """
+    out: dict[str, Any] = {}
+    by_code = {(c.finding.value, c.finding.scheme_designator, c.site.value if c.site else None): n
+               for n, c in CODES.items()}
+    for item in sr.ContentSequence:
+        if item.ValueType != "CONTAINER" or item.ConceptNameCodeSequence[0].CodeValue != "126010":
+            continue
+        for group in item.ContentSequence:
+            finding = site = present = probability = None
+            for sub in group.ContentSequence:
+                name = sub.ConceptNameCodeSequence[0]
+                if sub.ValueType == "CODE" and name.CodeValue == "121071":
+                    concept = sub.ConceptCodeSequence[0]
+                    finding = (concept.CodeValue, concept.CodingSchemeDesignator)
+                elif sub.ValueType == "CODE" and name.CodeValue == "363698007":
+                    site = sub.ConceptCodeSequence[0].CodeValue
+                elif sub.ValueType == "CODE":
+                    present = sub.ConceptCodeSequence[0].CodeValue == PRESENT.value
+                elif sub.ValueType == "NUM" and name.CodeValue == PROBABILITY.value:
+                    probability = float(sub.MeasuredValueSequence[0].NumericValue)
+            if finding is not None:
+                out[by_code[(*finding, site)]] = {"present": present, "probability": probability}
+    return out
