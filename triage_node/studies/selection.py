@@ -1,0 +1,390 @@
+"""Which series of a study is triaged: a non-contrast axial head CT, brain kernel first.
+
+The rules live in a YAML file (default ``selection_rules.yaml`` beside this module,
+or ``settings.selection_rules``). `select_series` applies them in two steps:
+
+1. Hard filters, each with a reason when it fails: Modality (0008,0060), SOP Class,
+   ImageType (0008,0008) ``ORIGINAL\\PRIMARY\\AXIAL`` (PS3.3 C.8.2.1.1.1; never
+   ``LOCALIZER`` nor ``DERIVED\\SECONDARY`` such as dose summaries), descriptions of
+   non-diagnostic series, head anatomy (BodyPartExamined (0018,0015), descriptions,
+   protocol), no contrast (ContrastBolusAgent (0018,0010) empty, PS3.3 C.7.6.4), a
+   minimum number of instances.
+2. Ranking of the remaining candidates: brain/soft-tissue kernel (ConvolutionKernel
+   (0018,1210), then WindowWidth (0028,1051), then description) before unknown before
+   bone; SliceThickness (0018,0050) in the preferred range before thicker before thin.
+   The best one is selected; every other series is rejected with a reason.
+
+At most one series per study is selected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from triage_node.db.models import SelectionDecision, Series, Study
+
+DEFAULT_RULES_PATH = Path(__file__).with_name("selection_rules.yaml")
+
+
+class RulesError(ValueError):
+    """The selection-rules file is missing a key or has a value of the wrong kind."""
+
+
+class KernelClass(IntEnum):
+    """Reconstruction class; lower is preferred."""
+
+    soft = 0
+    unknown = 1
+    bone = 2
+
+
+class ThicknessClass(IntEnum):
+    """Slice-thickness class; lower is preferred."""
+
+    preferred = 0
+    unknown = 1
+    thick = 2
+    thin = 3
+
+
+def _patterns(values: Any, where: str) -> tuple[re.Pattern[str], ...]:
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise RulesError(f"{where}: expected a list of regular expressions")
+    try:
+        return tuple(re.compile(v, re.IGNORECASE) for v in values)
+    except re.error as exc:
+        raise RulesError(f"{where}: {exc}") from None
+
+
+def _upper_set(values: Any, where: str) -> frozenset[str]:
+    if not isinstance(values, list):
+        raise RulesError(f"{where}: expected a list")
+    return frozenset(str(v).strip().upper() for v in values)
+
+
+def _get(data: dict[str, Any], key: str, where: str = "") -> Any:
+    if not isinstance(data, dict) or key not in data:
+        raise RulesError(f"selection rules: missing key {where}{key}")
+    return data[key]
+
+
+@dataclass(frozen=True)
+class SelectionRules:
+    """Parsed rules (see ``selection_rules.yaml`` for the meaning of each key)."""
+
+    modalities: frozenset[str]
+    sop_classes: frozenset[str]
+    image_type_value1: frozenset[str]
+    image_type_value2: frozenset[str]
+    image_type_axial: frozenset[str]
+    image_type_reject: frozenset[str]
+    reject_description: tuple[re.Pattern[str], ...]
+    body_parts: frozenset[str]
+    anatomy_description: tuple[re.Pattern[str], ...]
+    accept_unknown_anatomy: bool
+    contrast_negations: tuple[re.Pattern[str], ...]
+    contrast_description: tuple[re.Pattern[str], ...]
+    kernel_bone: tuple[re.Pattern[str], ...]
+    kernel_soft: tuple[re.Pattern[str], ...]
+    bone_policy: str
+    window_soft_max: float
+    window_bone_min: float
+    description_bone: tuple[re.Pattern[str], ...]
+    description_soft: tuple[re.Pattern[str], ...]
+    thickness_preferred: tuple[float, float]
+    thickness_min: float
+    thickness_max: float
+    min_instances: int
+    source: str = field(default="")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "") -> SelectionRules:
+        """Validate and build rules from the parsed YAML mapping."""
+        if not isinstance(data, dict):
+            raise RulesError("selection rules: the file must hold a mapping")
+        it = _get(data, "image_type")
+        anatomy = _get(data, "anatomy")
+        contrast = _get(data, "contrast")
+        kernel = _get(data, "kernel")
+        window = _get(kernel, "window_width", "kernel.")
+        thickness = _get(data, "thickness")
+        preferred = _get(thickness, "preferred", "thickness.")
+        if (
+            not isinstance(preferred, list)
+            or len(preferred) != 2
+            or not float(preferred[0]) <= float(preferred[1])
+        ):
+            raise RulesError("thickness.preferred: expected [low, high] in mm")
+        policy = str(_get(kernel, "bone_policy", "kernel."))
+        if policy not in ("fallback", "reject"):
+            raise RulesError("kernel.bone_policy: expected 'fallback' or 'reject'")
+        return cls(
+            modalities=_upper_set(_get(data, "modalities"), "modalities"),
+            sop_classes=frozenset(str(v).strip() for v in data.get("sop_classes") or []),
+            image_type_value1=_upper_set(_get(it, "value1", "image_type."), "image_type.value1"),
+            image_type_value2=_upper_set(_get(it, "value2", "image_type."), "image_type.value2"),
+            image_type_axial=_upper_set(_get(it, "axial", "image_type."), "image_type.axial"),
+            image_type_reject=_upper_set(_get(it, "reject", "image_type."), "image_type.reject"),
+            reject_description=_patterns(data.get("reject_description", []), "reject_description"),
+            body_parts=_upper_set(_get(anatomy, "body_parts", "anatomy."), "anatomy.body_parts"),
+            anatomy_description=_patterns(
+                _get(anatomy, "description", "anatomy."), "anatomy.description"
+            ),
+            accept_unknown_anatomy=bool(anatomy.get("accept_unknown", False)),
+            contrast_negations=_patterns(contrast.get("negations", []), "contrast.negations"),
+            contrast_description=_patterns(
+                _get(contrast, "description", "contrast."), "contrast.description"
+            ),
+            kernel_bone=_patterns(_get(kernel, "bone", "kernel."), "kernel.bone"),
+            kernel_soft=_patterns(_get(kernel, "soft", "kernel."), "kernel.soft"),
+            bone_policy=policy,
+            window_soft_max=float(_get(window, "soft_max", "kernel.window_width.")),
+            window_bone_min=float(_get(window, "bone_min", "kernel.window_width.")),
+            description_bone=_patterns(kernel.get("description_bone", []), "kernel.description_bone"),
+            description_soft=_patterns(kernel.get("description_soft", []), "kernel.description_soft"),
+            thickness_preferred=(float(preferred[0]), float(preferred[1])),
+            thickness_min=float(_get(thickness, "min", "thickness.")),
+            thickness_max=float(_get(thickness, "max", "thickness.")),
+            min_instances=int(data.get("min_instances", 1)),
+            source=source,
+        )
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int) -> SelectionRules:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise RulesError(f"{path}: not valid YAML: {exc}") from None
+    return SelectionRules.from_dict(data, source=path)
+
+
+def load_rules(path: Path | str | None = None) -> SelectionRules:
+    """Load rules from ``path`` (default: the shipped file); re-read when the file changes.
+
+    Raises
+    ------
+    RulesError
+        The file is missing or invalid; the message names the key.
+    """
+    target = Path(path) if path is not None else DEFAULT_RULES_PATH
+    try:
+        mtime = target.stat().st_mtime_ns
+    except OSError as exc:
+        raise RulesError(f"selection rules {target}: {exc.strerror}") from None
+    return _load_cached(str(target.resolve()), mtime)
+
+
+# -- classification helpers ------------------------------------------------------------
+
+
+def _search(patterns: Sequence[re.Pattern[str]], *texts: str | None) -> re.Pattern[str] | None:
+    for text in texts:
+        if not text:
+            continue
+        for pattern in patterns:
+            if pattern.search(text):
+                return pattern
+    return None
+
+
+def image_type_values(image_type: str | None) -> list[str]:
+    """ImageType as its values (stored backslash-separated, PS3.5 6.4)."""
+    return [v.strip().upper() for v in (image_type or "").split("\\")]
+
+
+def classify_kernel(series: Series, rules: SelectionRules) -> tuple[KernelClass, str]:
+    """Brain/soft-tissue, bone or unknown, with the evidence used."""
+    kernel = (series.convolution_kernel or "").strip()
+    # ConvolutionKernel may be multi-valued (e.g. Siemens "Hr38\3"); the name is first.
+    name = kernel.split("\\")[0].strip()
+    if name:
+        if _search(rules.kernel_bone, name):
+            return KernelClass.bone, f"bone kernel {name}"
+        if _search(rules.kernel_soft, name):
+            return KernelClass.soft, f"soft-tissue kernel {name}"
+    width = series.window_width
+    if width is not None:
+        if width <= rules.window_soft_max:
+            return KernelClass.soft, f"brain window width {width:g}"
+        if width >= rules.window_bone_min:
+            return KernelClass.bone, f"bone window width {width:g}"
+    if _search(rules.description_bone, series.description):
+        return KernelClass.bone, "bone in description"
+    if _search(rules.description_soft, series.description):
+        return KernelClass.soft, "brain/soft tissue in description"
+    return KernelClass.unknown, f"unknown kernel {name}" if name else "no kernel"
+
+
+def classify_thickness(series: Series, rules: SelectionRules) -> tuple[ThicknessClass, str]:
+    value = series.slice_thickness
+    if value is None:
+        return ThicknessClass.unknown, "no slice thickness"
+    low, high = rules.thickness_preferred
+    if low <= value <= high:
+        return ThicknessClass.preferred, f"{value:g} mm"
+    if value > high:
+        return ThicknessClass.thick, f"{value:g} mm (thicker than preferred)"
+    return ThicknessClass.thin, f"{value:g} mm (thin)"
+
+
+def _has_contrast(series: Series, study: Study | None, rules: SelectionRules) -> str | None:
+    if series.contrast_agent and series.contrast_agent.strip():
+        return "contrast agent present (ContrastBolusAgent)"
+    for text in (series.description, series.protocol_name):
+        if not text:
+            continue
+        remainder = text
+        for negation in rules.contrast_negations:
+            remainder = negation.sub(" ", remainder)
+        if _search(rules.contrast_description, remainder):
+            return f"contrast in description or protocol {text!r}"
+    return None
+
+
+def _anatomy(series: Series, study: Study | None, rules: SelectionRules) -> str | None:
+    """None when the series is a head; otherwise why not."""
+    body = (series.body_part or "").strip().upper()
+    if body:
+        if body in rules.body_parts:
+            return None
+        return f"body part {body} is not a head"
+    study_description = study.study_description if study is not None else None
+    texts = (series.description, series.protocol_name, study_description)
+    if _search(rules.anatomy_description, *texts):
+        return None
+    if rules.accept_unknown_anatomy and not any(t and t.strip() for t in texts):
+        return None
+    return "not identified as a head (body part, description, protocol)"
+
+
+def hard_filter(series: Series, study: Study | None, rules: SelectionRules) -> str | None:
+    """The first reason that excludes ``series`` from triage, or None."""
+    modality = (series.modality or "").strip().upper()
+    if modality not in rules.modalities:
+        return f"modality {modality or 'missing'} is not {'/'.join(sorted(rules.modalities))}"
+    if rules.sop_classes and series.sop_class_uid and series.sop_class_uid not in rules.sop_classes:
+        return f"SOP class {series.sop_class_uid} is not a CT image storage class"
+    values = image_type_values(series.image_type)
+    banned = sorted(set(values) & rules.image_type_reject)
+    if banned:
+        return f"image type {series.image_type} ({', '.join(banned)})"
+    if values[0] not in rules.image_type_value1 or len(values) < 2 or (
+        values[1] not in rules.image_type_value2
+    ):
+        return f"image type {series.image_type or 'missing'} is not ORIGINAL\\PRIMARY"
+    if not set(values[2:]) & rules.image_type_axial:
+        return f"image type {series.image_type} is not AXIAL"
+    pattern = _search(rules.reject_description, series.description, series.protocol_name)
+    if pattern is not None:
+        return f"description {series.description or series.protocol_name!r} names a non-diagnostic series"
+    anatomy = _anatomy(series, study, rules)
+    if anatomy:
+        return anatomy
+    contrast = _has_contrast(series, study, rules)
+    if contrast:
+        return contrast
+    count = series.instance_count or 0
+    if count < rules.min_instances:
+        return f"{count} instances, fewer than {rules.min_instances}"
+    thickness = series.slice_thickness
+    if thickness is not None and not rules.thickness_min <= thickness <= rules.thickness_max:
+        return (
+            f"slice thickness {thickness:g} mm outside "
+            f"{rules.thickness_min:g}-{rules.thickness_max:g} mm"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    series: Series
+    kernel: KernelClass
+    kernel_reason: str
+    thickness: ThicknessClass
+    thickness_reason: str
+
+    def key(self, rules: SelectionRules) -> tuple[Any, ...]:
+        low, high = rules.thickness_preferred
+        value = self.series.slice_thickness
+        distance = 0.0 if value is None else min(abs(value - low), abs(value - high))
+        if low <= (value or -1.0) <= high:
+            distance = 0.0
+        return (
+            int(self.kernel),
+            int(self.thickness),
+            distance,
+            -(self.series.instance_count or 0),
+            self.series.series_number if self.series.series_number is not None else 1 << 30,
+            self.series.series_uid,
+        )
+
+    def describe(self) -> str:
+        return f"{self.kernel_reason}, {self.thickness_reason}"
+
+
+def select_series(
+    study: Study | None,
+    series_list: Sequence[Series],
+    rules: SelectionRules | None = None,
+) -> list[tuple[Series, SelectionDecision, str]]:
+    """Decide, for each series of a study, whether it is the one to triage.
+
+    Parameters
+    ----------
+    study : Study or None
+        The study (its StudyDescription helps to recognise a head).
+    series_list : sequence of Series
+        The study's series to decide on (normally the complete ones).
+    rules : SelectionRules, optional
+        Default: the shipped rules.
+
+    Returns
+    -------
+    list of (Series, SelectionDecision, str)
+        One entry per series, in the order given; at most one ``selected``. The
+        reason says why a series was rejected, or what made the selected one win.
+    """
+    rules = rules or load_rules()
+    decisions: dict[int, tuple[SelectionDecision, str]] = {}
+    candidates: list[_Candidate] = []
+    for index, series in enumerate(series_list):
+        reason = hard_filter(series, study, rules)
+        if reason is not None:
+            decisions[index] = (SelectionDecision.rejected, reason)
+            continue
+        kernel, kernel_reason = classify_kernel(series, rules)
+        if kernel is KernelClass.bone and rules.bone_policy == "reject":
+            decisions[index] = (SelectionDecision.rejected, kernel_reason)
+            continue
+        thickness, thickness_reason = classify_thickness(series, rules)
+        candidates.append(_Candidate(series, kernel, kernel_reason, thickness, thickness_reason))
+    if candidates:
+        ranked = sorted(candidates, key=lambda c: c.key(rules))
+        best = ranked[0]
+        fallback = []
+        if best.kernel is KernelClass.bone:
+            fallback.append("only bone-kernel candidates")
+        if best.thickness is ThicknessClass.thin:
+            fallback.append("only thin candidates")
+        note = f" ({'; '.join(fallback)})" if fallback else ""
+        for index, series in enumerate(series_list):
+            if series is best.series:
+                decisions[index] = (SelectionDecision.selected, best.describe() + note)
+        for other in ranked[1:]:
+            for index, series in enumerate(series_list):
+                if series is other.series:
+                    decisions[index] = (
+                        SelectionDecision.rejected,
+                        f"series {best.series.series_number or best.series.series_uid} preferred "
+                        f"({best.describe()}) over this one ({other.describe()})",
+                    )
+    return [(series, *decisions[i]) for i, series in enumerate(series_list)]
