@@ -1,0 +1,152 @@
+"""The worker's Celery application.
+
+Configured from :func:`triage_node.queue.celery_config` (the same settings the node
+uses to enqueue), plus what only the consuming side needs:
+
+- ``stat`` before ``routine``: with Redis, kombu's ``queue_order_strategy='priority'``
+  makes BRPOP list the queues in the order the worker consumes them (``-Q stat,routine``);
+  with the embedded filesystem broker, :class:`PriorityFilesystemTransport` polls the
+  queues in a fixed order instead of kombu's round robin. With a prefetch of 1 and late
+  acknowledgement the worker holds no message it is not running, so a stat job waits at
+  most for the job in progress.
+- late acknowledgement, rejection (requeue) when a pool process dies, a soft and a hard
+  time limit per task, and per-process clients built in ``worker_process_init``
+  (STYLE.md 5, 6).
+- ``task_id`` and ``job_id`` bound in structlog's context variables at ``task_prerun``.
+"""
+
+from __future__ import annotations
+
+from queue import Empty
+from typing import Any
+
+from celery import Celery, signals
+from kombu.transport import filesystem
+from kombu.utils.scheduling import FairCycle
+
+from triage_node.config import Settings, get_settings
+from triage_node.logs import get_logger
+
+log = get_logger(__name__)
+
+#: Queues in the order they are served; anything else after them.
+QUEUE_ORDER: tuple[str, ...] = ("stat", "routine")
+
+
+def _rank(queue: str) -> tuple[int, str]:
+    return (QUEUE_ORDER.index(queue) if queue in QUEUE_ORDER else len(QUEUE_ORDER), queue)
+
+
+class PriorityCycle(FairCycle):
+    """Poll queues in :data:`QUEUE_ORDER` every time, instead of kombu's round robin."""
+
+    def get(self, callback: Any, **kwargs: Any) -> Any:
+        for resource in sorted(self.resources, key=_rank):
+            try:
+                return self.fun(resource, callback, **kwargs)
+            except self.predicate:
+                continue
+        raise self.predicate()
+
+
+class PriorityFilesystemChannel(filesystem.Channel):
+    def _reset_cycle(self) -> None:
+        self._cycle = PriorityCycle(self._get_and_deliver, self._active_queues, Empty)
+
+
+class PriorityFilesystemTransport(filesystem.Transport):
+    """kombu's filesystem transport (same folder format) with stat-first polling."""
+
+    Channel = PriorityFilesystemChannel
+
+
+def worker_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings of the consuming side, on top of ``triage_node.queue.celery_config``."""
+    from triage_node.queue import celery_config
+
+    conf = dict(celery_config(settings))
+    hard = int(settings.task_time_limit_s)
+    conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=hard,
+        task_soft_time_limit=max(hard - 30, 5),
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=False,
+        broker_connection_retry_on_startup=True,
+        include=["worker.tasks"],
+    )
+    options = dict(conf.get("broker_transport_options") or {})
+    broker = str(conf.get("broker_url") or settings.effective_broker_url)
+    if broker.startswith(("redis://", "rediss://", "redis+socket://")):
+        options["queue_order_strategy"] = "priority"
+        # An unacknowledged message whose worker vanished comes back after this long;
+        # keep it above the hard time limit so a slow task is not run twice.
+        options.setdefault("visibility_timeout", hard + 60)
+    elif broker.startswith("filesystem://"):
+        conf["broker_transport"] = f"{__name__}:PriorityFilesystemTransport"
+    conf["broker_transport_options"] = options
+    return conf
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured for ``settings`` (default: the process settings)."""
+    settings = settings or get_settings()
+    celery = Celery("triage")
+    celery.conf.update(worker_config(settings))
+    return celery
+
+
+app = create_app()
+
+
+# -- per-process clients and logging context ------------------------------------------
+@signals.worker_process_init.connect
+def _init_process(**_: Any) -> None:
+    """Build the DB engine, model card and inference backend once per pool process."""
+    from worker.pipeline.run import init_context
+
+    init_context(get_settings())
+
+
+@signals.worker_process_shutdown.connect
+def _close_process(**_: Any) -> None:
+    from worker.pipeline.run import close_context
+
+    close_context()
+
+
+@signals.task_prerun.connect
+def _bind_task(task_id: str | None = None, args: Any = None, kwargs: Any = None, **_: Any) -> None:
+    import structlog
+
+    structlog.contextvars.clear_contextvars()
+    values: dict[str, Any] = {"task_id": task_id}
+    if args:
+        values["job_id"] = args[0]
+        if len(args) > 1:
+            values["job_version"] = args[1]
+    elif kwargs and "job_id" in kwargs:
+        values["job_id"] = kwargs["job_id"]
+    structlog.contextvars.bind_contextvars(**values)
+
+
+@signals.task_postrun.connect
+def _unbind_task(**_: Any) -> None:
+    import structlog
+
+    structlog.contextvars.clear_contextvars()
+
+
+def beat_schedule(settings: Settings) -> dict[str, Any]:
+    """Periodic tasks of the embedded beat: retry due deliveries every few seconds."""
+    every = max(1.0, min(float(settings.delivery_backoff_base_s), 5.0))
+    return {
+        "deliver-due": {
+            "task": "worker.deliver_due",
+            "schedule": every,
+            "options": {"queue": "routine", "expires": 4 * every},
+        }
+    }

@@ -1,0 +1,79 @@
+"""Celery tasks: thin adapters around plain functions (STYLE.md 5).
+
+``worker.triage_job(job_id, version)``
+    Runs :func:`worker.pipeline.run.run_job`. Idempotent per (job id, version): a
+    redelivered message (late acknowledgement after a lost worker) finds the job done
+    and returns its result, or re-runs it and overwrites the same objects. Retried with
+    exponential backoff only for transient errors (inference backend unreachable,
+    database OperationalError); any other error fails the job once.
+``worker.deliver_due()``
+    Delivers outbox items whose next attempt is due (retries with backoff); run
+    periodically by the worker's embedded beat and right after each job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
+
+from triage_node.logs import get_logger
+from worker.celery_app import app
+from worker.inference.base import BackendUnavailable
+
+log = get_logger(__name__)
+
+#: Errors worth retrying: the same job succeeds once the peer is back.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (BackendUnavailable, OperationalError)
+MAX_RETRIES = 5
+
+
+class TriageTask(Task):
+    """Marks the job failed when the task fails for good (after the last retry)."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        from worker.pipeline.run import get_context, mark_failed
+
+        if args:
+            try:
+                mark_failed(get_context(), int(args[0]), int(args[1]) if len(args) > 1 else None, exc)
+            except Exception as err:  # noqa: BLE001 - the failure is already being reported
+                log.error("job.mark_failed_error", error=repr(err))
+
+
+@app.task(
+    name="worker.triage_job",
+    bind=True,
+    base=TriageTask,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=TRANSIENT_ERRORS,
+    retry_backoff=2,
+    retry_backoff_max=60,
+    retry_jitter=True,
+    max_retries=MAX_RETRIES,
+)
+def triage_job(self: Task, job_id: int, version: int) -> dict[str, Any]:
+    """Triage one series (job) and deliver what it wrote; returns a summary."""
+    from worker.pipeline.run import deliver_for_job, get_context, run_job
+
+    ctx = get_context()
+    try:
+        outcome = run_job(ctx, int(job_id), int(version), task_id=self.request.id)
+    except SoftTimeLimitExceeded:
+        log.error("job.time_limit", job_id=job_id)
+        raise
+    summary = outcome.as_dict()
+    if outcome.ran:
+        summary["delivery"] = deliver_for_job(ctx, int(job_id))
+    return summary
+
+
+@app.task(name="worker.deliver_due", acks_late=True, ignore_result=True)
+def deliver_due() -> dict[str, Any]:
+    """Deliver every outbox item that is due (any job)."""
+    from worker.pipeline.run import deliver_pending, get_context
+
+    return deliver_pending(get_context())

@@ -1,0 +1,126 @@
+"""``triage-node worker`` and ``triage-node demo`` (registered through ``worker.cli``).
+
+``worker`` checks everything it depends on before it takes a job (database schema, model
+card, inference backend against the card; Triton live, ready and serving matching
+models), then starts a Celery worker on the ``stat`` and ``routine`` queues, stat first.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import typer
+
+from triage_node.cli.common import settings_or_exit
+from triage_node.config import get_settings
+
+DATA_DIR = typer.Option(None, "--data-dir", help="Data directory (overrides TRIAGE_DATA_DIR).")
+
+
+def preflight(settings) -> str:  # type: ignore[no-untyped-def]
+    """Build and check this worker's clients once; returns a one-line description.
+
+    Raises
+    ------
+    worker.inference.InferenceError, triage_node.db.schema.SchemaOutOfDate, OSError
+        With a message an operator can act on.
+    """
+    from worker.pipeline.run import build_context
+
+    ctx = build_context(settings)
+    try:
+        return (
+            f"backend {ctx.backend.name}, model {ctx.card.name} {ctx.card.version}, "
+            f"operating point {settings.operating_point.value}"
+        )
+    finally:
+        ctx.close()
+
+
+def worker_argv(queues: list[str], concurrency: int, loglevel: str, pool: str, beat: bool,
+                data_dir: Path) -> list[str]:
+    """argv of ``celery worker`` for these options."""
+    argv = [
+        "worker",
+        "-Q", ",".join(queues),
+        "-c", str(concurrency),
+        "-P", pool,
+        "--prefetch-multiplier", "1",
+        "-n", f"triage-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel", loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if beat:
+        argv += ["-B", "-s", str(data_dir.resolve() / "celerybeat-schedule")]
+    return argv
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("worker")
+    def worker_command(
+        queues: str = typer.Option("stat,routine", "--queues", "-Q",
+                                   help="Queues to consume, most urgent first."),
+        concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1,
+                                               help="Worker processes (default: settings.worker_concurrency)."),
+        data_dir: Path | None = DATA_DIR,
+        backend: str | None = typer.Option(None, "--backend", help="onnx or triton (overrides settings)."),
+        pool: str = typer.Option("prefork", "--pool", help="Celery pool: prefork or solo."),
+        beat: bool = typer.Option(True, "--beat/--no-beat",
+                                  help="Run the periodic delivery retry task in this worker."),
+    ) -> None:
+        """Run a Celery worker: triage jobs from the stat queue first, then routine."""
+        overrides = {"data_dir": data_dir, "inference_backend": backend}
+        settings = settings_or_exit(**overrides)
+        # Pool processes read the process settings (get_settings): hand the overrides
+        # down through the environment.
+        if data_dir is not None:
+            os.environ["TRIAGE_DATA_DIR"] = str(data_dir)
+        if backend is not None:
+            os.environ["TRIAGE_INFERENCE_BACKEND"] = backend
+        get_settings.cache_clear()
+        names = [q.strip() for q in queues.split(",") if q.strip()]
+        unknown = [q for q in names if q not in ("stat", "routine")]
+        if not names or unknown:
+            typer.echo(f"--queues: unknown queue(s) {unknown or names}; use stat and/or routine", err=True)
+            raise typer.Exit(2)
+        from worker.inference import InferenceError
+
+        try:
+            description = preflight(settings)
+        except (InferenceError, OSError, RuntimeError, ValueError) as exc:
+            typer.echo(f"worker not started: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"triage worker: queues {','.join(names)}; {description}", err=True)
+        from worker.celery_app import app as celery_app
+        from worker.celery_app import beat_schedule
+
+        use_beat = beat and bool(settings.destinations) and pool != "solo"
+        if use_beat:
+            celery_app.conf.beat_schedule = beat_schedule(settings)
+        celery_app.worker_main(worker_argv(
+            names, concurrency or settings.worker_concurrency, settings.log_level, pool, use_beat,
+            settings.data_dir,
+        ))
+
+    @app.command("demo")
+    def demo_command(
+        out: Path | None = typer.Option(None, "--out", help="Copy what the local PACS received "
+                                        "(.dcm) and PNG renders here."),
+        studies: int = typer.Option(4, "--studies", min=1, max=20, help="Synthetic studies to send."),
+        data_dir: Path | None = typer.Option(None, "--data-dir",
+                                             help="Data directory (default: a fresh temporary one)."),
+        slices: int = typer.Option(24, "--slices", min=8, max=64, help="Slices per study."),
+        timeout: float = typer.Option(110.0, "--timeout", help="Seconds to wait for all results."),
+    ) -> None:
+        """Generate studies, run node + worker + a local PACS, send, and show the worklist."""
+        from worker.demo import DemoError, run_demo
+
+        try:
+            code = run_demo(out=out, n_studies=studies, data_dir=data_dir, slices=slices, timeout=timeout)
+        except DemoError as exc:
+            typer.echo(f"demo failed: {exc}", err=True)
+            raise typer.Exit(1) from None
+        raise typer.Exit(code)
