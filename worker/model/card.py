@@ -8,6 +8,7 @@ per-class thresholds at two operating points) and where the CAM head weights are
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -120,7 +121,20 @@ def load_model_card(path: str | Path) -> ModelCard:
     return ModelCard(**data, path=p)
 
 
+def json_safe(obj):
+    """NaN/inf -> None, tuples -> lists, numpy scalars -> Python (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_model_card(card: ModelCard, path: str | Path) -> Path:
     p = Path(path)
-    p.write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+    p.write_text(json.dumps(json_safe(card.model_dump(mode="json")), indent=2, allow_nan=False) + "\n")
     return p

@@ -1,0 +1,116 @@
+"""``triage-node train``, ``triage-node evaluate`` and ``triage-node export``."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from triage_node.logs import get_logger
+
+log = get_logger(__name__)
+
+
+@contextmanager
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(desc: str, done: int, total: int) -> None:
+            key = desc.split(" loss")[0]
+            if key not in tasks:
+                tasks[key] = bar.add_task(desc, total=total)
+            bar.update(tasks[key], completed=done, total=total, description=desc)
+
+        yield update
+
+
+def train(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (synth output, or RSNA layout with stage_2_train.csv)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: cache, checkpoints, summary, exported Triton repository."),
+    fmt: str = typer.Option("synth", "--format", help="synth | rsna"),
+    backbone: str = typer.Option("efficientnet-b0", help="MONAI backbone: efficientnet-b0..b3, resnet-lite, resnet18/34, seresnext50/101."),
+    variant: str = typer.Option("windows", help="Input variant: windows | adjacent | mixed."),
+    size: int = typer.Option(256, help="Input size in pixels."),
+    epochs: int = typer.Option(4, help="CNN epochs."),
+    batch_size: int = typer.Option(32, help="CNN batch size."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (one-cycle)."),
+    seq_epochs: int = typer.Option(40, help="Sequence-model epochs."),
+    seq_cell: str = typer.Option("gru", help="gru | lstm"),
+    val_fraction: float = typer.Option(0.2, help="Fraction of patients held out for validation (operating points)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    threads: int = typer.Option(2, help="torch CPU threads."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    max_minutes: float = typer.Option(0.0, help="Stop CNN training after this many minutes (0: no limit)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue CNN training from OUT/cnn_last.pt."),
+    labels_csv: Path = typer.Option(None, help="Label CSV if not DATA/labels.csv or DATA/stage_2_train.csv."),
+    export_dir: Path = typer.Option(None, help="Write the Triton repository here instead of OUT/triton."),
+    data_description: str = typer.Option("", help="Training data description for the model card."),
+) -> None:
+    """Train the slice CNN (stage 1) and the sequence model (stage 2), export ONNX and the model card."""
+    from worker.model.train import TrainConfig, fit
+
+    cfg = TrainConfig(
+        data=str(data), out=str(out), fmt=fmt, backbone=backbone, variant=variant, size=size, epochs=epochs,
+        batch_size=batch_size, lr=lr, seq_epochs=seq_epochs, seq_cell=seq_cell, val_fraction=val_fraction, seed=seed,
+        threads=threads, device=device, max_minutes=max_minutes or None, resume=resume,
+        labels_csv=str(labels_csv) if labels_csv else None, export_dir=str(export_dir) if export_dir else None,
+        data_description=data_description,
+    )
+    with _progress() as bar:
+        summary = fit(cfg, progress=bar, cache_progress=lambda d, t: bar("preprocess series", d, t))
+    typer.echo(json.dumps({"export": summary["export"], "validation": summary["validation"], "wall_s": round(summary["wall_s"], 1)}, indent=2, default=float))
+
+
+def evaluate(
+    model: Path = typer.Option(..., "--model", help="Triton model repository with model_card.json (e.g. deploy/triton)."),
+    data: Path = typer.Option(..., "--data", help="Labelled dataset folder."),
+    out: Path = typer.Option(..., "--out", help="Report folder (report.md, report.json, PNG curves)."),
+    fmt: str = typer.Option("synth", "--format", help="synth | rsna"),
+    labels_csv: Path = typer.Option(None, help="Label CSV if not the format's default."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples for AUC intervals."),
+    data_note: str = typer.Option("", help="Description of the data for the report."),
+    update_card: bool = typer.Option(False, "--update-card", help="Store the study-level results in the model card."),
+    threads: int = typer.Option(2, help="ONNX Runtime threads."),
+) -> None:
+    """Evaluate a served model on labelled studies through the serving path (ONNX Runtime)."""
+    from worker.model.evaluate import evaluate as run
+
+    with _progress() as bar:
+        rep = run(model, data, out, fmt, labels_csv, n_boot, data_note, update_card, progress=lambda d, t: bar("series", d, t), threads=threads)
+    typer.echo(json.dumps({"n_studies": rep["n_studies"], "study_auc": {c: round(v["auc_roc"], 4) for c, v in rep["study_level"].items()}, "rsna_log_loss": rep["rsna_log_loss"]}, indent=2))
+
+
+def export(
+    run: Path = typer.Option(..., "--run", help="Run folder of `triage-node train` (cnn_final.pt, sequence_final.pt, triton/model_card.json)."),
+    out: Path = typer.Option(..., "--out", help="Triton repository to write (e.g. deploy/triton)."),
+) -> None:
+    """Re-export a trained run to ONNX (parity-checked against PyTorch) with its model card."""
+    import torch
+
+    from worker.model.card import load_model_card, write_model_card
+    from worker.model.export import export_repository
+    from worker.model.networks import SequenceModel, SliceCNN
+
+    torch.set_num_threads(2)
+    cfg = json.loads((run / "config.json").read_text())
+    cnn = SliceCNN(cfg["backbone"])
+    cnn.load_state_dict(torch.load(run / "cnn_final.pt", map_location="cpu"))
+    seq = SequenceModel(cnn.feature_dim, hidden=cfg["seq_hidden"], cell=cfg["seq_cell"])
+    seq.load_state_dict(torch.load(run / "sequence_final.pt", map_location="cpu"))
+    src = Path(cfg.get("export_dir") or run / "triton")
+    card = load_model_card(src / "model_card.json")
+    exp = export_repository(cnn, seq, cfg["size"], out)
+    metrics = {**card.metrics, "onnx_max_abs_diff": exp["onnx_max_abs_diff"]}
+    write_model_card(card.model_copy(update={"metrics": metrics}), Path(out) / "model_card.json")
+    typer.echo(json.dumps(exp, indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("export")(export)

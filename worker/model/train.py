@@ -1,0 +1,324 @@
+"""Two-stage training: slice CNN on cached inputs, then the sequence model on its embeddings.
+
+Stage 1 trains :class:`SliceCNN` on single slices (RSNA-weighted BCE, flips and shifts),
+checkpointing every epoch (``cnn_last.pt``; ``--resume`` continues from it). Stage 2 runs the
+CNN once over every series, and trains :class:`SequenceModel` on whole series of
+``[embedding, sigmoid(CNN logits)]``. The operating points are chosen on the validation
+series (patient-grouped split), the models are exported to ONNX in the Triton layout, and
+the model card is written. Everything runs on CPU; ``--device cuda`` where a GPU is lent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom.uid import generate_uid
+
+from triage_node import CLASSES
+from triage_node.logs import get_logger
+from worker.model import metrics as M
+from worker.model.card import INTENDED_USE, ModelCard, ServedModel, write_model_card
+from worker.model.data import CachedSet, build_cache, index_dataset, patient_split, subset_slices
+from worker.model.export import SEQUENCE_MODEL, SLICE_MODEL, TRITON_BATCHING, export_repository
+from worker.model.networks import N_CLASSES, SequenceModel, SliceCNN, rsna_bce
+from worker.pipeline.preprocess import DEFAULT_WINDOWS, WINDOWS, channel_plan
+
+log = get_logger(__name__)
+Progress = Callable[[str, int, int], None]  # (task, done, total)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    fmt: str = "synth"
+    backbone: str = "efficientnet-b0"
+    variant: str = "windows"
+    size: int = 256
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seq_epochs: int = 40
+    seq_hidden: int = 96
+    seq_cell: str = "gru"
+    val_fraction: float = 0.2
+    seed: int = 0
+    threads: int = 2
+    device: str = "cpu"
+    max_minutes: float | None = None
+    resume: bool = False
+    cache_dir: str | None = None
+    labels_csv: str | None = None
+    export_dir: str | None = None
+    data_description: str = ""
+    windows: tuple[str, ...] = field(default=DEFAULT_WINDOWS)
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random left-right flip and a shift of up to 1/16 of the side (per batch)."""
+    if torch.rand(1, generator=gen).item() < 0.5:
+        x = torch.flip(x, dims=[3])
+    s = x.shape[-1] // 16
+    dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=gen))
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def train_cnn(cfg: TrainConfig, cache: CachedSet, train_idx: list[int], run: Path, progress: Progress | None = None) -> tuple[SliceCNN, list[float]]:
+    """Stage 1. Returns the model (eval mode, on CPU) and the mean training loss per epoch."""
+    dev = torch.device(cfg.device)
+    model = SliceCNN(cfg.backbone).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    slices = subset_slices(cache, train_idx)
+    steps_per_epoch = max(1, len(slices) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+    start_epoch, history = 0, []
+    ckpt = run / "cnn_last.pt"
+    if cfg.resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        log.info("cnn_resumed", epoch=start_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    for _ in range(start_epoch):  # keep the shuffles of a resumed run identical
+        rng.permutation(len(slices))
+    t0 = time.monotonic()
+    labels = torch.from_numpy(cache.labels.astype(np.float32))
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        order = slices[rng.permutation(len(slices))]
+        total, n = 0.0, 0
+        for step in range(steps_per_epoch):
+            idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+            x = torch.from_numpy(np.asarray(cache.inputs[idx], dtype=np.float32)).to(dev)
+            y = labels[idx].to(dev)
+            logits, _, _ = model(_augment(x, gen))
+            loss = rsna_bce(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            n += len(idx)
+            if progress:
+                progress(f"CNN epoch {epoch + 1}/{cfg.epochs} loss {total / n:.4f}", step + 1, steps_per_epoch)
+            if cfg.max_minutes and (time.monotonic() - t0) > cfg.max_minutes * 60:
+                break
+        history.append(total / max(n, 1))
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch, "history": history, "config": asdict(cfg)}, ckpt)
+        log.info("cnn_epoch", epoch=epoch + 1, loss=round(history[-1], 5), minutes=round((time.monotonic() - t0) / 60, 2))
+        if cfg.max_minutes and (time.monotonic() - t0) > cfg.max_minutes * 60:
+            log.warning("cnn_time_budget_reached", epoch=epoch + 1)
+            break
+    return model.cpu().eval(), history
+
+
+@torch.no_grad()
+def extract(model: SliceCNN, cache: CachedSet, batch: int = 64, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings [N,F] and CNN logits [N,6] of every cached slice (eval mode, no augmentation)."""
+    model.eval()
+    n = cache.inputs.shape[0]
+    emb = np.zeros((n, model.feature_dim), np.float32)
+    logits = np.zeros((n, N_CLASSES), np.float32)
+    for a in range(0, n, batch):
+        x = torch.from_numpy(np.asarray(cache.inputs[a : a + batch], dtype=np.float32))
+        lo, em, _ = model(x)
+        emb[a : a + batch], logits[a : a + batch] = em.numpy(), lo.numpy()
+        if progress:
+            progress("extract embeddings", min(a + batch, n), n)
+    return emb, logits
+
+
+def _sequence_tensor(emb: np.ndarray, logits: np.ndarray, cache: CachedSet, i: int) -> torch.Tensor:
+    s = cache.series_slice(i)
+    probs = 1.0 / (1.0 + np.exp(-logits[s]))
+    return torch.from_numpy(np.concatenate([emb[s], probs], axis=1).astype(np.float32))[None]
+
+
+def _study_loss(model: SequenceModel, seqs: list[torch.Tensor], ys: list[np.ndarray]) -> float:
+    if not seqs:
+        return float("nan")
+    model.eval()
+    with torch.no_grad():
+        p = np.stack([torch.sigmoid(model(x))[0].numpy().max(0) for x in seqs])
+    return M.rsna_log_loss(np.stack(ys), p)
+
+
+def train_sequence(
+    cfg: TrainConfig,
+    emb: np.ndarray,
+    logits: np.ndarray,
+    cache: CachedSet,
+    train_idx: list[int],
+    val_idx: list[int] | None = None,
+    progress: Progress | None = None,
+) -> tuple[SequenceModel, list[float]]:
+    """Stage 2: one series per step, RSNA-weighted BCE on every slice.
+
+    The CNN is more confident on its own training series than on new ones, so the CNN logits
+    fed to the sequence model are jittered (Gaussian, sd 1) and the embeddings scaled by
+    N(1, 0.1) noise. The epoch with the lowest validation study-level RSNA log loss is kept
+    (epoch 0 is the untrained residual, i.e. the CNN itself).
+    """
+    _seed(cfg.seed + 1)
+    f = emb.shape[1]
+    model = SequenceModel(f, hidden=cfg.seq_hidden, cell=cfg.seq_cell)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    rng = np.random.default_rng(cfg.seed + 1)
+    seqs = [_sequence_tensor(emb, logits, cache, i) for i in train_idx]
+    cnn_logits = [torch.from_numpy(logits[cache.series_slice(i)].astype(np.float32))[None] for i in train_idx]
+    ys = [torch.from_numpy(cache.labels[cache.series_slice(i)].astype(np.float32))[None] for i in train_idx]
+    val_idx = list(val_idx or [])
+    val_seqs = [_sequence_tensor(emb, logits, cache, i) for i in val_idx]
+    val_y = [cache.labels[cache.series_slice(i)].max(0) for i in val_idx]
+    best_loss, best_state, best_epoch = _study_loss(model, val_seqs, val_y), copy.deepcopy(model.state_dict()), 0
+    history = []
+    for epoch in range(cfg.seq_epochs):
+        model.train()
+        total = 0.0
+        for k in rng.permutation(len(seqs)):
+            e = seqs[k][..., :f]
+            e = e * (1 + 0.1 * torch.randn_like(e))
+            p = torch.sigmoid(cnn_logits[k] + torch.randn_like(cnn_logits[k]))
+            loss = rsna_bce(model(torch.cat([e, p], -1)).reshape(-1, N_CLASSES), ys[k].reshape(-1, N_CLASSES))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        history.append(total / max(len(seqs), 1))
+        vl = _study_loss(model, val_seqs, val_y)
+        if val_seqs and vl < best_loss:
+            best_loss, best_state, best_epoch = vl, copy.deepcopy(model.state_dict()), epoch + 1
+        if progress:
+            progress(f"sequence loss {history[-1]:.4f} val study {vl:.4f}", epoch + 1, cfg.seq_epochs)
+    if val_seqs:
+        model.load_state_dict(best_state)
+    log.info("sequence_trained", best_epoch=best_epoch, val_study_log_loss=round(best_loss, 5) if val_seqs else None)
+    return model.eval(), history
+
+
+@torch.no_grad()
+def series_probs(seq: SequenceModel, emb: np.ndarray, logits: np.ndarray, cache: CachedSet, idx: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-series slice probabilities [n_i, 6]: (sequence model, CNN only)."""
+    out_seq, out_cnn = [], []
+    for i in idx:
+        x = _sequence_tensor(emb, logits, cache, i)
+        out_seq.append(torch.sigmoid(seq(x))[0].numpy().astype(np.float64))
+        out_cnn.append(1.0 / (1.0 + np.exp(-logits[cache.series_slice(i)].astype(np.float64))))
+    return out_seq, out_cnn
+
+
+def choose_operating_points(study_y: np.ndarray, study_p: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per-class thresholds for both operating points, on validation study-level probabilities."""
+    ops: dict[str, dict[str, float]] = {"high_sensitivity": {}, "balanced": {}}
+    for k, c in enumerate(CLASSES):
+        y, p = study_y[:, k], study_p[:, k]
+        if y.all() or not y.any():  # cannot choose: fall back to 0.5
+            ops["high_sensitivity"][c] = ops["balanced"][c] = 0.5
+            continue
+        ops["high_sensitivity"][c] = M.high_sensitivity_point(y, p).threshold
+        ops["balanced"][c] = M.balanced_point(y, p).threshold
+    return ops
+
+
+def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run both stages, export, and write the model card. Returns a summary dict."""
+    torch.set_num_threads(cfg.threads)
+    _seed(cfg.seed)
+    t_start = time.monotonic()
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    index = index_dataset(cfg.data, cfg.fmt, cfg.labels_csv)
+    cache = build_cache(index, cfg.cache_dir or run / "cache", cfg.variant, cfg.size, cfg.windows, progress=cache_progress)
+    if len(cache) < 2:
+        raise ValueError(f"need at least 2 labelled series, found {len(cache)}")
+    train_idx, val_idx = patient_split([_Rec(p) for p in cache.patient_keys], cfg.val_fraction, cfg.seed)
+    t_cache = time.monotonic() - t_start
+    cnn, cnn_hist = train_cnn(cfg, cache, train_idx, run, progress)
+    torch.save(cnn.state_dict(), run / "cnn_final.pt")
+    emb, logits = extract(cnn, cache, progress=progress)
+    seq, seq_hist = train_sequence(cfg, emb, logits, cache, train_idx, val_idx, progress)
+    torch.save(seq.state_dict(), run / "sequence_final.pt")
+
+    y_val = np.stack([cache.labels[cache.series_slice(i)].max(0) for i in val_idx])
+    p_seq, p_cnn = series_probs(seq, emb, logits, cache, val_idx)
+    study_seq = np.stack([p.max(0) for p in p_seq])
+    study_cnn = np.stack([p.max(0) for p in p_cnn])
+    ops = choose_operating_points(y_val, study_seq)
+    val_metrics = {
+        "n_series": len(val_idx),
+        "study_auc_sequence": {c: M.roc_auc(y_val[:, k], study_seq[:, k]) for k, c in enumerate(CLASSES)},
+        "study_auc_cnn": {c: M.roc_auc(y_val[:, k], study_cnn[:, k]) for k, c in enumerate(CLASSES)},
+        "study_rsna_log_loss_sequence": M.rsna_log_loss(y_val, study_seq),
+        "study_rsna_log_loss_cnn": M.rsna_log_loss(y_val, study_cnn),
+    }
+    export_dir = Path(cfg.export_dir) if cfg.export_dir else run / "triton"
+    exp = export_repository(cnn, seq, cfg.size, export_dir)
+    wall = time.monotonic() - t_start
+    card = ModelCard(
+        name="ich-triage-synthetic",
+        version=datetime.now(UTC).strftime("%Y.%m.%d.%H%M"),
+        device_uid=generate_uid(),
+        created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+        classes=CLASSES,
+        backbone=cfg.backbone,
+        input_variant=cfg.variant,
+        input_size=cfg.size,
+        windows={w: WINDOWS[w] for _, w in channel_plan(cfg.variant, cfg.windows)},
+        channel_plan=tuple(channel_plan(cfg.variant, cfg.windows)),
+        embedding_dim=exp["embedding_dim"],
+        feature_channels=exp["feature_channels"],
+        feature_map_size=exp["feature_map_size"],
+        triton_batching=TRITON_BATCHING,
+        slice_model=ServedModel(name=SLICE_MODEL, input="image", outputs=("logits", "embedding", "features")),
+        sequence_model=ServedModel(name=SEQUENCE_MODEL, input="sequence", outputs=("logits",)),
+        study_aggregation="max",
+        operating_points=ops,
+        cam_head=exp["cam_head"],
+        metrics={"validation": val_metrics, "onnx_max_abs_diff": exp["onnx_max_abs_diff"]},
+        training={
+            "data": cfg.data_description or f"{cfg.fmt} data at {cfg.data}",
+            "format": cfg.fmt,
+            "n_series": len(cache),
+            "n_slices": int(cache.inputs.shape[0]),
+            "train_series": len(train_idx),
+            "validation_series": len(val_idx),
+            "split": "patient-grouped",
+            "unreadable_files": index.unreadable,
+            "failed_series": cache.meta.get("failed_series", 0),
+            "epochs": len(cnn_hist),
+            "cnn_loss_per_epoch": cnn_hist,
+            "sequence_loss_first_last": [seq_hist[0], seq_hist[-1]] if seq_hist else [],
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "cache_dir", "export_dir", "labels_csv")},
+            "wall_time_s": {"total": round(wall, 1), "preprocess_cache": round(t_cache, 1)},
+            "loss": "BCE weighted as the RSNA 2019 metric (any x2)",
+        },
+        intended_use=INTENDED_USE,
+    )
+    write_model_card(card, export_dir / "model_card.json")
+    summary = {"run": str(run), "export": str(export_dir), "cnn_loss": cnn_hist, "sequence_loss": seq_hist, "validation": val_metrics, "wall_s": wall}
+    (run / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    log.info("training_done", wall_s=round(wall, 1), val_series=len(val_idx))
+    return summary
+
+
+@dataclass
+class _Rec:
+    patient_key: str
