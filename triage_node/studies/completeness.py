@@ -1,0 +1,520 @@
+"""When is a series complete, and what happens then.
+
+A DICOM sender never says "this series is finished" (PS3.4 Annex B has no such
+message), so the node decides:
+
+* **Fast path**, at association release (`CompletenessTracker.association_finished`):
+  the series is complete when its InstanceNumbers (0020,0013) are contiguous, its
+  slice positions (ImagePositionPatient projected on the slice normal, PS3.3
+  C.7.6.2.1.1) are evenly spaced, and the count equals NumberOfSeriesRelatedInstances
+  (0020,1209) / ImagesInAcquisition (0020,1002) where the sender gave one.
+* **Stability timer** otherwise (`check_stable`, run by `run_in_thread`): complete
+  after ``settings.stability_seconds`` without a new instance.
+
+On completion the study's complete series go through `select_series`; the selected
+one gets a `Job` row (committed), and only then is the job enqueued. A late instance
+after a job exists makes a new job version; the old job becomes ``superseded``; both
+are audited. Timestamps for the product's main figure (last instance to enqueue) are
+kept on the job: ``last_instance_at``, ``series_complete_at``, ``enqueued_at``
+(`enqueue_latencies`).
+
+Thread-safety: the SCP calls `instance_stored` and `association_finished` from its
+association threads and the timer runs in its own thread; the pending set has its own
+lock and completions are serialised by another, so no series is completed twice at once.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from triage_node.config import Settings
+from triage_node.db import audit
+from triage_node.db.models import (
+    Instance,
+    Job,
+    JobState,
+    SelectionDecision,
+    Series,
+    SeriesState,
+    Study,
+)
+from triage_node.db.session import transaction
+from triage_node.logs import get_logger
+from triage_node.queue import JobEnqueuer, choose_queue, make_client, reconcile_queued_jobs
+from triage_node.studies.selection import SelectionRules, load_rules, select_series
+
+log = get_logger(__name__)
+
+ACTOR = "node"
+#: Relative tolerance on slice spacing for the fast path (plus `SPACING_ABS_MM`).
+SPACING_REL_TOLERANCE = 0.02
+SPACING_ABS_MM = 0.01
+#: Job states that a new version supersedes.
+ACTIVE_JOB_STATES = (JobState.queued, JobState.running, JobState.done)
+
+Enqueuer = Callable[[list[int]], Any]
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite gives back naive datetimes (stored as UTC); PostgreSQL aware ones."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+@dataclass(frozen=True)
+class SeriesStats:
+    """The latest version of each instance of a series, as needed for completeness."""
+
+    count: int
+    instance_numbers: list[int | None]
+    positions: list[float | None]
+    last_received_at: datetime | None
+
+
+def series_stats(session: Session, series_id: int) -> SeriesStats:
+    rows = session.execute(
+        select(
+            Instance.sop_uid,
+            Instance.version,
+            Instance.instance_number,
+            Instance.slice_position,
+            Instance.received_at,
+        ).where(Instance.series_id == series_id)
+    ).all()
+    latest: dict[str, Any] = {}
+    for row in rows:
+        if row.sop_uid not in latest or row.version > latest[row.sop_uid].version:
+            latest[row.sop_uid] = row
+    received = [_aware(r.received_at) for r in rows if r.received_at is not None]
+    return SeriesStats(
+        count=len(latest),
+        instance_numbers=[r.instance_number for r in latest.values()],
+        positions=[r.slice_position for r in latest.values()],
+        last_received_at=max(received) if received else None,
+    )
+
+
+def fast_path_complete(stats: SeriesStats, expected: int | None) -> tuple[bool, str]:
+    """Whether a series looks complete at association release, and why (not).
+
+    Parameters
+    ----------
+    stats : SeriesStats
+        From `series_stats`.
+    expected : int or None
+        NumberOfSeriesRelatedInstances / ImagesInAcquisition when the sender gave it.
+    """
+    n = stats.count
+    if n == 0:
+        return False, "no instances"
+    if expected is not None and expected > 0 and n != expected:
+        return False, f"{n} of {expected} expected instances"
+    numbers = stats.instance_numbers
+    if any(v is None for v in numbers):
+        return False, "instance numbers missing"
+    unique = sorted(set(numbers))  # type: ignore[type-var]
+    if len(unique) != n:
+        return False, "instance numbers repeat"
+    if unique[-1] - unique[0] + 1 != n:  # type: ignore[operator]
+        return False, f"instance numbers {unique[0]}..{unique[-1]} have gaps"
+    if n >= 2:
+        if any(p is None for p in stats.positions):
+            return False, "slice positions missing"
+        positions = sorted(stats.positions)  # type: ignore[type-var]
+        gaps = [b - a for a, b in zip(positions, positions[1:], strict=False)]  # type: ignore[operator]
+        spacing = statistics.median(gaps)
+        if spacing <= SPACING_ABS_MM:
+            return False, "slices share a position"
+        tolerance = SPACING_ABS_MM + SPACING_REL_TOLERANCE * spacing
+        worst = max(abs(g - spacing) for g in gaps)
+        if worst > tolerance:
+            return False, f"slice spacing uneven (median {spacing:.3f} mm, off by {worst:.3f} mm)"
+    return True, "contiguous instance numbers, even spacing"
+
+
+@dataclass
+class Completion:
+    """What one completion did (for callers and tests)."""
+
+    series_uid: str
+    completed: bool
+    reason: str
+    job_ids: list[int] = field(default_factory=list)
+    superseded: list[int] = field(default_factory=list)
+
+
+class CompletenessTracker:
+    """Decide when series are complete, select, create jobs and enqueue them.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``stability_seconds``, ``selection_rules``, ``stat_calling_aes`` are used.
+    session_factory : sessionmaker
+        Database sessions.
+    enqueuer : callable, optional
+        Called with the list of new job ids after their transaction committed;
+        default a `JobEnqueuer` on `make_client(settings)`.
+    rules : SelectionRules, optional
+        Default: loaded from ``settings.selection_rules`` (or the shipped file).
+    reconcile_interval : float
+        Seconds between runs of `reconcile_queued_jobs` in the timer thread.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        enqueuer: Enqueuer | None = None,
+        *,
+        rules: SelectionRules | None = None,
+        reconcile_interval: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.enqueuer: Enqueuer = enqueuer or JobEnqueuer(session_factory, make_client(settings))
+        self._rules = rules
+        self.reconcile_interval = reconcile_interval
+        self._pending: dict[str, float] = {}
+        self._pending_lock = threading.Lock()
+        self._complete_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def rules(self) -> SelectionRules:
+        return self._rules or load_rules(self.settings.selection_rules)
+
+    # -- notifications from ingest -----------------------------------------------
+    def instance_stored(self, series_uid: str) -> None:
+        """An instance of ``series_uid`` was committed (cheap: called per C-STORE)."""
+        with self._pending_lock:
+            self._pending[series_uid] = time.monotonic()
+
+    def pending(self) -> list[str]:
+        """Series waiting for completion."""
+        with self._pending_lock:
+            return sorted(self._pending)
+
+    def association_finished(self, series_uids: Iterable[str]) -> list[Completion]:
+        """Fast path at association release (or at the end of a STOW-RS request)."""
+        results = []
+        for series_uid in sorted(set(series_uids)):
+            with self.session_factory() as session:
+                series = session.scalar(select(Series).where(Series.series_uid == series_uid))
+                if series is None:
+                    continue
+                stats = series_stats(session, series.id)
+                ready, why = fast_path_complete(stats, series.expected_instances)
+            if ready:
+                results.append(self.complete_series(series_uid, "fast_path", detail=why))
+            else:
+                with self._pending_lock:
+                    self._pending.setdefault(series_uid, time.monotonic())
+                log.info("series.fast_path_declined", series_uid=series_uid, why=why)
+                results.append(Completion(series_uid, completed=False, reason=why))
+        return results
+
+    # -- stability timer ---------------------------------------------------------------
+    def check_stable(self, now: datetime | None = None) -> list[Completion]:
+        """Complete pending series with no new instance for ``stability_seconds``.
+
+        Parameters
+        ----------
+        now : datetime, optional
+            Current time (UTC); tests pass a later time instead of sleeping.
+        """
+        now = now or datetime.now(UTC)
+        quiet = timedelta(seconds=self.settings.stability_seconds)
+        results = []
+        for series_uid in self.pending():
+            with self.session_factory() as session:
+                last = session.scalar(
+                    select(func.max(Instance.received_at))
+                    .join(Series, Series.id == Instance.series_id)
+                    .where(Series.series_uid == series_uid)
+                )
+            last = _aware(last)
+            if last is None:
+                with self._pending_lock:
+                    self._pending.pop(series_uid, None)
+                continue
+            if now - last >= quiet:
+                results.append(self.complete_series(series_uid, "stable"))
+        return results
+
+    def recover(self) -> list[str]:
+        """After a restart: put series still receiving, or with late instances, back to pending."""
+        with self.session_factory() as session:
+            receiving = session.scalars(
+                select(Series.series_uid).where(Series.state == SeriesState.receiving)
+            ).all()
+            late = session.scalars(
+                select(Series.series_uid)
+                .join(Instance, Instance.series_id == Series.id)
+                .where(Series.state == SeriesState.complete)
+                .group_by(Series.id, Series.series_uid, Series.completed_at)
+                .having(func.max(Instance.received_at) > Series.completed_at)
+            ).all()
+        found = sorted({*receiving, *late})
+        with self._pending_lock:
+            for uid in found:
+                self._pending.setdefault(uid, time.monotonic())
+        if found:
+            log.info("completeness.recovered", series=len(found))
+        return found
+
+    def run_in_thread(self, interval: float = 0.25) -> threading.Thread:
+        """Start the timer thread (stability checks, reconciling unsent jobs)."""
+        if self._thread is not None and self._thread.is_alive():
+            return self._thread
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._loop, args=(interval,), name="completeness-timer", daemon=True
+        )
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self, interval: float) -> None:
+        self.recover()
+        next_reconcile = time.monotonic() + self.reconcile_interval
+        while not self._stop.wait(interval):
+            try:
+                self.check_stable()
+                if isinstance(self.enqueuer, JobEnqueuer) and time.monotonic() >= next_reconcile:
+                    next_reconcile = time.monotonic() + self.reconcile_interval
+                    reconcile_queued_jobs(
+                        self.session_factory, self.enqueuer, older_than=self.reconcile_interval
+                    )
+            except Exception:  # noqa: BLE001 - the timer must survive a database hiccup
+                log.exception("completeness.timer_error")
+
+    # -- completion --------------------------------------------------------------------
+    def complete_series(self, series_uid: str, reason: str, detail: str = "") -> Completion:
+        """Mark a series complete, run selection on its study, create and enqueue jobs."""
+        with self._complete_lock:
+            with self._pending_lock:
+                self._pending.pop(series_uid, None)
+            with transaction(self.session_factory) as session:
+                result = self._complete_in(session, series_uid, reason, detail)
+        if result.job_ids:
+            self.enqueuer(list(result.job_ids))
+        return result
+
+    def _complete_in(
+        self, session: Session, series_uid: str, reason: str, detail: str
+    ) -> Completion:
+        query = select(Series).where(Series.series_uid == series_uid)
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update()
+        series = session.scalar(query)
+        if series is None:
+            return Completion(series_uid, completed=False, reason="unknown series")
+        stats = series_stats(session, series.id)
+        completed_at = _aware(series.completed_at)
+        already = series.state == SeriesState.complete
+        if already and (
+            stats.last_received_at is None or completed_at is None
+            or stats.last_received_at <= completed_at
+        ):
+            return Completion(series_uid, completed=False, reason="already complete")
+        now = datetime.now(UTC)
+        series.state = SeriesState.complete
+        series.completed_at = now
+        series.completion_reason = reason
+        if series.window_width is None:
+            series.window_width = _window_width(session, series.id)
+        study = session.get(Study, series.study_id)
+        audit.record(
+            session, "series.complete", actor=ACTOR, study_uid=study.study_uid,
+            series_uid=series_uid, reason=reason, detail=detail, instances=stats.count,
+            late=already,
+        )
+        log.info("series.complete", series_uid=series_uid, reason=reason,
+                 instances=stats.count, late=already)
+        result = Completion(series_uid, completed=True, reason=reason)
+        chosen = self._select(session, study)
+        if chosen is not None:
+            self._job_for(session, study, chosen, stats if chosen is series else None, result)
+        return result
+
+    def _select(self, session: Session, study: Study) -> Series | None:
+        complete = session.scalars(
+            select(Series)
+            .where(Series.study_id == study.id, Series.state == SeriesState.complete)
+            .order_by(Series.id)
+        ).all()
+        chosen = None
+        for series, decision, why in select_series(study, complete, self.rules):
+            if decision is SelectionDecision.selected:
+                chosen = series
+            if (series.selection, series.selection_reason) == (decision.value, why):
+                continue
+            series.selection = decision.value
+            series.selection_reason = why
+            audit.record(
+                session, f"series.{decision.value}", actor=ACTOR, study_uid=study.study_uid,
+                series_uid=series.series_uid, reason=why,
+                series_number=series.series_number,
+            )
+            log.info(f"series.{decision.value}", series_uid=series.series_uid, reason=why)
+        return chosen
+
+    def _job_for(
+        self,
+        session: Session,
+        study: Study,
+        chosen: Series,
+        stats: SeriesStats | None,
+        result: Completion,
+    ) -> None:
+        stats = stats or series_stats(session, chosen.id)
+        last = stats.last_received_at
+        active = session.scalars(
+            select(Job).where(Job.study_id == study.id, Job.state.in_(ACTIVE_JOB_STATES))
+        ).all()
+        current = [j for j in active if j.series_id == chosen.id]
+        others = [j for j in active if j.series_id != chosen.id]
+        if current and not others and all(
+            last is None or (_aware(j.last_instance_at) or last) >= last for j in current
+        ):
+            return  # the selected series already has a job that saw every instance
+        version = (
+            session.scalar(select(func.max(Job.version)).where(Job.series_id == chosen.id)) or 0
+        ) + 1
+        queue, queue_reason = choose_queue(self.settings, session, chosen)
+        job = Job(
+            study_id=study.id,
+            series_id=chosen.id,
+            version=version,
+            state=JobState.queued,
+            queue=queue,
+            last_instance_at=last,
+            series_complete_at=_aware(chosen.completed_at),
+            created_at=datetime.now(UTC),
+        )
+        session.add(job)
+        session.flush()
+        why = "late instances" if current else ("another series selected" if others else "new")
+        for old in active:
+            previous = old.state
+            old.state = JobState.superseded
+            audit.record(
+                session, "job.superseded", actor=ACTOR, study_uid=study.study_uid,
+                series_uid=chosen.series_uid if old.series_id == chosen.id else None,
+                job_id=old.id, version=old.version, previous_state=previous,
+                superseded_by=job.id, reason=why,
+            )
+            result.superseded.append(old.id)
+        audit.record(
+            session, "job.created", actor=ACTOR, study_uid=study.study_uid,
+            series_uid=chosen.series_uid, job_id=job.id, version=version, queue=queue,
+            queue_reason=queue_reason, supersedes=[j.id for j in active], reason=why,
+        )
+        log.info("job.created", job_id=job.id, version=version, queue=queue,
+                 series_uid=chosen.series_uid, reason=why)
+        result.job_ids.append(job.id)
+
+
+def _window_width(session: Session, series_id: int) -> float | None:
+    """WindowWidth (0028,1051) of one instance, first value (read from the spooled header)."""
+    path = session.scalar(select(Instance.path).where(Instance.series_id == series_id).limit(1))
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["WindowWidth"])
+    except (InvalidDicomError, OSError, ValueError):
+        return None
+    value = ds.get("WindowWidth")
+    if value is None or value == "":
+        return None
+    try:
+        first = value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value
+        return float(first)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+# -- the product's main figure ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobLatency:
+    """Stage times of one job, in seconds from the last instance received."""
+
+    job_id: int
+    version: int
+    queue: str
+    completion_reason: str | None
+    last_instance_at: datetime
+    series_complete_at: datetime | None
+    enqueued_at: datetime
+    complete_s: float | None
+    enqueue_s: float
+
+
+def enqueue_latencies(
+    session_factory: sessionmaker[Session], since: datetime | None = None
+) -> list[JobLatency]:
+    """Time from the last C-STORE (instance row committed, just before the success
+    response) to the series being complete and to the job being enqueued, per job.
+
+    The benchmark calls this after sending studies; only jobs that were enqueued count.
+    """
+    with session_factory() as session:
+        query = (
+            select(Job, Series.completion_reason)
+            .join(Series, Series.id == Job.series_id)
+            .where(Job.enqueued_at.is_not(None), Job.last_instance_at.is_not(None))
+            .order_by(Job.id)
+        )
+        if since is not None:
+            query = query.where(Job.created_at >= since)
+        rows = session.execute(query).all()
+    out = []
+    for job, reason in rows:
+        last = _aware(job.last_instance_at)
+        complete = _aware(job.series_complete_at)
+        enqueued = _aware(job.enqueued_at)
+        out.append(JobLatency(
+            job_id=job.id, version=job.version, queue=job.queue, completion_reason=reason,
+            last_instance_at=last, series_complete_at=complete, enqueued_at=enqueued,
+            complete_s=(complete - last).total_seconds() if complete else None,
+            enqueue_s=(enqueued - last).total_seconds(),
+        ))
+    return out
+
+
+def enqueue_latency_summary(
+    session_factory: sessionmaker[Session], since: datetime | None = None
+) -> dict[str, float | int | None]:
+    """``count``, ``median_s``, ``p95_s``, ``max_s`` of last-instance-to-enqueue times."""
+    values = sorted(item.enqueue_s for item in enqueue_latencies(session_factory, since))
+    if not values:
+        return {"count": 0, "median_s": None, "p95_s": None, "max_s": None}
+    p95 = values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
+    return {
+        "count": len(values),
+        "median_s": round(statistics.median(values), 4),
+        "p95_s": round(p95, 4),
+        "max_s": round(values[-1], 4),
+    }
