@@ -29,6 +29,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.status import Status
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -210,6 +211,29 @@ def _requested_priority(ds: Dataset) -> str | None:
     return None
 
 
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _pixel_data_complete(data: bytes, position: int, implicit: bool) -> bool:
+    """Check that Pixel Data (7FE0,0010), when present, is not cut short.
+
+    pydicom reads a truncated value without complaint, so the element header at
+    ``position`` (where the header parse stopped) is checked by hand: a defined
+    length must fit in the file; an undefined length (encapsulated, PS3.5 A.4)
+    needs the Sequence Delimitation Item after it.
+    """
+    if data[position : position + 4] != _PIXEL_DATA_TAG:
+        return True  # no pixel data, or not at the top level
+    if implicit:
+        header, length = 8, int.from_bytes(data[position + 4 : position + 8], "little")
+    else:
+        header, length = 12, int.from_bytes(data[position + 8 : position + 12], "little")
+    if length == 0xFFFFFFFF:
+        return data.rfind(_SEQUENCE_DELIMITER, position + header) != -1
+    return position + header + length <= len(data)
+
+
 def parse_header(data: bytes) -> _Header:
     """Parse the header of a Part 10 file (stops before Pixel Data; nothing is decoded).
 
@@ -220,10 +244,12 @@ def parse_header(data: bytes) -> _Header:
         0xA900 when a required UID is missing.
     """
     try:
-        ds = dcmread(BytesIO(data), stop_before_pixels=True)
+        fp = BytesIO(data)
+        ds = dcmread(fp, stop_before_pixels=True)
         # Touch every element now so that a malformed value fails here, not later.
         for _elem in ds.iterall():
             pass
+        stopped_at = fp.tell()
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
             NotImplementedError, AttributeError, IndexError) as exc:
         raise _Refused(CANNOT_UNDERSTAND, f"header cannot be parsed: {type(exc).__name__}") from None
@@ -231,6 +257,10 @@ def parse_header(data: bytes) -> _Header:
     transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if not transfer_syntax:
         raise _Refused(CANNOT_UNDERSTAND, "file meta has no TransferSyntaxUID")
+    if transfer_syntax != DeflatedExplicitVRLittleEndian and not _pixel_data_complete(
+        data, stopped_at, implicit=transfer_syntax == ImplicitVRLittleEndian
+    ):
+        raise _Refused(CANNOT_UNDERSTAND, "pixel data is truncated")
     # De-identified files may carry the SOP class only in the file meta (DESIGN.md).
     sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
     uids: dict[str, str] = {}

@@ -1,0 +1,208 @@
+"""Helpers for the ingest tests: synthetic CT objects in every transfer syntax, a node to talk to.
+
+Objects are built with pydicom (uncompressed, deflated, RLE and JPEG 2000 encoders)
+and DCMTK ``dcmcjpeg`` (JPEG Lossless, processes 14 and 14 SV1), so each compressed
+file was produced by a real codec.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    RLELossless,
+    generate_uid,
+)
+
+from tests.servers import require_binary
+from triage_node.config import Settings, load_settings
+from triage_node.db import schema
+from triage_node.db.session import make_engine, make_sessionmaker
+from triage_node.ingest.scp import StorageSCP
+from triage_node.ingest.store import InstanceStore, dataset_offset
+
+ALL_TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+PATIENT_NAME = "Zyxwv^Quentin"
+PATIENT_ID = "PID-778899"
+
+
+def ct_dataset(
+    study_uid: str,
+    series_uid: str,
+    index: int,
+    size: int = 32,
+    sop_uid: str | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """One axial CT slice (CT Image Storage), slices 5 mm apart along z."""
+    rng = np.random.default_rng(seed + index)
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.PatientName = PATIENT_NAME
+    ds.PatientID = PATIENT_ID
+    ds.AccessionNumber = "ACC12345"
+    ds.StudyDate = "20260102"
+    ds.StudyDescription = "CT HEAD WO"
+    ds.SeriesDescription = "Head 5mm"
+    ds.BodyPartExamined = "HEAD"
+    ds.SeriesNumber = 2
+    ds.InstanceNumber = index + 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ConvolutionKernel = "H30s"
+    ds.ImagePositionPatient = [-100.0, -100.0, 10.0 + 5.0 * index]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.SliceThickness = 5.0
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = rng.integers(900, 1200, (size, size), dtype=np.int16).tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
+
+
+def part10(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """Encode ``ds`` as a Part 10 file in an uncompressed or pydicom-encodable syntax."""
+    ds = ds.copy()
+    ds.file_meta = ds.file_meta.copy()
+    if transfer_syntax in (RLELossless, JPEG2000Lossless):
+        ds.compress(transfer_syntax)
+    elif transfer_syntax == JPEG2000:
+        ds.compress(transfer_syntax, j2k_cr=[1])
+    else:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True, implicit_vr=transfer_syntax == ImplicitVRLittleEndian,
+               little_endian=True)
+    return buffer.getvalue()
+
+
+def write_series(
+    folder: Path, n: int, transfer_syntax: str = ExplicitVRLittleEndian, size: int = 32,
+    study_uid: str | None = None, series_uid: str | None = None,
+) -> list[Path]:
+    """Write ``n`` slices of one new series in ``transfer_syntax``; return the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    paths = []
+    for i in range(n):
+        ds = ct_dataset(study_uid, series_uid, i, size=size)
+        path = folder / f"{i:04d}.dcm"
+        if transfer_syntax in (JPEGLossless, JPEGLosslessSV1):
+            source = folder / f".{i:04d}.src"
+            source.write_bytes(part10(ds))
+            flag = "+el" if transfer_syntax == JPEGLossless else "+e1"
+            subprocess.run(
+                [require_binary("dcmcjpeg"), flag, str(source), str(path)],
+                check=True, capture_output=True,
+            )
+            source.unlink()
+        else:
+            path.write_bytes(part10(ds, transfer_syntax))
+        written_ts = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        assert written_ts == transfer_syntax, (written_ts, transfer_syntax)
+        paths.append(path)
+    return paths
+
+
+def dataset_bytes(data: bytes) -> bytes:
+    """The data set part of a Part 10 file (after preamble and file meta)."""
+    meta = dcmread(BytesIO(data), stop_before_pixels=True).file_meta
+    offset = dataset_offset(data, meta)
+    assert offset > 0
+    return data[offset:]
+
+
+@dataclass
+class Node:
+    """An in-process SCP with its store, database and recorded callbacks."""
+
+    settings: Settings
+    scp: StorageSCP
+    store: InstanceStore
+    session_factory: object
+    engine: object
+    stored: list[str] = field(default_factory=list)
+    finished: list[list[str]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+
+@contextmanager
+def running_node(database_url: str | None = None, data_dir: Path | None = None,
+                 **overrides: object) -> Iterator[Node]:
+    """Start a StorageSCP on a free port with a migrated database (SQLite by default)."""
+    from tests.servers import free_port
+
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="triage-ingest-"))
+    values = {"data_dir": data_dir, "dicom_port": free_port(), "min_free_disk_mb": 1}
+    if database_url:
+        values["database_url"] = database_url
+    values.update(overrides)
+    settings = load_settings(**values)
+    schema.upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    factory = make_sessionmaker(engine)
+    node = Node(settings=settings, scp=None, store=None, session_factory=factory,  # type: ignore[arg-type]
+                engine=engine)
+    node.store = InstanceStore(settings, factory, on_stored=node.stored.append)
+    node.scp = StorageSCP(settings, node.store, association_finished=node.finished.append)
+    node.scp.start()
+    try:
+        yield node
+    finally:
+        node.scp.stop()
+        engine.dispose()
+
+
+import pytest  # noqa: E402  (fixtures below are imported by the test modules)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test runs on SQLite and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'triage.db'}"
+    return request.getfixturevalue("postgres_db")
