@@ -7,7 +7,11 @@ import importlib
 import typer
 
 # Each module defines ``register(app)``; listed here so the set of commands is explicit.
-COMMAND_MODULES: tuple[str, ...] = ("worker.model.cli", "worker.worker_cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "worker.model.cli",
+    "worker.worker_cli",
+    "worker.inference.triton_cli",
+)
 
 
 def register(app: typer.Typer) -> None:
