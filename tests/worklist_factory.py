@@ -157,3 +157,108 @@ def add_result(
     session.add(result)
     session.flush()
     return result
+
+
+# -- result objects on disk: CT source slices, an SC overlay series and an SR ----------
+def ct_slice(study: Study, series_uid: str, index: int, size: int = 64):
+    """One CT slice of the study (CT Image IOD), with a bright blob as the 'bleed'."""
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study.study_uid, series_uid
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.PatientName, ds.PatientID = study.patient_name, study.patient_id
+    ds.PatientBirthDate, ds.PatientSex = "", "O"
+    ds.StudyDate = study.study_date
+    ds.StudyTime, ds.StudyID, ds.ReferringPhysicianName = "120000", "1", ""
+    ds.AccessionNumber = study.accession_number
+    ds.Modality, ds.Manufacturer, ds.SeriesNumber, ds.InstanceNumber = "CT", "Test", 2, index + 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.PatientPosition = "HFS"
+    ds.ImagePositionPatient = [0, 0, 5.0 * index]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 5
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.where((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 2.3) ** 2, 35, -1000)
+    hu = np.where((yy - size / 3) ** 2 + (xx - size / 2.5) ** 2 < (size / 10) ** 2, 75, hu)
+    ds.PixelData = hu.astype(np.int16).tobytes()
+    return ds
+
+
+def write_result_objects(out_dir: Path, study: Study, n_overlays: int = 2, size: int = 64) -> dict:
+    """Write ``n_overlays`` RGB heat-map SC images and a TID 1500 SR under ``out_dir``.
+
+    Returns the UIDs a Result row refers to.
+    """
+    import highdicom as hd
+    import numpy as np
+    from pydicom.sr.codedict import codes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source_series = generate_uid()
+    sources = [ct_slice(study, source_series, i, size) for i in range(max(1, n_overlays))]
+    overlay_series, sr_series = generate_uid(), generate_uid()
+    overlay_sops = []
+    for i, src in enumerate(sources[:n_overlays]):
+        hu = np.frombuffer(src.PixelData, np.int16).reshape(size, size).astype(float)
+        grey = np.clip(hu / 80.0, 0, 1)  # brain window 40/80
+        yy, xx = np.mgrid[:size, :size]
+        heat = np.exp(-(((yy - size / 3) ** 2 + (xx - size / 2.5) ** 2) / (2 * (size / 8) ** 2)))
+        alpha = 0.6 * heat[..., None]
+        colour = np.stack([np.ones_like(heat), heat, np.zeros_like(heat)], axis=-1)  # red-yellow
+        rgb = ((1 - alpha) * grey[..., None] + alpha * colour) * 255
+        rgb = np.clip(rgb, 0, 255).astype(np.uint8)
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=src, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+            coordinate_system="PATIENT", series_instance_uid=overlay_series, series_number=901,
+            sop_instance_uid=generate_uid(), instance_number=i + 1, manufacturer="Test",
+            pixel_spacing=(0.5, 0.5), patient_orientation=("L", "P"),
+        )
+        sc.SeriesDescription = "AI ICH heat maps"
+        sc.save_as(out_dir / f"overlay_{i:02d}.dcm", enforce_file_format=True)
+        overlay_sops.append(str(sc.SOPInstanceUID))
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(uid=generate_uid()),
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=[
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="ICH"),
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(
+                        name=hd.sr.CodedConcept("95453-2", "LN", "Intracranial hemorrhage"),
+                        value=codes.SCT.Present if n_overlays else codes.SCT.Absent,
+                    )
+                ],
+            )
+        ],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=sources, content=report, series_instance_uid=sr_series, series_number=900,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="Test",
+    )
+    sr.save_as(out_dir / "sr.dcm", enforce_file_format=True)
+    return {
+        "output_dir": str(out_dir),
+        "sr_series_uid": sr_series,
+        "sr_sop_uid": str(sr.SOPInstanceUID),
+        "overlay_series_uid": overlay_series if n_overlays else None,
+        "overlay_sop_uids": overlay_sops,
+    }

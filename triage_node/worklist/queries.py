@@ -9,8 +9,10 @@ the study arrived", which each dialect spells differently; `epoch_seconds` compi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Float, Select, case, func, literal, select
@@ -152,6 +154,24 @@ def list_worklist(
     return rows, int(total)
 
 
+def worklist_row(
+    session: Session, settings: Settings, entry: WorklistEntry, now: datetime | None = None
+) -> WorklistRow:
+    """The `WorklistRow` of one entry (after a change), computed as the list computes it."""
+    now = now or datetime.now(UTC)
+    study = session.get(Study, entry.study_id)
+    assert study is not None
+    hours = max(0.0, (now - _as_utc(study.received_at)).total_seconds()) / 3600.0
+    return WorklistRow(
+        entry=entry,
+        study=study,
+        effective_score=entry.score + settings.ageing_per_hour * hours,
+        waiting_seconds=hours * 3600.0,
+        result=latest_results(session, [study.id]).get(study.id),
+        rank=CLASS_RANK.get(entry.priority_class, len(CLASS_RANK)),
+    )
+
+
 @dataclass
 class StudyDetail:
     """Everything ``GET /api/studies/{uid}`` and the study page show."""
@@ -252,6 +272,9 @@ def job_state_counts(session: Session) -> dict[str, int]:
 
 __all__ = [
     "AUDIT_CSV_COLUMNS",
+    "ObjectRef",
+    "result_objects",
+    "study_objects",
     "AuditFilter",
     "PriorityClass",
     "StudyDetail",
@@ -266,5 +289,75 @@ __all__ = [
     "list_audit",
     "list_worklist",
     "study_detail",
+    "worklist_row",
     "worklist_select",
 ]
+
+
+# -- result objects on disk (SR and overlays under <data_dir>/results/<job_id>/) --------
+@dataclass(frozen=True)
+class ObjectRef:
+    """One DICOM object the node wrote: where it is and what it is."""
+
+    path: Path
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str | None
+    instance_number: int | None
+    job_id: int
+
+
+_OBJECT_CACHE: dict[str, tuple[float, list[ObjectRef]]] = {}
+
+
+def _scan_output_dir(folder: Path, job_id: int) -> list[ObjectRef]:
+    import pydicom
+
+    try:
+        mtime = folder.stat().st_mtime
+    except OSError:
+        return []
+    key = str(folder)
+    cached = _OBJECT_CACHE.get(key)
+    if cached and cached[0] == mtime:
+        return cached[1]
+    refs = []
+    for path in sorted(folder.glob("*.dcm")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (OSError, pydicom.errors.InvalidDicomError):
+            continue
+        number = ds.get("InstanceNumber")
+        refs.append(
+            ObjectRef(
+                path=path,
+                study_uid=str(ds.StudyInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                sop_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                modality=str(ds.get("Modality") or "") or None,
+                instance_number=int(number) if number not in (None, "") else None,
+                job_id=job_id,
+            )
+        )
+    if len(_OBJECT_CACHE) > 1000:
+        _OBJECT_CACHE.clear()
+    _OBJECT_CACHE[key] = (mtime, refs)
+    return refs
+
+
+def result_objects(results: Iterable[Result]) -> list[ObjectRef]:
+    """SR and overlay objects of ``results`` found in their output folders."""
+    out: list[ObjectRef] = []
+    for result in results:
+        if result.output_dir:
+            out.extend(_scan_output_dir(Path(result.output_dir), result.job_id))
+    return out
+
+
+def study_objects(session: Session, study_uid: str) -> list[ObjectRef]:
+    """All result objects of one study (every job version)."""
+    stmt = select(Result).join(Study, Study.id == Result.study_id).where(Study.study_uid == study_uid)
+    return [o for o in result_objects(session.scalars(stmt)) if o.study_uid == study_uid]

@@ -1,0 +1,337 @@
+"""DICOMweb read side (PS3.18): QIDO-RS search and WADO-RS retrieve, so a viewer can
+show what the node holds: the received series (spool) and the result series it wrote
+(the SR and the overlay secondary captures under ``<data_dir>/results/<job_id>/``).
+
+Implemented resources (PS3.18 10.4 Retrieve, 10.6 Search):
+
+- ``GET /dicomweb/studies`` (QIDO; matching on StudyInstanceUID, PatientID,
+  AccessionNumber, StudyDate, ModalitiesInStudy; ``limit``/``offset``)
+- ``GET /dicomweb/studies/{study}/series`` (QIDO; Modality, SeriesInstanceUID)
+- ``GET /dicomweb/studies/{study}/series/{series}/instances`` (QIDO)
+- ``GET /dicomweb/studies/{study}/series/{series}`` and
+  ``.../instances/{instance}`` (WADO-RS, ``multipart/related; type="application/dicom"``,
+  each object exactly as stored, its transfer syntax named in the part header)
+- ``GET .../series/{series}/metadata`` and ``.../instances/{instance}/metadata``
+  (``application/dicom+json`` without bulk data)
+
+Every resource needs a viewer token.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import pydicom
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from triage_node.api.auth import require_role
+from triage_node.api.deps import SessionDep
+from triage_node.db.models import Instance, Series, Study
+from triage_node.worklist.queries import ObjectRef, result_objects
+
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+DICOM_JSON = "application/dicom+json"
+Viewer = Annotated[Any, Depends(require_role("viewer"))]
+
+
+@dataclass(frozen=True)
+class HeldInstance:
+    """One object the node can serve."""
+
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    path: Path
+    transfer_syntax: str | None
+
+
+@dataclass
+class HeldSeries:
+    series_uid: str
+    modality: str | None
+    series_number: int | None
+    description: str | None
+    instances: list[HeldInstance]
+
+
+def _attr(vr: str, value: Any) -> dict[str, Any]:
+    """One DICOM JSON attribute (PS3.18 F.2)."""
+    if value is None or value == "" or value == []:
+        return {"vr": vr}
+    values = value if isinstance(value, list) else [value]
+    if vr == "PN":
+        values = [{"Alphabetic": str(v)} for v in values]
+    return {"vr": vr, "Value": values}
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/") + "/dicomweb"
+
+
+# -- what the node holds --------------------------------------------------------------
+def _spool_series(session: Session, study: Study) -> list[HeldSeries]:
+    out = []
+    for series in session.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.id)):
+        newest: dict[str, Instance] = {}
+        for inst in session.scalars(
+            select(Instance).where(Instance.series_id == series.id).order_by(Instance.version)
+        ):
+            newest[inst.sop_uid] = inst
+        out.append(
+            HeldSeries(
+                series_uid=series.series_uid,
+                modality=series.modality,
+                series_number=series.series_number,
+                description=series.description,
+                instances=[
+                    HeldInstance(series.series_uid, i.sop_uid, i.sop_class_uid, i.instance_number,
+                                 Path(i.path), i.transfer_syntax)
+                    for i in sorted(newest.values(), key=lambda i: (i.instance_number or 0, i.id))
+                ],
+            )
+        )
+    return out
+
+
+def _result_series(session: Session, study: Study) -> list[HeldSeries]:
+    from triage_node.db.models import Result
+
+    refs: list[ObjectRef] = result_objects(session.scalars(select(Result).where(Result.study_id == study.id)))
+    by_series: dict[str, HeldSeries] = {}
+    for ref in refs:
+        if ref.study_uid != study.study_uid:
+            continue
+        held = by_series.setdefault(
+            ref.series_uid,
+            HeldSeries(ref.series_uid, ref.modality, None, None, []),
+        )
+        if ref.sop_uid not in {i.sop_uid for i in held.instances}:
+            held.instances.append(
+                HeldInstance(ref.series_uid, ref.sop_uid, ref.sop_class_uid, ref.instance_number,
+                             ref.path, None)
+            )
+    for held in by_series.values():
+        if held.instances:
+            first = pydicom.dcmread(held.instances[0].path, stop_before_pixels=True)
+            held.series_number = int(first.SeriesNumber) if first.get("SeriesNumber") not in (None, "") else None
+            held.description = str(first.get("SeriesDescription") or "") or None
+    return list(by_series.values())
+
+
+def held_series(session: Session, study: Study) -> list[HeldSeries]:
+    """Received series first, then the node's result series."""
+    spool = _spool_series(session, study)
+    known = {s.series_uid for s in spool}
+    return spool + [s for s in _result_series(session, study) if s.series_uid not in known]
+
+
+def _study_or_404(session: Session, study_uid: str) -> Study:
+    study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one_or_none()
+    if study is None:
+        raise HTTPException(404, "no such study")
+    return study
+
+
+def _series_or_404(session: Session, study: Study, series_uid: str) -> HeldSeries:
+    for series in held_series(session, study):
+        if series.series_uid == series_uid:
+            return series
+    raise HTTPException(404, "no such series")
+
+
+# -- QIDO-RS --------------------------------------------------------------------------
+def _study_json(study: Study, series: list[HeldSeries], base: str) -> dict[str, Any]:
+    modalities = sorted({s.modality for s in series if s.modality})
+    return {
+        "00080020": _attr("DA", study.study_date),
+        "00080050": _attr("SH", study.accession_number),
+        "00080061": _attr("CS", modalities),
+        "00081030": _attr("LO", study.study_description),
+        "00081190": _attr("UR", f"{base}/studies/{study.study_uid}"),
+        "00100010": _attr("PN", study.patient_name),
+        "00100020": _attr("LO", study.patient_id),
+        "0020000D": _attr("UI", study.study_uid),
+        "00201206": _attr("IS", len(series)),
+        "00201208": _attr("IS", sum(len(s.instances) for s in series)),
+    }
+
+
+def _match(value: str | None, wanted: str | None) -> bool:
+    """QIDO matching: exact, or ``*``/``?`` wildcards (PS3.4 C.2.2.2.4), case-sensitive."""
+    if wanted is None or wanted == "":
+        return True
+    if value is None:
+        return False
+    import fnmatch
+
+    return fnmatch.fnmatchcase(value, wanted) if any(c in wanted for c in "*?") else value == wanted
+
+
+def _date_match(value: str | None, wanted: str | None) -> bool:
+    """Single date or ``from-to`` range (PS3.4 C.2.2.2.5)."""
+    if not wanted:
+        return True
+    if value is None:
+        return False
+    if "-" in wanted:
+        lo, _, hi = wanted.partition("-")
+        return (not lo or value >= lo) and (not hi or value <= hi)
+    return value == wanted
+
+
+@router.get("/studies", summary="QIDO-RS: search for studies")
+def search_studies(
+    request: Request,
+    session: SessionDep,
+    _p: Viewer,
+    StudyInstanceUID: str | None = None,  # noqa: N803 - DICOM keywords as query names
+    PatientID: str | None = None,  # noqa: N803
+    AccessionNumber: str | None = None,  # noqa: N803
+    StudyDate: str | None = None,  # noqa: N803
+    ModalitiesInStudy: str | None = None,  # noqa: N803
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Response:
+    stmt = select(Study).order_by(Study.received_at.desc(), Study.id.desc())
+    if StudyInstanceUID:
+        stmt = stmt.where(Study.study_uid.in_(StudyInstanceUID.split(",")))
+    base = _base_url(request)
+    out = []
+    for study in session.scalars(stmt):
+        if not (_match(study.patient_id, PatientID) and _match(study.accession_number, AccessionNumber)
+                and _date_match(study.study_date, StudyDate)):
+            continue
+        series = held_series(session, study)
+        if ModalitiesInStudy and ModalitiesInStudy not in {s.modality for s in series}:
+            continue
+        out.append(_study_json(study, series, base))
+    page = out[offset : offset + limit]
+    return JSONResponse(page, media_type=DICOM_JSON) if page else Response(status_code=204)
+
+
+def _series_json(study_uid: str, series: HeldSeries, base: str) -> dict[str, Any]:
+    return {
+        "00080060": _attr("CS", series.modality),
+        "0008103E": _attr("LO", series.description),
+        "00081190": _attr("UR", f"{base}/studies/{study_uid}/series/{series.series_uid}"),
+        "0020000D": _attr("UI", study_uid),
+        "0020000E": _attr("UI", series.series_uid),
+        "00200011": _attr("IS", series.series_number),
+        "00201209": _attr("IS", len(series.instances)),
+    }
+
+
+@router.get("/studies/{study_uid}/series", summary="QIDO-RS: series of a study")
+def search_series(
+    study_uid: str,
+    request: Request,
+    session: SessionDep,
+    _p: Viewer,
+    Modality: str | None = None,  # noqa: N803
+    SeriesInstanceUID: str | None = None,  # noqa: N803
+) -> Response:
+    study = _study_or_404(session, study_uid)
+    base = _base_url(request)
+    out = [
+        _series_json(study_uid, s, base)
+        for s in held_series(session, study)
+        if _match(s.modality, Modality) and _match(s.series_uid, SeriesInstanceUID)
+    ]
+    return JSONResponse(out, media_type=DICOM_JSON) if out else Response(status_code=204)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/instances", summary="QIDO-RS: instances of a series")
+def search_instances(study_uid: str, series_uid: str, request: Request, session: SessionDep,
+                     _p: Viewer) -> Response:
+    series = _series_or_404(session, _study_or_404(session, study_uid), series_uid)
+    base = _base_url(request)
+    out = [
+        {
+            "00080016": _attr("UI", i.sop_class_uid),
+            "00080018": _attr("UI", i.sop_uid),
+            "00081190": _attr("UR", f"{base}/studies/{study_uid}/series/{series_uid}/instances/{i.sop_uid}"),
+            "0020000D": _attr("UI", study_uid),
+            "0020000E": _attr("UI", series_uid),
+            "00200013": _attr("IS", i.instance_number),
+        }
+        for i in series.instances
+    ]
+    return JSONResponse(out, media_type=DICOM_JSON) if out else Response(status_code=204)
+
+
+# -- WADO-RS --------------------------------------------------------------------------
+def _transfer_syntax(instance: HeldInstance) -> str:
+    if instance.transfer_syntax:
+        return instance.transfer_syntax
+    meta = pydicom.filereader.read_file_meta_info(instance.path)
+    return str(meta.TransferSyntaxUID)
+
+
+def _multipart(instances: Iterable[HeldInstance], boundary: str) -> Iterator[bytes]:
+    for instance in instances:
+        yield (
+            f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={_transfer_syntax(instance)}"
+            f"\r\nContent-Location: {instance.sop_uid}\r\n\r\n"
+        ).encode()
+        yield instance.path.read_bytes()
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def _retrieve(instances: list[HeldInstance]) -> StreamingResponse:
+    for instance in instances:
+        if not instance.path.is_file():
+            raise HTTPException(410, f"object {instance.sop_uid} is no longer on disk")
+    boundary = uuid.uuid4().hex
+    media = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    return StreamingResponse(_multipart(instances, boundary), media_type=media)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}", summary="WADO-RS: retrieve a series")
+def retrieve_series(study_uid: str, series_uid: str, session: SessionDep, _p: Viewer) -> StreamingResponse:
+    return _retrieve(_series_or_404(session, _study_or_404(session, study_uid), series_uid).instances)
+
+
+def _instance_or_404(session: Session, study_uid: str, series_uid: str, sop_uid: str) -> HeldInstance:
+    series = _series_or_404(session, _study_or_404(session, study_uid), series_uid)
+    for instance in series.instances:
+        if instance.sop_uid == sop_uid:
+            return instance
+    raise HTTPException(404, "no such instance")
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}",
+            summary="WADO-RS: retrieve an instance")
+def retrieve_instance(study_uid: str, series_uid: str, sop_uid: str, session: SessionDep,
+                      _p: Viewer) -> StreamingResponse:
+    return _retrieve([_instance_or_404(session, study_uid, series_uid, sop_uid)])
+
+
+def _metadata(instance: HeldInstance) -> dict[str, Any]:
+    ds = pydicom.dcmread(instance.path, stop_before_pixels=True)
+    return ds.to_json_dict()
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/metadata", summary="WADO-RS: series metadata")
+def series_metadata(study_uid: str, series_uid: str, session: SessionDep, _p: Viewer) -> Response:
+    series = _series_or_404(session, _study_or_404(session, study_uid), series_uid)
+    return JSONResponse([_metadata(i) for i in series.instances], media_type=DICOM_JSON)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/metadata",
+            summary="WADO-RS: instance metadata")
+def instance_metadata(study_uid: str, series_uid: str, sop_uid: str, session: SessionDep,
+                      _p: Viewer) -> Response:
+    return JSONResponse([_metadata(_instance_or_404(session, study_uid, series_uid, sop_uid))],
+                        media_type=DICOM_JSON)
+
+
+__all__ = ["held_series", "router"]

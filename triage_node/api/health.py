@@ -1,0 +1,248 @@
+"""``/readyz`` (dependencies reachable) and ``/metrics`` (Prometheus); ``/healthz``
+(alive) is defined by ``create_app``.
+
+``/metrics`` needs no token from a loopback client (a scraper on the
+same host); ``/metrics`` from anywhere else needs a viewer token. ``/readyz`` is open
+too (orchestrators probe it) and says only which check failed, never a secret.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from triage_node.config import InferenceBackend, Settings
+from triage_node.db import schema
+from triage_node.db.models import AuditEvent, Instance, Job, JobState, OutboxItem, OutboxState
+
+router = APIRouter(tags=["health"])
+
+#: Models the worker serves (deploy/triton/models), checked by /readyz.
+MODELS = ("ich_slice_cnn", "ich_sequence")
+#: Histogram buckets for stage latencies, in seconds.
+BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+STAGE_COLUMNS = (
+    ("completeness", "last_instance_at", "series_complete_at"),
+    ("queue_wait", "enqueued_at", "started_at"),
+    ("inference", "started_at", "inferred_at"),
+    ("reporting", "inferred_at", "reported_at"),
+    ("end_to_end", "last_instance_at", "reported_at"),
+)
+
+
+@dataclass
+class Check:
+    ok: bool
+    detail: str
+
+
+def check_database(session_factory: sessionmaker[Session]) -> Check:
+    with session_factory() as session:
+        session.execute(text("SELECT 1"))
+        schema.require_current(session.get_bind())
+    return Check(True, "schema current")
+
+
+def check_broker(settings: Settings) -> Check:
+    url = settings.effective_broker_url
+    if url.startswith("filesystem"):
+        folder = settings.broker_folder
+        probe = folder if folder.exists() else folder.parent
+        if not probe.exists() or not shutil.disk_usage(probe):
+            return Check(False, f"{folder} missing")
+        return Check(True, "filesystem broker folder present")
+    if url.startswith(("redis://", "rediss://")):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+        return Check(True, "redis answers PING")
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=2) as conn:
+        conn.ensure_connection(max_retries=1)
+    return Check(True, "broker connection opened")
+
+
+def check_inference(settings: Settings) -> Check:
+    if settings.inference_backend is InferenceBackend.triton:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(settings.triton_url)
+        try:
+            if not client.is_server_ready(client_timeout=2):
+                return Check(False, "Triton server not ready")
+            missing = [m for m in MODELS if not client.is_model_ready(m, client_timeout=2)]
+        finally:
+            client.close()
+        if missing:
+            return Check(False, f"Triton models not ready: {', '.join(missing)}")
+        return Check(True, "Triton server and models ready")
+    repo = Path(settings.model_repository)
+    missing = [m for m in MODELS if not any((repo / m).glob("[0-9]*/model.onnx"))]
+    if missing:
+        return Check(False, f"no model.onnx for {', '.join(missing)} under {repo}")
+    if not Path(settings.model_card).is_file():
+        return Check(False, f"model card {settings.model_card} missing")
+    return Check(True, "ONNX model files and card present")
+
+
+def check_disk(settings: Settings) -> Check:
+    folder = settings.data_dir.resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free_mb = shutil.disk_usage(folder).free / 2**20
+    ok = free_mb >= settings.min_free_disk_mb
+    return Check(ok, f"{free_mb:.0f} MB free (minimum {settings.min_free_disk_mb})")
+
+
+def run_checks(settings: Settings, session_factory: sessionmaker[Session]) -> dict[str, Check]:
+    checks: dict[str, Callable[[], Check]] = {
+        "database": lambda: check_database(session_factory),
+        "broker": lambda: check_broker(settings),
+        "inference": lambda: check_inference(settings),
+        "disk": lambda: check_disk(settings),
+    }
+    out = {}
+    for name, fn in checks.items():
+        try:
+            out[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - every failure is a "not ready" answer
+            out[name] = Check(False, f"{type(exc).__name__}: {str(exc)[:200]}")
+    return out
+
+
+def is_loopback(request: Request) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in ("localhost", "testclient")
+
+
+@router.get("/readyz", summary="Readiness: database, broker, inference backend, disk")
+def readyz(request: Request) -> JSONResponse:
+    checks = run_checks(request.app.state.settings, request.app.state.session_factory)
+    ready = all(c.ok for c in checks.values())
+    body = {
+        "status": "ready" if ready else "not ready",
+        "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()},
+    }
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+# -- metrics ------------------------------------------------------------------------
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class NodeCollector(Collector):
+    """Reads the metrics from the database at scrape time, so that every process
+    (listener, worker, API) is counted, not only the one serving ``/metrics``."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self.session_factory = session_factory
+
+    def collect(self) -> Iterator[Any]:
+        with self.session_factory() as session:
+            received = session.scalar(select(func.count()).select_from(Instance)) or 0
+            rejected = session.scalar(
+                select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "instance.rejected")
+            ) or 0
+            jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            queued = dict(
+                session.execute(
+                    select(Job.queue, func.count()).where(Job.state == JobState.queued.value).group_by(Job.queue)
+                ).all()
+            )
+            outbox = dict(
+                session.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all()
+            )
+            retries = session.scalar(
+                select(func.coalesce(func.sum(OutboxItem.attempts), 0)).where(
+                    OutboxItem.state != OutboxState.delivered.value
+                )
+            ) or 0
+            stamps = session.execute(
+                select(*(getattr(Job, c) for c in {c for _, a, b in STAGE_COLUMNS for c in (a, b)}))
+                .where(Job.reported_at.is_not(None))
+            ).mappings().all()
+        yield CounterMetricFamily("triage_instances_received", "DICOM objects stored", value=received)
+        yield CounterMetricFamily("triage_instances_rejected", "DICOM objects refused", value=rejected)
+        g = GaugeMetricFamily("triage_jobs", "Jobs by state", labels=["state"])
+        for state in JobState:
+            g.add_metric([state.value], jobs.get(state.value, 0))
+        yield g
+        g = GaugeMetricFamily("triage_queue_depth", "Jobs waiting for a worker", labels=["queue"])
+        for name in ("stat", "routine"):
+            g.add_metric([name], queued.get(name, 0))
+        yield g
+        g = GaugeMetricFamily("triage_outbox_items", "Outbox rows by state", labels=["state"])
+        for state in OutboxState:
+            g.add_metric([state.value], outbox.get(state.value, 0))
+        yield g
+        yield CounterMetricFamily(
+            "triage_delivery_failures",
+            "Objects given up on (dead or refused)",
+            value=outbox.get(OutboxState.dead.value, 0) + outbox.get(OutboxState.refused.value, 0),
+        )
+        yield GaugeMetricFamily(
+            "triage_delivery_failed_attempts", "Failed tries of objects not yet delivered", value=retries
+        )
+        h = HistogramMetricFamily("triage_stage_seconds", "Pipeline stage latency", labels=["stage"])
+        for stage, start_col, end_col in STAGE_COLUMNS:
+            values = []
+            for row in stamps:
+                start, end = _aware(row[start_col]), _aware(row[end_col])
+                if start is not None and end is not None:
+                    values.append(max(0.0, (end - start).total_seconds()))
+            buckets = [(str(b), sum(v <= b for v in values)) for b in BUCKETS]
+            buckets.append(("+Inf", len(values)))
+            h.add_metric([stage], buckets, sum_value=sum(values))
+        yield h
+
+
+def metrics_registry(session_factory: sessionmaker[Session]) -> CollectorRegistry:
+    """A registry of its own per app (tests build many apps in one process)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(session_factory))
+    return registry
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    """Open on loopback; other clients need a viewer token."""
+    if not is_loopback(request):
+        from triage_node.api.auth import require_role
+
+        require_role("viewer")(request)  # raises 401/403 itself
+    registry = getattr(request.app.state, "metrics_registry", None)
+    if registry is None:
+        registry = request.app.state.metrics_registry = metrics_registry(request.app.state.session_factory)
+    started = time.perf_counter()
+    body = generate_latest(registry)
+    return Response(
+        body,
+        media_type=CONTENT_TYPE_LATEST,
+        headers={"X-Scrape-Seconds": f"{time.perf_counter() - started:.3f}"},
+    )
+

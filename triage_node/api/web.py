@@ -1,0 +1,254 @@
+"""The web page: worklist, study page with overlays, audit page (server-rendered Jinja2).
+
+Login is a bearer token entered once (``/login``) and kept in an HttpOnly,
+SameSite=Strict cookie; every page and image checks it as the API checks the
+``Authorization`` header. The page refreshes its worklist rows every few seconds with
+a small script shipped in ``static/`` (no CDN: the node may have no internet).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+
+from triage_node import CLASSES, SUBTYPES
+from triage_node.api.audit_api import to_csv
+from triage_node.api.auth import authenticate
+from triage_node.api.studies_api import find_object, get_study, render_png
+from triage_node.api.deps import SessionDep, SettingsDep
+from triage_node.api.worklist import actor_of, item_from_row
+from triage_node.db.models import PriorityClass, WorklistEntry, WorklistStatus
+from triage_node.worklist.priority import PriorityError, set_status
+from triage_node.worklist.queries import AuditFilter, WorklistFilter, audit_rows, list_audit, list_worklist
+
+HERE = Path(__file__).resolve().parent
+TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
+STATIC_DIR = HERE / "static"
+COOKIE = "triage_token"
+REFRESH_SECONDS = 10
+
+router = APIRouter(include_in_schema=False)
+
+
+class LoginRequired(Exception):
+    """No valid token cookie: the page redirects to /login."""
+
+    def __init__(self, next_url: str) -> None:
+        self.next_url = next_url
+
+
+def login_redirect(_request: Request, exc: LoginRequired) -> RedirectResponse:
+    """Exception handler ``create_app`` installs for `LoginRequired`."""
+    return RedirectResponse("/login?" + urlencode({"next": exc.next_url}), status_code=303)
+
+
+def principal_from_token(request: Request, token: str | None) -> Any:
+    """The token's principal (name, role) or None, using the API's own token check."""
+    if not token:
+        return None
+    return authenticate(request.app.state.session_factory, request.app.state.settings, token)
+
+
+def web_user(request: Request) -> Any:
+    """Dependency: the logged-in principal, or a redirect to the login page."""
+    principal = principal_from_token(request, request.cookies.get(COOKIE))
+    if principal is None:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        raise LoginRequired(target)
+    return principal
+
+
+WebUser = Annotated[Any, Depends(web_user)]
+
+
+def _human_wait(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def _safe_next(value: str | None) -> str:
+    return value if value and value.startswith("/") and not value.startswith("//") else "/worklist"
+
+
+# -- login --------------------------------------------------------------------------
+@router.get("/", response_class=HTMLResponse)
+def index() -> RedirectResponse:
+    return RedirectResponse("/worklist", status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str | None = None, error: str | None = None) -> Response:  # noqa: A002
+    return TEMPLATES.TemplateResponse(
+        request, "login.html", {"next": _safe_next(next), "error": error, "user": None}
+    )
+
+
+@router.post("/login")
+def login(request: Request, token: Annotated[str, Form()], next: Annotated[str, Form()] = "/worklist") -> Response:  # noqa: A002
+    principal = principal_from_token(request, token.strip())
+    if principal is None:
+        return TEMPLATES.TemplateResponse(
+            request, "login.html",
+            {"next": _safe_next(next), "error": "That token is not valid.", "user": None},
+            status_code=401,
+        )
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(
+        COOKIE, token.strip(), httponly=True, samesite="strict", secure=request.url.scheme == "https",
+        max_age=12 * 3600,
+    )
+    return response
+
+
+@router.post("/logout")
+def logout() -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE)
+    return response
+
+
+# -- worklist -----------------------------------------------------------------------
+def _worklist_context(session: Any, settings: Any, status: list[str] | None) -> dict[str, Any]:
+    statuses = tuple(status) if status else (WorklistStatus.new.value, WorklistStatus.reading.value)
+    rows, total = list_worklist(session, settings, WorklistFilter(status=statuses, limit=200))
+    items = []
+    for row in rows:
+        item = item_from_row(row)
+        web_thumb = None
+        if item.thumbnail_url and row.result is not None:
+            web_thumb = f"/web/objects/{item.study_uid}/{row.result.overlay_sop_uids[0]}.png?size=96"
+        items.append({"item": item, "wait": _human_wait(item.waiting_seconds), "thumb": web_thumb})
+    return {
+        "items": items,
+        "total": total,
+        "statuses": statuses,
+        "subtypes": SUBTYPES,
+        "refresh": REFRESH_SECONDS,
+        "now": datetime.now(UTC),
+    }
+
+
+@router.get("/worklist", response_class=HTMLResponse)
+def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, user: WebUser,
+                  status: Annotated[list[str] | None, Query()] = None) -> Response:
+    context = _worklist_context(session, settings, status)
+    return TEMPLATES.TemplateResponse(request, "worklist.html", {**context, "user": user})
+
+
+@router.get("/worklist/rows", response_class=HTMLResponse)
+def worklist_rows(request: Request, session: SessionDep, settings: SettingsDep, _user: WebUser,
+                  status: Annotated[list[str] | None, Query()] = None) -> Response:
+    """The table body alone, for the auto-refresh script."""
+    return TEMPLATES.TemplateResponse(request, "_rows.html", _worklist_context(session, settings, status))
+
+
+# -- study --------------------------------------------------------------------------
+@router.get("/studies/{study_uid}", response_class=HTMLResponse)
+def study_page(study_uid: str, request: Request, session: SessionDep, user: WebUser) -> Response:
+    study = get_study(study_uid, session, user)
+    current = next((r for r in study.results if r.state != "superseded" and r.positive is not None), None)
+    return TEMPLATES.TemplateResponse(
+        request,
+        "study.html",
+        {
+            "study": study,
+            "current": current,
+            "classes": CLASSES,
+            "statuses": [s.value for s in WorklistStatus],
+            "priority_classes": [p.value for p in PriorityClass],
+            "user": user,
+        },
+    )
+
+
+@router.post("/studies/{study_uid}/status")
+def study_status(study_uid: str, session: SessionDep, user: WebUser,
+                 status: Annotated[str, Form()], reason: Annotated[str, Form()] = "") -> Response:
+    from sqlalchemy import select
+
+    from triage_node.db.models import Study
+
+    entry = session.scalars(
+        select(WorklistEntry).join(Study, Study.id == WorklistEntry.study_id).where(Study.study_uid == study_uid)
+    ).one_or_none()
+    if entry is None:
+        raise HTTPException(404, "study not on the worklist")
+    try:
+        set_status(session, entry, status, actor=actor_of(user), reason=reason or "web page")
+        session.commit()
+    except PriorityError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return RedirectResponse(f"/studies/{study_uid}", status_code=303)
+
+
+@router.get("/web/objects/{study_uid}/{sop_uid}.png")
+def web_object_png(study_uid: str, sop_uid: str, session: SessionDep, _user: WebUser,
+                   size: Annotated[int | None, Query(ge=16, le=2048)] = None) -> Response:
+    ref = find_object(session, study_uid, sop_uid)
+    return Response(render_png(ref.path, size), media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=3600"})
+
+
+# -- audit --------------------------------------------------------------------------
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise HTTPException(422, f"not an ISO 8601 time: {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _audit_filter(since: str | None, until: str | None, study: str | None, action: str | None,
+                  actor: str | None, limit: int) -> AuditFilter:
+    return AuditFilter(since=_parse_time(since), until=_parse_time(until), study_uid=study or None,
+                       action=action or None, actor=actor or None, limit=limit)
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(request: Request, session: SessionDep, user: WebUser, since: str | None = None,
+               until: str | None = None, study: str | None = None, action: str | None = None,
+               actor: str | None = None) -> Response:
+    flt = _audit_filter(since, until, study, action, actor, 500)
+    events, total = list_audit(session, flt)
+    query = urlencode({k: v for k, v in request.query_params.items() if v})
+    return TEMPLATES.TemplateResponse(
+        request,
+        "audit.html",
+        {"rows": audit_rows(events), "total": total, "filters": dict(request.query_params),
+         "csv_url": "/audit.csv" + (f"?{query}" if query else ""), "user": user},
+    )
+
+
+@router.get("/audit.csv")
+def audit_csv(session: SessionDep, _user: WebUser, since: str | None = None, until: str | None = None,
+              study: str | None = None, action: str | None = None, actor: str | None = None) -> Response:
+    events, _ = list_audit(session, _audit_filter(since, until, study, action, actor, 100000))
+    return Response(to_csv(audit_rows(events)), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": 'attachment; filename="audit.csv"'})
+
+
+def install(app: Any) -> None:
+    """Add the worklist engineer's routers, static files and login redirect to ``app``."""
+    from fastapi.staticfiles import StaticFiles
+
+    from triage_node.api import audit_api, dicomweb_read, health, studies_api, worklist
+
+    for module in (health, worklist, studies_api, audit_api, dicomweb_read):
+        app.include_router(module.router)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    app.add_exception_handler(LoginRequired, login_redirect)
