@@ -30,13 +30,13 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.uid import generate_uid
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -198,9 +198,19 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+#: Namespace of the name-based UUIDs behind the node's derived UIDs.
+UID_NAMESPACE = uuid.UUID("6f1c2a9e-3b7d-5c4e-9a81-0d2f4b6e8c13")
+
+
 def object_uid(*parts: object) -> str:
-    """A UID derived from ``parts`` (PS3.5 B.2, ``2.25.`` + hash): the same inputs, the same UID."""
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A UID derived from ``parts``: the same inputs, the same UID.
+
+    A name-based (SHA-1, version 5) UUID in the ``2.25`` form of PS3.5 B.2, so re-running
+    a job writes objects with the same SOP/Series Instance UIDs and the PACS replaces
+    rather than duplicates them.
+    """
+    name = "\x1f".join(str(p) for p in parts)
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, name).int}"
 
 
 # -- step 1: claim -----------------------------------------------------------------------
