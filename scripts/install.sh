@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install the project into .venv (created with python3 >= 3.11 if missing). Idempotent:
+# a second run only checks that everything is in place. Quiet; errors still show.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "install.sh: $PYTHON is missing or older than 3.11 (set PYTHON=/path/to/python3.11)" >&2
+        exit 1
+    fi
+    echo "install.sh: creating .venv with $("$PYTHON" --version)"
+    "$PYTHON" -m venv .venv
+fi
+
+# torch==2.13.0 is pinned in pyproject.toml; the machine's pip configuration finds the
+# CPU wheel (an unpinned torch would pull several GB of CUDA packages).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e .
+echo "install.sh: ok ($(.venv/bin/triage-node version 2>/dev/null || echo 'triage-node installed'))"

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install what the tests need (Debian packages, the project, the test extra and the
+# Triton wheel) and run pytest. Arguments go to pytest; its exit status is this script's,
+# and "no tests collected" (pytest's 5) counts as a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(postgresql redis-server orthanc orthanc-dicomweb dcmtk dicom3tools chromium)
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
+export DEBIAN_FRONTEND=noninteractive
+
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$package")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "test.sh: apt packages missing: ${missing[*]}"
+    "${SUDO[@]}" apt-get update -qq
+fi
+# Always run install (a no-op when everything is present): it also repairs half-installs.
+"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
+
+bash scripts/install.sh
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# The Triton server binary for the "triton" backend tests. --no-deps: the wheel's Python
+# API pins numpy<2, which would downgrade NumPy under the pylibjpeg codecs; only its
+# tritonserver binary and Python-backend stub are used (worker/inference/triton_server.py).
+if ! .venv/bin/python -c 'import importlib.metadata as m; assert m.version("nvidia-pytriton") == "0.7.0"' 2>/dev/null; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-pytriton==0.7.0"
+fi
+
+set +e
+.venv/bin/pytest -q "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+    echo "test.sh: pytest collected no tests" >&2
+    exit 1
+fi
+exit "$status"
