@@ -1,0 +1,413 @@
+"""The outbox: one row per object and destination, delivered with retries.
+
+``enqueue_outbox`` adds rows (idempotent on (SOP Instance UID, destination)); ``deliver_due``
+sends every due pending row, one batch per destination, each destination in its own thread
+so that a slow or dead peer never holds up the others. Outcomes (see ``destinations.py``):
+
+- sent: state ``delivered``, audit ``delivery.sent``.
+- unreachable (no connection, timeout, abort, HTTP 5xx): retried after
+  ``min(cap, base * 2**(attempts-1))`` seconds; after ``delivery_max_attempts`` tries the
+  row is dead-lettered (state ``dead``, audit ``delivery.dead_letter``).
+- refused by the peer (DIMSE failure status, permanent association rejection, HTTP 4xx):
+  audit ``delivery.failed`` with outcome ``refused`` and the status; after
+  ``delivery_refused_max_attempts`` tries the row is set aside (state ``refused``, audit
+  ``delivery.dead_letter``).
+- invalid (the local file cannot be read): dead-lettered at once.
+
+Each failed try is audited as ``delivery.failed`` with the outcome. Rows are claimed with a
+conditional UPDATE (a lease on ``next_attempt_at``) so that two workers never send the same
+row at the same time; a worker that dies mid-send leaves the row due again when the lease
+ends (at-least-once delivery; a PACS stores a repeated SOP Instance once).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from triage_node.config import Destination, Settings
+from triage_node.db import audit
+from triage_node.db.models import Job, OutboxItem, OutboxState
+from triage_node.db.session import transaction
+from triage_node.logs import get_logger
+from worker.pipeline.destinations import SendItem, SendOutcome, send
+
+log = get_logger(__name__)
+
+ACTOR = "worker"
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """Retry policy (from Settings) and the node's own AE title and TLS identity."""
+
+    max_attempts: int = 8
+    refused_max_attempts: int = 2
+    backoff_base_s: float = 5.0
+    backoff_cap_s: float = 600.0
+    batch_size: int = 64
+    calling_ae: str = "TRIAGE_NODE"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeliveryPolicy:
+        return cls(
+            max_attempts=settings.delivery_max_attempts,
+            refused_max_attempts=settings.delivery_refused_max_attempts,
+            backoff_base_s=settings.delivery_backoff_base_s,
+            backoff_cap_s=settings.delivery_backoff_cap_s,
+            batch_size=settings.delivery_batch_size,
+            calling_ae=settings.ae_title,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+        )
+
+    def backoff(self, attempts: int) -> timedelta:
+        """Delay before the next try after ``attempts`` failed tries (exponential, capped)."""
+        seconds = self.backoff_base_s * (2 ** max(0, attempts - 1))
+        return timedelta(seconds=min(self.backoff_cap_s, seconds))
+
+
+@dataclass
+class DeliveryReport:
+    """What one ``deliver_due`` call did, in numbers of outbox rows."""
+
+    sent: int = 0
+    retrying: int = 0
+    refused: int = 0
+    dead: int = 0
+    unknown_destination: int = 0
+    by_destination: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def attempted(self) -> int:
+        return self.sent + self.retrying + self.refused + self.dead
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(dt: datetime) -> datetime:
+    """SQLite returns naive datetimes; everything in the outbox is UTC."""
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def enqueue_outbox(
+    session: Session,
+    job_id: int | None,
+    study_uid: str,
+    objects: Sequence[tuple[str, str | Path]],
+    destinations: Sequence[Destination | str],
+    *,
+    reason: str = "result",
+    now: datetime | None = None,
+) -> list[OutboxItem]:
+    """Add one pending row per (object, destination) to the session's transaction.
+
+    Parameters
+    ----------
+    objects : sequence of (sop_uid, path)
+        The DICOM files to deliver (e.g. the SR and the overlays of a job).
+    destinations : sequence of Destination or destination name
+    reason : {"result", "routing"}
+
+    Returns
+    -------
+    list of OutboxItem
+        The rows added; rows that already exist for (sop_uid, destination) are left as they
+        are, so a re-run of a job does not send its objects twice.
+    """
+    names = [d.name if isinstance(d, Destination) else str(d) for d in destinations]
+    if not objects or not names:
+        return []
+    sop_uids = [sop for sop, _ in objects]
+    existing = set(
+        session.execute(
+            select(OutboxItem.sop_uid, OutboxItem.destination).where(
+                OutboxItem.sop_uid.in_(sop_uids), OutboxItem.destination.in_(names)
+            )
+        ).all()
+    )
+    when = now or _utcnow()
+    added = []
+    for sop_uid, path in objects:
+        for name in names:
+            if (sop_uid, name) in existing:
+                continue
+            item = OutboxItem(
+                job_id=job_id,
+                study_uid=study_uid,
+                sop_uid=sop_uid,
+                path=str(path),
+                destination=name,
+                reason=reason,
+                state=OutboxState.pending,
+                attempts=0,
+                next_attempt_at=when,
+            )
+            session.add(item)
+            added.append(item)
+            existing.add((sop_uid, name))
+    session.flush()
+    log.info("outbox_enqueued", job_id=job_id, study_uid=study_uid, rows=len(added), destinations=names)
+    return added
+
+
+def deliver_due(
+    session_factory: sessionmaker[Session],
+    settings: Settings | Sequence[Destination],
+    now: datetime | None = None,
+    *,
+    policy: DeliveryPolicy | None = None,
+) -> DeliveryReport:
+    """Send every due pending outbox row to its destination.
+
+    Parameters
+    ----------
+    session_factory : sessionmaker
+    settings : Settings or sequence of Destination
+        Settings give the destinations and the retry policy; a bare list of destinations
+        uses ``policy`` (or the defaults).
+    now : datetime, optional
+        The current time (UTC); rows with ``next_attempt_at <= now`` are due.
+
+    Returns
+    -------
+    DeliveryReport
+    """
+    now = _aware(now or _utcnow())
+    if isinstance(settings, Settings):
+        destinations = list(settings.destinations)
+        policy = policy or DeliveryPolicy.from_settings(settings)
+    else:
+        destinations = list(settings)
+        policy = policy or DeliveryPolicy()
+    by_name = {d.name: d for d in destinations}
+    report = DeliveryReport()
+
+    with transaction(session_factory) as session:
+        due = session.execute(
+            select(OutboxItem.destination, func.count())
+            .where(OutboxItem.state == OutboxState.pending, OutboxItem.next_attempt_at <= now)
+            .group_by(OutboxItem.destination)
+        ).all()
+    work = []
+    for name, count in due:
+        if name not in by_name:
+            report.unknown_destination += int(count)
+            log.warning("outbox_unknown_destination", destination=name, rows=int(count))
+            continue
+        work.append(by_name[name])
+    if not work:
+        return report
+
+    with ThreadPoolExecutor(max_workers=len(work), thread_name_prefix="deliver") as pool:
+        futures = {d.name: pool.submit(_deliver_destination, session_factory, d, policy, now) for d in work}
+        for name, future in futures.items():
+            counts = future.result()
+            report.by_destination[name] = dict(counts)
+            report.sent += counts["sent"]
+            report.retrying += counts["retrying"]
+            report.refused += counts["refused"]
+            report.dead += counts["dead"]
+    log.info(
+        "outbox_delivered",
+        sent=report.sent,
+        retrying=report.retrying,
+        refused=report.refused,
+        dead=report.dead,
+    )
+    return report
+
+
+def _claim(
+    session_factory: sessionmaker[Session], destination: Destination, policy: DeliveryPolicy, now: datetime
+) -> list[SendItem]:
+    """Claim up to ``batch_size`` due rows of one destination by moving their next try past
+    a lease; a concurrent claimer's UPDATE finds them no longer due."""
+    lease = now + timedelta(seconds=max(120.0, 4 * destination.timeout_s))
+    with transaction(session_factory) as session:
+        ids = session.scalars(
+            select(OutboxItem.id)
+            .where(
+                OutboxItem.destination == destination.name,
+                OutboxItem.state == OutboxState.pending,
+                OutboxItem.next_attempt_at <= now,
+            )
+            .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
+            .limit(policy.batch_size)
+        ).all()
+        if not ids:
+            return []
+        claimed = session.execute(
+            update(OutboxItem)
+            .where(
+                and_(
+                    OutboxItem.id.in_(ids),
+                    OutboxItem.state == OutboxState.pending,
+                    OutboxItem.next_attempt_at <= now,
+                )
+            )
+            .values(next_attempt_at=lease)
+            .returning(OutboxItem.id, OutboxItem.sop_uid, OutboxItem.study_uid, OutboxItem.path)
+        ).all()
+    return sorted((SendItem(int(r[0]), r[1], r[2], r[3]) for r in claimed), key=lambda i: i.item_id)
+
+
+def _deliver_destination(
+    session_factory: sessionmaker[Session], destination: Destination, policy: DeliveryPolicy, now: datetime
+) -> Counter:
+    counts: Counter = Counter(sent=0, retrying=0, refused=0, dead=0)
+    while True:
+        items = _claim(session_factory, destination, policy, now)
+        if not items:
+            return counts
+        try:
+            outcomes = send(
+                destination,
+                items,
+                calling_ae=policy.calling_ae,
+                tls_cert=policy.tls_cert,
+                tls_key=policy.tls_key,
+            )
+        except Exception as exc:  # noqa: BLE001 - a bug or odd peer must not lose the claim
+            log.exception("delivery_send_error", destination=destination.name)
+            outcomes = [SendOutcome(i.item_id, "unreachable", None, f"{type(exc).__name__}: {exc}") for i in items]
+        counts.update(_record(session_factory, destination, policy, now, outcomes))
+        if len(items) < policy.batch_size or all(o.outcome == "unreachable" for o in outcomes):
+            return counts
+
+
+def _record(
+    session_factory: sessionmaker[Session],
+    destination: Destination,
+    policy: DeliveryPolicy,
+    now: datetime,
+    outcomes: Sequence[SendOutcome],
+) -> Counter:
+    counts: Counter = Counter()
+    jobs_touched: set[int] = set()
+    with transaction(session_factory) as session:
+        for o in outcomes:
+            item = session.get(OutboxItem, o.item_id)
+            if item is None or item.state != OutboxState.pending:
+                continue
+            item.attempts += 1
+            common = dict(
+                actor=ACTOR,
+                study_uid=item.study_uid,
+                sop_uid=item.sop_uid,
+                job_id=item.job_id,
+                destination=destination.name,
+                kind=destination.kind.value,
+                attempts=item.attempts,
+                status=o.status,
+            )
+            if o.outcome == "sent":
+                item.state = OutboxState.delivered
+                item.delivered_at = _utcnow()
+                item.last_error = None
+                audit.record(session, "delivery.sent", outcome="ok", **common)
+                counts["sent"] += 1
+                if item.job_id is not None:
+                    jobs_touched.add(item.job_id)
+                continue
+            item.last_error = f"{o.outcome}: {o.detail}"[:2000]
+            audit.record(session, "delivery.failed", outcome=o.outcome, detail_text=o.detail[:500], **common)
+            if o.outcome == "invalid":
+                final = OutboxState.dead
+            elif o.outcome == "refused" and item.attempts >= policy.refused_max_attempts:
+                final = OutboxState.refused
+            elif item.attempts >= policy.max_attempts:
+                final = OutboxState.dead
+            else:
+                final = None
+            if final is None:
+                item.next_attempt_at = now + policy.backoff(item.attempts)
+                counts["retrying"] += 1
+            else:
+                item.state = final
+                audit.record(
+                    session, "delivery.dead_letter", outcome=final.value, reason=o.outcome, **common
+                )
+                counts["refused" if final is OutboxState.refused else "dead"] += 1
+            log.warning(
+                "delivery_failed",
+                destination=destination.name,
+                sop_uid=item.sop_uid,
+                outcome=o.outcome,
+                status=o.status,
+                attempts=item.attempts,
+                state=str(item.state),
+            )
+        for job_id in jobs_touched:
+            _mark_job_delivered(session, job_id)
+    return counts
+
+
+def _mark_job_delivered(session: Session, job_id: int) -> None:
+    """Set ``Job.delivered_at`` once every result object of the job reached every destination."""
+    open_rows = session.scalar(
+        select(func.count())
+        .select_from(OutboxItem)
+        .where(
+            OutboxItem.job_id == job_id,
+            OutboxItem.reason == "result",
+            OutboxItem.state != OutboxState.delivered,
+        )
+    )
+    if open_rows:
+        return
+    job = session.get(Job, job_id)
+    if job is not None and job.delivered_at is None:
+        job.delivered_at = _utcnow()
+
+
+def requeue(
+    session: Session,
+    *,
+    item_id: int | None = None,
+    dead: bool = False,
+    actor: str = "cli",
+    now: datetime | None = None,
+) -> int:
+    """Put rows back to pending for a fresh series of tries (``outbox retry``).
+
+    ``item_id`` requeues that row whatever its state except delivered; ``dead`` requeues
+    every dead and refused row. Each requeued row is audited (``delivery.requeued``).
+    """
+    if (item_id is None) == (not dead):
+        raise ValueError("give either item_id or dead=True")
+    query = select(OutboxItem)
+    if item_id is not None:
+        query = query.where(OutboxItem.id == item_id, OutboxItem.state != OutboxState.delivered)
+    else:
+        query = query.where(OutboxItem.state.in_([OutboxState.dead, OutboxState.refused]))
+    when = _aware(now or _utcnow())
+    n = 0
+    for item in session.scalars(query):
+        previous = item.state
+        item.state = OutboxState.pending
+        item.attempts = 0
+        item.next_attempt_at = when
+        audit.record(
+            session,
+            "delivery.requeued",
+            actor=actor,
+            study_uid=item.study_uid,
+            sop_uid=item.sop_uid,
+            job_id=item.job_id,
+            destination=item.destination,
+            previous_state=str(previous),
+        )
+        n += 1
+    return n
