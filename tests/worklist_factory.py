@@ -106,6 +106,7 @@ def add_result(
     created_at: datetime | None = None,
     output_dir: str | None = None,
     sr_series_uid: str | None = None,
+    sr_sop_uid: str | None = None,
     overlay_series_uid: str | None = None,
     overlay_sop_uids: list[str] | None = None,
 ) -> Result:
@@ -147,7 +148,7 @@ def add_result(
         decisions=decisions,
         slice_probabilities=[[probs[c] for c in CLASSES]] * 3,
         key_slices={name: [1] for name in CLASSES if decisions[name] and name != "any"},
-        sr_sop_uid=generate_uid() if sr_series_uid else None,
+        sr_sop_uid=sr_sop_uid or (generate_uid() if sr_series_uid else None),
         sr_series_uid=sr_series_uid,
         overlay_series_uid=overlay_series_uid,
         overlay_sop_uids=overlay_sop_uids or [],
@@ -262,3 +263,46 @@ def write_result_objects(out_dir: Path, study: Study, n_overlays: int = 2, size:
         "overlay_series_uid": overlay_series if n_overlays else None,
         "overlay_sop_uids": overlay_sops,
     }
+
+
+# -- the API app with tokens ------------------------------------------------------------
+@dataclass
+class Api:
+    """A node app on a migrated database, with one token per role."""
+
+    settings: object
+    db: Database
+    app: object
+    tokens: dict[str, str]
+
+    def client(self, role: str | None = "viewer", host: str = "127.0.0.1"):
+        from starlette.testclient import TestClient
+
+        headers = {"Authorization": f"Bearer {self.tokens[role]}"} if role else {}
+        return TestClient(self.app, headers=headers, client=(host, 50000), follow_redirects=False)
+
+
+def build_api(db: Database, data_dir: Path, **overrides) -> Api:
+    from triage_node.api.app import create_app
+    from triage_node.api.auth import create_token
+    from triage_node.config import load_settings
+    from triage_node.db.session import transaction
+
+    settings = load_settings(data_dir=data_dir, database_url=db.url, secret_key="api-test-secret",
+                             **overrides)
+    tokens = {}
+    with transaction(db.factory) as session:
+        for role in ("viewer", "admin", "sender"):
+            _, tokens[role] = create_token(session, settings, role, f"{role}-user", actor="test")
+    return Api(settings=settings, db=db, app=create_app(settings, db.factory), tokens=tokens)
+
+
+@pytest.fixture
+def api(database: Database, tmp_path: Path) -> Api:
+    """The API on SQLite and on PostgreSQL (through ``database``)."""
+    return build_api(database, tmp_path / "data")
+
+
+@pytest.fixture
+def sqlite_api(sqlite_database: Database, tmp_path: Path) -> Api:
+    return build_api(sqlite_database, tmp_path / "data")
