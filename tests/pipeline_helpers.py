@@ -292,3 +292,51 @@ class ProbeWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- the API on a real HTTP server ----------------------------------------------------------
+
+
+class LiveServer:
+    """Run an ASGI app with uvicorn on a free loopback port in a thread."""
+
+    def __init__(self, app) -> None:  # type: ignore[no-untyped-def]
+        import threading
+
+        import uvicorn
+
+        from tests.servers import free_port
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+        ))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def multipart_related(parts: Sequence[bytes], boundary: str = "triage-boundary-1",
+                      part_type: str = "application/dicom") -> bytes:
+    """A multipart/related body (RFC 2387) with one ``part_type`` part per item."""
+    out = bytearray()
+    for data in parts:
+        out += f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode()
+        out += data + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out)

@@ -1,0 +1,122 @@
+"""The FastAPI application: middleware, token gate, and the routers.
+
+`create_app` builds one app per process; ``triage-node serve`` runs it with uvicorn
+beside the DICOM listener. Routers of other parts (worklist, audit, DICOMweb read
+side, health) are added in `create_app` next to the STOW-RS router.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from triage_node import __version__
+from triage_node.api import stow
+from triage_node.api.auth import AuthGate
+from triage_node.config import Settings
+from triage_node.logs import get_logger
+
+log = get_logger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestIdMiddleware:
+    """Bind a request id (the caller's ``X-Request-ID`` if well-formed, else a new
+    one) into structlog's context for the request, and echo it in the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = ""
+        for key, value in scope["headers"]:
+            if key.lower() == REQUEST_ID_HEADER.encode():
+                given = value.decode("latin-1")
+                break
+        request_id = given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        tokens = structlog.contextvars.bind_contextvars(
+            request_id=request_id, http_method=scope.get("method"), http_path=scope.get("path")
+        )
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
+
+
+def create_app(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: Any = None,
+    tracker: Any = None,
+) -> FastAPI:
+    """Build the node's HTTP application.
+
+    Parameters
+    ----------
+    settings : Settings
+        The node's settings (``secret_key`` salts token hashes).
+    session_factory : sessionmaker
+        Database sessions (built once per process).
+    store : InstanceStore, optional
+        Where STOW-RS stores instances; default a new
+        `triage_node.ingest.store.InstanceStore` that notifies ``tracker``.
+    tracker : CompletenessTracker, optional
+        Told about stored instances and about the end of each STOW-RS request
+        (like an association release).
+
+    Returns
+    -------
+    FastAPI
+    """
+    if store is None:
+        from triage_node.ingest.store import InstanceStore
+
+        store = InstanceStore(
+            settings, session_factory,
+            on_stored=tracker.instance_stored if tracker is not None else None,
+        )
+    app = FastAPI(
+        title="ICH triage node",
+        version=__version__,
+        description="Worklist, audit and DICOMweb (STOW-RS, QIDO-RS, WADO-RS) of the triage node. "
+        "Every /api and /dicomweb path needs `Authorization: Bearer <token>`.",
+    )
+    app.state.settings = settings
+    app.state.session_factory = session_factory
+    app.state.store = store
+    app.state.tracker = tracker
+    # Starlette runs the middleware added last first: the request id wraps the gate,
+    # so refusals are logged with it.
+    app.add_middleware(AuthGate)
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness (no token needed)")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    app.include_router(stow.router)
+    # Worklist, studies, audit, readiness/metrics, DICOMweb read side and the web page.
+    from triage_node.api import web
+
+    web.install(app)
+    return app

@@ -1,0 +1,280 @@
+"""STOW-RS: ``POST /dicomweb/studies[/{study}]`` (PS3.18 10.5, Store Transaction).
+
+The request is ``multipart/related; type="application/dicom"`` (PS3.18 8.6.1.2): each
+part one Part 10 file. The body is parsed as it streams in (python-multipart), and
+each part goes through the same `InstanceStore.store` as a C-STORE (validation,
+durable spool, rows, audit), so nothing is acknowledged before it is on disk.
+
+The response (PS3.18 10.5.3, Table 10.5.3-1/2) is ``application/dicom+json`` with
+ReferencedSOPSequence (0008,1199) for stored instances, FailedSOPSequence (0008,1198)
+with FailureReason (0008,1197) for the others, and RetrieveURL (0008,1190) of the
+study and of each stored instance. HTTP status: 200 when every instance was stored,
+202 when some failed, 409 when all failed, 415 for a content type other than
+multipart/related of application/dicom, 400 for a body that is not valid multipart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+
+from triage_node.api.deps import Sender
+from triage_node.db import audit
+from triage_node.db.session import transaction
+from triage_node.logs import get_logger
+
+log = get_logger(__name__)
+
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+
+DICOM_JSON = "application/dicom+json"
+#: FailureReason values (PS3.18 Table 10.5.3-3 refers to the PS3.4 status codes).
+CANNOT_UNDERSTAND = 0xC000
+#: The instance's StudyInstanceUID differs from the study in the request URL
+#: (PS3.18 10.5.1.1.1). An "Error: Data Set does not match" code (0xA9xx family).
+STUDY_UID_MISMATCH = 0xA900
+PROCESSING_FAILURE = 0x0110
+
+
+class StowError(Exception):
+    """A request-level failure, turned into an HTTP status once (STYLE.md 11)."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+@dataclass
+class _Part:
+    headers: dict[str, str]
+    data: bytes
+
+
+@dataclass
+class _Collector:
+    """python-multipart callbacks that collect finished parts."""
+
+    done: list[_Part] = field(default_factory=list)
+    ended: bool = False
+    _headers: dict[str, str] = field(default_factory=dict)
+    _field: bytearray = field(default_factory=bytearray)
+    _value: bytearray = field(default_factory=bytearray)
+    _data: bytearray = field(default_factory=bytearray)
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+            "on_header_end": self._header_end,
+            "on_part_data": lambda d, s, e: self._data.extend(d[s:e]),
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def _begin(self) -> None:
+        self._headers, self._data = {}, bytearray()
+
+    def _header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").strip().lower()] = (
+            self._value.decode("latin-1").strip()
+        )
+        self._field, self._value = bytearray(), bytearray()
+
+    def _part_end(self) -> None:
+        self.done.append(_Part(self._headers, bytes(self._data)))
+        self._data = bytearray()
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+def check_content_type(content_type: str | None) -> bytes:
+    """The multipart boundary, or `StowError` 415/400 (PS3.18 10.5.1.2)."""
+    if not content_type:
+        raise StowError(415, "Content-Type must be multipart/related; type=\"application/dicom\"")
+    media, params = parse_options_header(content_type)
+    if media.lower() != b"multipart/related":
+        raise StowError(415, f"unsupported media type {media.decode('latin-1')!r}")
+    kind = params.get(b"type", b"application/dicom").strip().lower()
+    if kind != b"application/dicom":
+        raise StowError(
+            415, f"unsupported type {kind.decode('latin-1')!r}: only application/dicom parts"
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise StowError(400, "multipart boundary missing")
+    if len(boundary) > 70:  # RFC 2046 5.1.1
+        raise StowError(400, "multipart boundary longer than 70 characters")
+    return boundary
+
+
+def _attr(vr: str, value: Any) -> dict[str, Any]:
+    return {"vr": vr, "Value": [value]}
+
+
+def _header_uids(data: bytes) -> tuple[str | None, str | None, str | None]:
+    """(StudyInstanceUID, SOPClassUID, SOPInstanceUID) of a part, as far as readable."""
+    try:
+        ds = dcmread(BytesIO(data), stop_before_pixels=True,
+                     specific_tags=["StudyInstanceUID", "SOPClassUID", "SOPInstanceUID"])
+    except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError):
+        return None, None, None
+    meta = getattr(ds, "file_meta", None)
+    sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    sop_uid = ds.get("SOPInstanceUID") or (
+        meta.get("MediaStorageSOPInstanceUID") if meta else None
+    )
+    study = ds.get("StudyInstanceUID")
+    return (str(study) if study else None, str(sop_class) if sop_class else None,
+            str(sop_uid) if sop_uid else None)
+
+
+@dataclass
+class StowResult:
+    referenced: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    studies: set[str] = field(default_factory=set)
+    series: set[str] = field(default_factory=set)
+    duplicates: int = 0
+
+    def fail(self, sop_class: str | None, sop_uid: str | None, reason: int) -> None:
+        item: dict[str, Any] = {"00081197": _attr("US", int(reason))}
+        if sop_class:
+            item["00081150"] = _attr("UI", sop_class)
+        if sop_uid:
+            item["00081155"] = _attr("UI", sop_uid)
+        self.failed.append(item)
+
+
+def _store_part(
+    part: _Part, store: Any, principal_name: str, peer: str, base: str,
+    target_study: str | None, result: StowResult,
+) -> None:
+    """Store one part and add its Referenced/Failed SOP item (runs in a worker thread)."""
+    media = parse_options_header(part.headers.get("content-type", "application/dicom"))[0]
+    study, sop_class, sop_uid = _header_uids(part.data)
+    if media.lower() != b"application/dicom":
+        result.fail(sop_class, sop_uid, CANNOT_UNDERSTAND)
+        return
+    if target_study is not None and study is not None and study != target_study:
+        result.fail(sop_class, sop_uid, STUDY_UID_MISMATCH)
+        return
+    outcome = store.store(part.data, calling_ae=principal_name[:16], peer=peer, source="stow")
+    if not outcome.stored:
+        result.fail(getattr(outcome, "sop_class_uid", None) or sop_class,
+                    outcome.sop_uid or sop_uid, outcome.status or PROCESSING_FAILURE)
+        return
+    sop_class = getattr(outcome, "sop_class_uid", None) or sop_class
+    url = (f"{base}/dicomweb/studies/{outcome.study_uid}/series/{outcome.series_uid}"
+           f"/instances/{outcome.sop_uid}")
+    result.referenced.append({
+        "00081150": _attr("UI", sop_class),
+        "00081155": _attr("UI", outcome.sop_uid),
+        "00081190": _attr("UR", url),
+    })
+    result.studies.add(outcome.study_uid)
+    if outcome.duplicate:
+        result.duplicates += 1
+    else:
+        result.series.add(outcome.series_uid)
+
+
+async def _stow(request: Request, principal: Any, target_study: str | None) -> Response:
+    state = request.app.state
+    store, tracker = state.store, getattr(state, "tracker", None)
+    peer = request.client.host if request.client else "unknown"
+    base = str(request.base_url).rstrip("/")
+    result = StowResult()
+    try:
+        boundary = check_content_type(request.headers.get("content-type"))
+        collector = _Collector()
+        parser = MultipartParser(boundary, collector.callbacks())
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                while collector.done:
+                    part = collector.done.pop(0)
+                    await run_in_threadpool(_store_part, part, store, principal.name, peer,
+                                            base, target_study, result)
+            parser.finalize()
+        except MultipartParseError as exc:
+            raise StowError(400, f"malformed multipart body: {exc}") from None
+        for part in collector.done:
+            await run_in_threadpool(_store_part, part, store, principal.name, peer, base,
+                                    target_study, result)
+        if not collector.ended:
+            raise StowError(400, "multipart body ends before its closing boundary")
+        if not result.referenced and not result.failed:
+            raise StowError(400, "no parts in the multipart body")
+    except StowError as exc:
+        await run_in_threadpool(_audit, state.session_factory, principal, result, exc.status_code,
+                                target_study, exc.detail)
+        log.warning("stow.refused", status=exc.status_code, detail=exc.detail)
+        stored_series = sorted(result.series)
+        if tracker is not None and stored_series:
+            await run_in_threadpool(tracker.association_finished, stored_series)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    if tracker is not None and result.series:
+        # The end of the request is the end of the "association" (fast path).
+        await run_in_threadpool(tracker.association_finished, sorted(result.series))
+    body: dict[str, Any] = {}
+    studies = {target_study} if target_study else result.studies
+    if len(studies) == 1 and result.referenced:
+        body["00081190"] = _attr("UR", f"{base}/dicomweb/studies/{next(iter(studies))}")
+    if result.referenced:
+        body["00081199"] = {"vr": "SQ", "Value": result.referenced}
+    if result.failed:
+        body["00081198"] = {"vr": "SQ", "Value": result.failed}
+    status = 200 if not result.failed else (202 if result.referenced else 409)
+    await run_in_threadpool(_audit, state.session_factory, principal, result, status,
+                            target_study, None)
+    log.info("stow.done", status=status, stored=len(result.referenced),
+             failed=len(result.failed), duplicates=result.duplicates)
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+
+def _audit(session_factory: Any, principal: Any, result: StowResult, status: int,
+           target_study: str | None, error: str | None) -> None:
+    outcome = "ok" if status == 200 else ("partial" if status == 202 else "error")
+    with transaction(session_factory) as session:
+        audit.record(
+            session, "stow.request", actor=principal.actor, outcome=outcome,
+            study_uid=target_study or (next(iter(result.studies)) if len(result.studies) == 1
+                                       else None),
+            http_status=status, stored=len(result.referenced), failed=len(result.failed),
+            duplicates=result.duplicates, studies=len(result.studies), error=error,
+        )
+
+
+@router.post(
+    "/studies",
+    summary="STOW-RS: store instances (PS3.18 10.5)",
+    response_class=JSONResponse,
+    responses={200: {"content": {DICOM_JSON: {}}}, 202: {"description": "some failed"},
+               409: {"description": "all failed"}, 415: {"description": "wrong media type"}},
+)
+async def store_instances(request: Request, principal: Sender) -> Response:
+    return await _stow(request, principal, None)
+
+
+@router.post(
+    "/studies/{study_uid}",
+    summary="STOW-RS: store instances of one study (PS3.18 10.5)",
+    response_class=JSONResponse,
+    responses={200: {"content": {DICOM_JSON: {}}}, 202: {"description": "some failed"},
+               409: {"description": "all failed"}, 415: {"description": "wrong media type"}},
+)
+async def store_study_instances(study_uid: str, request: Request, principal: Sender) -> Response:
+    return await _stow(request, principal, study_uid)
