@@ -269,3 +269,48 @@ def test_unreadable_file_is_dead_lettered_at_once(sqlite_db, tmp_path):
     report = deliver_due(sqlite_db.factory, settings, T0)
     assert report.dead == 1
     assert rows(sqlite_db)[0].last_error.startswith("invalid: cannot read file")
+
+
+def test_outbox_cli_lists_retries_and_delivers(tmp_path, report_files, storescp, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from triage_node.cli import build_app
+    from triage_node.db import schema
+
+    data_dir = tmp_path / "data"
+    url = f"sqlite:///{(data_dir / 'triage.db').resolve()}"
+    schema.upgrade(url)
+    scp = storescp(aet="ARCHIVE")
+    down = dimse("archive", free_port(), "ARCHIVE")
+    monkeypatch.setenv("TRIAGE_DESTINATIONS", json.dumps([down]))
+    monkeypatch.setenv("TRIAGE_DELIVERY_MAX_ATTEMPTS", "1")
+    runner, app = CliRunner(), build_app()
+    db = next(migrated_database(url))
+    enqueue(db, report_files, load_settings(data_dir=data_dir))
+    n = len(report_files[1])
+
+    result = runner.invoke(app, ["outbox", "deliver", "--json", "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["dead"] == n
+
+    listed = runner.invoke(app, ["outbox", "list", "--json", "--state", "dead", "--data-dir", str(data_dir)])
+    rows_json = json.loads(listed.stdout)
+    assert len(rows_json) == n and all(r["last_error"].startswith("unreachable") for r in rows_json)
+    assert "DOE" not in listed.output and "PID0001234" not in listed.output
+
+    one = runner.invoke(app, ["outbox", "retry", "--id", str(rows_json[0]["id"]), "--data-dir", str(data_dir)])
+    assert one.exit_code == 0 and "requeued 1" in one.output
+    assert runner.invoke(app, ["outbox", "retry", "--data-dir", str(data_dir)]).exit_code == 2
+
+    # The peer comes up where the settings point: requeue the rest and deliver them.
+    monkeypatch.setenv("TRIAGE_DESTINATIONS", json.dumps([dimse("archive", scp.port, "ARCHIVE")]))
+    again = runner.invoke(app, ["outbox", "retry", "--dead", "--data-dir", str(data_dir)])
+    assert f"requeued {n - 1}" in again.output
+    sent = runner.invoke(app, ["outbox", "deliver", "--json", "--data-dir", str(data_dir)])
+    assert json.loads(sent.stdout)["sent"] == n
+    assert len(scp.files()) == n
+    table = runner.invoke(app, ["outbox", "list", "--data-dir", str(data_dir)])
+    assert table.exit_code == 0 and "delivered" in table.output
+    assert len(audits(db, "delivery.requeued")) == n

@@ -11,6 +11,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "worker.model.cli",
     "worker.worker_cli",
     "worker.inference.triton_cli",
+    "worker.outbox_cli",
 )
 
 
