@@ -35,7 +35,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,7 @@ __all__ = [
     "free_port",
     "require_binary",
     "storescu",
+    "transfer_syntax_proposal",
     "wait_until",
 ]
 
@@ -632,6 +633,67 @@ class StoreSCP:
         self.stop()
 
 
+#: ``storescu`` option that proposes each compressed transfer syntax (plus all
+#: uncompressed ones), by Transfer Syntax UID (PS3.5 Annex A).
+STORESCU_PROPOSAL = {
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG Lossless, Non-Hierarchical, First-Order Prediction
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 Image Compression (Lossless Only)
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000 Image Compression
+    "1.2.840.10008.1.2.5": "-xr",  # RLE Lossless
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": "-xu",  # JPEG-LS Lossy (Near-Lossless)
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51": "-xx",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.1.99": "-xd",  # Deflated Explicit VR Little Endian
+}
+UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+
+def _dicom_files(paths: Sequence[str]) -> Iterator[Path]:
+    for item in map(Path, paths):
+        if item.is_dir():
+            yield from (p for p in sorted(item.rglob("*")) if p.is_file())
+        else:
+            yield item
+
+
+def transfer_syntax_proposal(paths: Sequence[str]) -> list[str]:
+    """``storescu`` options that propose the compressed transfer syntax of ``paths``.
+
+    ``storescu`` proposes only uncompressed transfer syntaxes by default and cannot
+    decompress to send them, so compressed files need their syntax proposed. One
+    association can carry one compressed syntax this way.
+
+    Raises
+    ------
+    ValueError
+        When the files use more than one compressed transfer syntax, or one that
+        ``storescu`` cannot propose.
+    """
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
+
+    compressed: set[str] = set()
+    for path in _dicom_files(paths):
+        try:
+            uid = str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
+        except (InvalidDicomError, OSError):
+            continue  # storescu itself reports files it cannot read
+        if uid and uid not in UNCOMPRESSED:
+            compressed.add(uid)
+    if not compressed:
+        return []
+    if len(compressed) > 1:
+        raise ValueError(
+            f"storescu: files use several compressed transfer syntaxes {sorted(compressed)}; "
+            "send each group separately or pass a proposal in extra_args"
+        )
+    (uid,) = compressed
+    if uid not in STORESCU_PROPOSAL:
+        raise ValueError(f"storescu: no proposal option for transfer syntax {uid}")
+    return [STORESCU_PROPOSAL[uid]]
+
+
 def storescu(
     files: Path | str | Iterable[Path | str],
     host: str,
@@ -643,10 +705,11 @@ def storescu(
 ) -> subprocess.CompletedProcess:
     """Send files or folders with DCMTK ``storescu`` in one association.
 
-    Folders are scanned recursively (``+sd +r``). ``storescu`` proposes every
-    uncompressed transfer syntax and adds each file's own transfer syntax, so compressed
-    files go as they are; pass e.g. ``("-xs",)`` in ``extra_args`` to change the
-    proposal. Returns the completed process (check ``returncode``; output is text).
+    Folders are scanned recursively (``+sd +r``). Unless ``extra_args`` has its own
+    proposal (an option starting with ``-x``), the association proposes every
+    uncompressed transfer syntax plus the compressed one the files use (see
+    `transfer_syntax_proposal`), so files go as they are. Returns the completed process
+    (check ``returncode``; output is text).
     """
     if isinstance(files, (str, Path)):
         files = [files]
@@ -654,11 +717,13 @@ def storescu(
     if not paths:
         raise ValueError("storescu: no files given")
     scan = ["+sd", "+r"] if any(Path(p).is_dir() for p in paths) else []
+    proposal = [] if any(a.startswith("-x") for a in extra_args) else transfer_syntax_proposal(paths)
     command = [
         require_binary("storescu"),
         "-aet", calling_aet,
         "-aec", called_aet,
         *scan,
+        *proposal,
         *extra_args,
         host, str(port),
         *paths,

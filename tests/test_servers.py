@@ -11,7 +11,13 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
 
 from tests.servers import (
     OrthancServer,
@@ -19,6 +25,7 @@ from tests.servers import (
     RedisServer,
     ServerError,
     dciodvfy,
+    free_port,
     require_binary,
     storescu,
 )
@@ -176,6 +183,35 @@ def test_storescu_to_storescp_writes_file(storescp, tmp_path: Path) -> None:
     got = {pydicom.dcmread(p).SOPInstanceUID for p in received}
     assert got == sent
     assert np.array_equal(pydicom.dcmread(received[0]).pixel_array.shape, (64, 64))
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "j2k"])
+def test_storescu_sends_compressed_files_as_they_are(storescp, tmp_path: Path, syntax) -> None:
+    files = make_ct_series(tmp_path / "s", n=2)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.compress(syntax)
+        ds.save_as(path)
+    scp = storescp(aet="ARCHIVE")
+    result = storescu(tmp_path / "s", "127.0.0.1", scp.port, "ARCHIVE")
+    assert result.returncode == 0, result.stderr
+    received = scp.files()
+    assert len(received) == 2
+    originals = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, files)}
+    for path in received:
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == syntax
+        assert np.array_equal(ds.pixel_array, originals[ds.SOPInstanceUID].pixel_array)
+
+
+def test_storescu_refuses_mixed_compressed_syntaxes(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path / "s", n=2)
+    for path, syntax in zip(files, (RLELossless, JPEG2000Lossless)):
+        ds = pydicom.dcmread(path)
+        ds.compress(syntax)
+        ds.save_as(path)
+    with pytest.raises(ValueError, match="several compressed transfer syntaxes"):
+        storescu(files, "127.0.0.1", free_port(), "ANY")
 
 
 def test_dciodvfy_passes_good_file_and_reports_bad_one(tmp_path: Path) -> None:
