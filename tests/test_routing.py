@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -134,9 +133,6 @@ def test_unknown_destination_is_audited_as_failed_and_not_queued(sqlite_database
     assert event.sop_uid == instance.sop_uid
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("worker.pipeline.delivery") is None, reason="outbox delivery not in tree"
-)
 def test_routed_series_arrives_at_a_real_storescp(sqlite_database, tmp_path, storescp):
     from worker.pipeline.delivery import deliver_due
 
@@ -151,10 +147,34 @@ def test_routed_series_arrives_at_a_real_storescp(sqlite_database, tmp_path, sto
     sent = _store_series(store, tmp_path / "ed", "CT_ED_1", n=4)
     # Deliver what is due for the archive (the "triage" peer does not exist here).
     received = {pydicom.dcmread(p).SOPInstanceUID for p in sent}
-    deliver_due(sqlite_database.factory, [d for d in settings.destinations if d.name == "archive"],
-                datetime.now(UTC) + timedelta(seconds=1))
+    report = deliver_due(sqlite_database.factory, [d for d in settings.destinations if d.name == "archive"],
+                         datetime.now(UTC) + timedelta(seconds=1))
+    assert report is not None
     got = {pydicom.dcmread(p).SOPInstanceUID for p in archive.files()}
     assert got == received
-    for path in archive.files():  # delivered as stored: same bytes of the data set
-        ds = pydicom.dcmread(path)
-        assert ds.StudyDescription == "CT HEAD WO CONTRAST"
+    for path in archive.files():
+        assert pydicom.dcmread(path).StudyDescription == "CT HEAD WO CONTRAST"
+    with sqlite_database.factory() as session:
+        states = {(i.destination, i.state) for i in session.scalars(select(OutboxItem))}
+    assert states == {("archive", "delivered"), ("triage", "pending")}
+
+
+def test_with_routing_keeps_the_tracker_callback_and_adds_the_router(sqlite_database, tmp_path):
+    from triage_node.routing import with_routing
+
+    seen: list[str] = []
+
+    def tracker(series_uid: str) -> None:
+        seen.append(series_uid)
+        raise RuntimeError("tracker trouble must not stop routing")
+
+    plain = load_settings(data_dir=tmp_path / "data")
+    assert with_routing(plain, sqlite_database.factory, tracker) is tracker
+    settings = load_settings(data_dir=tmp_path / "data", routing_rules=EXAMPLE,
+                             destinations=[dimse("archive", 1), dimse("triage", 2)])
+    store = InstanceStore(settings, sqlite_database.factory,
+                          on_stored=with_routing(settings, sqlite_database.factory, tracker))
+    _store_series(store, tmp_path / "ed", "CT_ED_1", n=2)
+    assert len(seen) == 2
+    with sqlite_database.factory() as session:
+        assert len(session.scalars(select(OutboxItem)).all()) == 4

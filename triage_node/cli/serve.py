@@ -17,6 +17,7 @@ from triage_node.db import schema
 from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.ingest.scp import StorageSCP
 from triage_node.ingest.store import InstanceStore
+from triage_node.routing import with_routing
 from triage_node.logs import get_logger
 
 log = get_logger(__name__)
@@ -86,7 +87,11 @@ def serve(
 
     tracker = _completeness(settings, session_factory)
     store = InstanceStore(
-        settings, session_factory, on_stored=tracker.instance_stored if tracker else None
+        settings,
+        session_factory,
+        on_stored=with_routing(
+            settings, session_factory, tracker.instance_stored if tracker else None
+        ),
     )
     scp = StorageSCP(
         settings, store, association_finished=tracker.association_finished if tracker else None

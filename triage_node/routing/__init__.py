@@ -17,7 +17,7 @@ Two entry points:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import select
@@ -227,4 +227,29 @@ class Router:
             return added
 
 
-__all__ = ["ROUTING_REASON", "Router", "configured_destinations", "route_instance", "rules_for"]
+def with_routing(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    on_stored: Callable[[str], object] | None,
+) -> Callable[[str], object] | None:
+    """``on_stored`` for `InstanceStore` that also routes, when routing rules are set.
+
+    The given callback (the completeness tracker) runs first; a failure in it is
+    logged and does not stop routing.
+    """
+    router = Router(settings, session_factory)
+    if not router.enabled:
+        return on_stored
+
+    def both(series_uid: str) -> None:
+        if on_stored is not None:
+            try:
+                on_stored(series_uid)
+            except Exception:  # noqa: BLE001 - the store logs its callback's failures the same way
+                log.exception("on_stored callback failed", series_uid=series_uid)
+        router.instance_stored(series_uid)
+
+    return both
+
+
+__all__ = ["ROUTING_REASON", "Router", "with_routing", "configured_destinations", "route_instance", "rules_for"]
