@@ -19,7 +19,7 @@ from triage_node.synth.lesions import Lesion
 from triage_node.synth.phantom import Anatomy
 from triage_node.synth.render import MIN_BLOOD_MM2, RenderedSeries, render_axial
 from triage_node.synth.spec import StudySpec, sample_study_spec
-from triage_node.synth.study import COMPONENTS, LABEL_SUBTYPES, SeriesTruth, StudyTruth, write_dataset
+from triage_node.synth.study import COMPONENTS, LABEL_SUBTYPES, SeriesTruth, StudyTruth, study_spec, write_dataset
 
 __all__ = [
     "SUBTYPES",
@@ -34,5 +34,6 @@ __all__ = [
     "StudyTruth",
     "render_axial",
     "sample_study_spec",
+    "study_spec",
     "write_dataset",
 ]

@@ -8,22 +8,23 @@ Layout written by :func:`write_dataset`::
     DIR/preview/*.png   with preview=True
 
 Everything is a pure function of ``seed``: study ``i`` draws from
-``numpy.random.default_rng([seed, i])`` and its UIDs from
-``pydicom.uid.generate_uid(prefix=None, entropy_srcs=[...])`` (2.25 UUID-derived
-UIDs, PS3.5 B.2).
+``numpy.random.default_rng([seed, i])`` and its UIDs are 2.25 UUID-derived UIDs
+(PS3.5 B.2) hashed from the seed, study index, role and instance.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
 
 from triage_node import SUBTYPES
 from triage_node.logs import get_logger
@@ -40,7 +41,7 @@ from triage_node.synth.preview import dose_screen, montage
 from triage_node.synth.render import RenderedSeries, render_axial
 from triage_node.synth.spec import StudySpec, sample_study_spec
 
-__all__ = ["StudyTruth", "SeriesTruth", "write_dataset", "write_study", "LABEL_SUBTYPES", "COMPONENTS"]
+__all__ = ["StudyTruth", "SeriesTruth", "write_dataset", "write_study", "study_spec", "LABEL_SUBTYPES", "COMPONENTS"]
 
 log = get_logger(__name__)
 
@@ -80,6 +81,7 @@ class SeriesTruth:
     description: str
     sop_instance_uids: tuple[str, ...] = ()
     positive_slices: dict[str, int] = field(default_factory=dict)
+    descending: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,14 @@ class StudyTruth:
 
 
 def _uid(seed: int, *parts) -> str:
-    return generate_uid(prefix=None, entropy_srcs=["ich-triage-synth", str(seed), *map(str, parts)])
+    """A deterministic UID under the 2.25 root (PS3.5 B.2: UUID-derived UIDs).
+
+    ``pydicom.uid.generate_uid(prefix=None)`` ignores ``entropy_srcs`` and returns a
+    random UUID4, so the UUID is built here from a SHA-256 of the entropy sources,
+    with the RFC 9562 version-4/variant bits set as ``uuid.UUID(version=4)`` does.
+    """
+    digest = hashlib.sha256("\x1f".join(["ich-triage-synth", str(seed), *map(str, parts)]).encode()).digest()
+    return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"
 
 
 def _header(rng: np.random.Generator, seed: int, index: int, profile: str) -> StudyHeader:
@@ -197,7 +206,7 @@ def write_study(
 ) -> tuple[StudyTruth, list[tuple[str, np.ndarray]]]:
     """Write study ``index`` of a dataset; returns its truth and (SOP UID, labels) pairs."""
     rng = np.random.default_rng([seed, index])
-    spec: StudySpec = sample_study_spec(rng, positive_fraction, subtypes)
+    spec: StudySpec = sample_study_spec(rng, positive_fraction, subtypes)  # == study_spec(seed, index, ...)
     header = _header(rng, seed, index, profile)
     n_rows = rows or int(rng.choice([512] * 8 + [256, 768]))
     tilt = float(np.round(rng.uniform(-20, 20), 1)) if rng.random() < 0.35 else 0.0
@@ -306,8 +315,15 @@ def _truth(sh: SeriesHeader, role: str, s: RenderedSeries, uids, syntax, labels:
     pos = {}
     if labels:
         pos = {name: int(s.labels[:, i].sum()) for i, name in enumerate(("any",) + SUBTYPES)}
+    descending = bool(len(s.positions) > 1 and (s.positions[1] - s.positions[0]) @ s.normal < 0)
     return SeriesTruth(sh.series_uid, role, len(uids), s.slice_thickness, s.hu.shape[1], str(syntax),
-                       s.tilt_deg, sh.description, tuple(uids), pos)
+                       s.tilt_deg, sh.description, tuple(uids), pos, descending)
+
+
+def study_spec(seed: int, index: int, positive_fraction: float = 0.5,
+               subtypes: Sequence[str] = SUBTYPES) -> StudySpec:
+    """The :class:`StudySpec` that :func:`write_dataset` uses for study ``index``."""
+    return sample_study_spec(np.random.default_rng([seed, index]), positive_fraction, subtypes)
 
 
 def write_dataset(
