@@ -242,3 +242,15 @@ def test_inconsistent_inputs_are_refused():
         build_sr(series + other, make_prediction(5, positive=()), Card(), [], {"any": [0]})
     with pytest.raises(ReportError, match="no source"):
         build_sr([], prediction, Card(), [], {})
+
+
+def test_writers_never_log_patient_identifiers():
+    from structlog.testing import capture_logs
+
+    series = make_ct_series()
+    with capture_logs() as logs:
+        make_report(series, make_prediction(len(series)))
+    assert logs, "the writers log what they built"
+    text = repr(logs)
+    for phi in ("DOE^JANE", "PID0001234", "19600101", "ACC42"):
+        assert phi not in text

@@ -128,14 +128,7 @@ def outbox_deliver(
         report = deliver_due(factory, settings)
     finally:
         engine.dispose()
-    out = {
-        "sent": report.sent,
-        "retrying": report.retrying,
-        "refused": report.refused,
-        "dead": report.dead,
-        "unknown_destination": report.unknown_destination,
-        "by_destination": report.by_destination,
-    }
+    out = report.as_dict()
     typer.echo(json.dumps(out, indent=2) if as_json else " ".join(f"{k}={v}" for k, v in out.items() if k != "by_destination"))
 
 

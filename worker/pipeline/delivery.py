@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.config import Destination, Settings
 from triage_node.db import audit
-from triage_node.db.models import Job, OutboxItem, OutboxState
+from triage_node.db.models import OutboxItem, OutboxState
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
 from worker.pipeline.destinations import SendItem, SendOutcome, send
@@ -90,6 +90,16 @@ class DeliveryReport:
     @property
     def attempted(self) -> int:
         return self.sent + self.retrying + self.refused + self.dead
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "sent": self.sent,
+            "retrying": self.retrying,
+            "refused": self.refused,
+            "dead": self.dead,
+            "unknown_destination": self.unknown_destination,
+            "by_destination": self.by_destination,
+        }
 
 
 def _utcnow() -> datetime:
@@ -295,7 +305,6 @@ def _record(
     outcomes: Sequence[SendOutcome],
 ) -> Counter:
     counts: Counter = Counter()
-    jobs_touched: set[int] = set()
     with transaction(session_factory) as session:
         for o in outcomes:
             item = session.get(OutboxItem, o.item_id)
@@ -318,8 +327,6 @@ def _record(
                 item.last_error = None
                 audit.record(session, "delivery.sent", outcome="ok", **common)
                 counts["sent"] += 1
-                if item.job_id is not None:
-                    jobs_touched.add(item.job_id)
                 continue
             item.last_error = f"{o.outcome}: {o.detail}"[:2000]
             audit.record(session, "delivery.failed", outcome=o.outcome, detail_text=o.detail[:500], **common)
@@ -349,27 +356,7 @@ def _record(
                 attempts=item.attempts,
                 state=str(item.state),
             )
-        for job_id in jobs_touched:
-            _mark_job_delivered(session, job_id)
     return counts
-
-
-def _mark_job_delivered(session: Session, job_id: int) -> None:
-    """Set ``Job.delivered_at`` once every result object of the job reached every destination."""
-    open_rows = session.scalar(
-        select(func.count())
-        .select_from(OutboxItem)
-        .where(
-            OutboxItem.job_id == job_id,
-            OutboxItem.reason == "result",
-            OutboxItem.state != OutboxState.delivered,
-        )
-    )
-    if open_rows:
-        return
-    job = session.get(Job, job_id)
-    if job is not None and job.delivered_at is None:
-        job.delivered_at = _utcnow()
 
 
 def requeue(
