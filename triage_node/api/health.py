@@ -9,6 +9,7 @@ too (orchestrators probe it) and says only which check failed, never a secret.
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -60,11 +61,11 @@ def check_database(session_factory: sessionmaker[Session]) -> Check:
 def check_broker(settings: Settings) -> Check:
     url = settings.effective_broker_url
     if url.startswith("filesystem"):
-        folder = settings.broker_folder
-        probe = folder if folder.exists() else folder.parent
-        if not probe.exists() or not shutil.disk_usage(probe):
-            return Check(False, f"{folder} missing")
-        return Check(True, "filesystem broker folder present")
+        # The folders exist once the node or the worker has built its Celery config.
+        folder = settings.broker_folder / "queue"
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            return Check(False, f"{folder} missing or not writable")
+        return Check(True, "filesystem broker folder writable")
     if url.startswith(("redis://", "rediss://")):
         import redis
 
@@ -134,7 +135,7 @@ def is_loopback(request: Request) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host in ("localhost", "testclient")
+        return host == "localhost"
 
 
 @router.get("/readyz", summary="Readiness: database, broker, inference backend, disk")
