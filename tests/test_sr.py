@@ -254,3 +254,50 @@ def test_writers_never_log_patient_identifiers():
     text = repr(logs)
     for phi in ("DOE^JANE", "PID0001234", "19600101", "ACC42"):
         assert phi not in text
+
+
+def labels_as_probabilities(labels_csv: Path, sop_uids) -> np.ndarray:
+    """Per-slice 'probabilities' from the synthetic ground truth (0.05 / 0.95)."""
+    import csv
+
+    truth = {}
+    with open(labels_csv) as f:
+        for row in csv.DictReader(f):
+            _, sop, cls = row["ID"].split("_")
+            truth[(sop, cls)] = int(row["Label"])
+    return np.array(
+        [[0.95 if truth.get((sop, c), 0) else 0.05 for c in CLASSES] for sop in sop_uids]
+    )
+
+
+def test_report_of_a_synthetic_deidentified_jpeg_lossless_study(tmp_path: Path):
+    from triage_node.synth import write_dataset
+    from worker.pipeline.preprocess import load_series
+
+    truth = write_dataset(
+        tmp_path / "study", studies=1, seed=3, positive_fraction=1.0, rows=256,
+        components=("axial",), profile="rsna", transfer_syntax="jpeg-lossless",
+    )[0]
+    files = sorted((tmp_path / "study" / truth.study_uid).rglob("*.dcm"))
+    assert "PatientName" not in pydicom.dcmread(files[0], stop_before_pixels=True)
+    volume = load_series(files)
+    probs = labels_as_probabilities(tmp_path / "study" / "labels.csv", volume.sop_uids)
+    prediction = make_prediction(len(files), positive=())
+    prediction = StudyPrediction(
+        slice_probs=probs, cnn_slice_probs=probs, study_probs=probs.max(axis=0),
+        cnn_study_probs=probs.max(axis=0), features=prediction.features, thresholds=prediction.thresholds,
+        decision={c: bool(probs[:, k].max() >= 0.4) for k, c in enumerate(CLASSES)},
+        key_slices={}, operating_point="balanced",
+    )
+    keys = select_key_slices(probs, prediction.decision, 1)
+    assert set(keys) == {"any", *truth.subtypes}
+    heat = {key: np.ones((16, 16), dtype=np.float32) * 0.5 for key in overlay_keys(keys)}
+    overlays = build_overlays(volume.datasets, volume.hu, prediction, Card(), keys, heat)
+    sr = build_sr(volume.datasets, prediction, Card(), overlays, keys)
+    assert {k for k, v in summary(sr).items() if v["present"]} == {"any", *truth.subtypes}
+    for n, ds in enumerate([sr, *overlays]):
+        path = tmp_path / f"out{n}.dcm"
+        ds.save_as(path)
+        result = dciodvfy(path)
+        assert result.ok, result.output
+        assert pydicom.dcmread(path).StudyInstanceUID == truth.study_uid
