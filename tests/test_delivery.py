@@ -313,3 +313,60 @@ def test_outbox_cli_lists_retries_and_delivers(tmp_path, report_files, storescp,
     table = runner.invoke(app, ["outbox", "list", "--data-dir", str(data_dir)])
     assert table.exit_code == 0 and "delivered" in table.output
     assert len(audits(db, "delivery.requeued")) == n
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate signed by it, plus a
+    second CA that the node must not trust."""
+    import subprocess
+
+    d = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    for ca in ("ca", "rogue"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out",
+                f"{ca}.crt", "-days", "2", "-subj", f"/CN={ca}")
+    for name, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:triage-node")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+    return d
+
+
+def test_dicom_tls_destination_with_client_certificate(sqlite_db, tmp_path, report_files, pki):
+    import ssl
+
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+    server_ctx.verify_mode = ssl.CERT_REQUIRED  # the PACS wants the node's certificate
+    server_ctx.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+    ae = AE(ae_title="TLS_PACS")
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    ae.add_supported_context(SecondaryCaptureImageStorage)
+    received: list[str] = []
+
+    def handle(event):
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=server_ctx,
+                             evt_handlers=[(evt.EVT_C_STORE, handle)])
+    try:
+        good = {**dimse("tls-pacs", port, "TLS_PACS"), "tls": True, "tls_ca": str(pki / "ca.crt")}
+        rogue = {**good, "name": "rogue-ca", "tls_ca": str(pki / "rogue.crt")}
+        settings = settings_for(tmp_path, good, rogue, tls_cert=pki / "client.crt", tls_key=pki / "client.key")
+        enqueue(sqlite_db, report_files, settings)
+        report = deliver_due(sqlite_db.factory, settings, T0)
+        _, objects = report_files
+        assert report.by_destination["tls-pacs"]["sent"] == len(objects)
+        assert sorted(received) == sorted(uid for uid, _ in objects)
+        # A peer whose certificate the configured CA does not sign gets nothing.
+        assert report.by_destination["rogue-ca"]["sent"] == 0
+        assert all(r.state == OutboxState.pending for r in rows(sqlite_db, "rogue-ca"))
+    finally:
+        server.shutdown()
