@@ -120,6 +120,18 @@ def check_content_type(content_type: str | None) -> bytes:
     return boundary
 
 
+def as_part10(data: bytes) -> bytes:
+    """Add the 128-byte preamble and ``DICM`` prefix (PS3.10 7.1) when a part starts
+    directly with its File Meta Information (group 0002), as some STOW clients send
+    it (e.g. pydicom's ``dcmwrite`` of a dataset without a preamble). The encoded meta
+    and dataset bytes are kept exactly as sent."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return data
+    if data[:2] == b"\x02\x00" and data[4:6] in (b"UL", b"OB", b"UI"):
+        return b"\x00" * 128 + b"DICM" + data
+    return data
+
+
 def _attr(vr: str, value: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": [value]}
 
@@ -164,6 +176,7 @@ def _store_part(
 ) -> None:
     """Store one part and add its Referenced/Failed SOP item (runs in a worker thread)."""
     media = parse_options_header(part.headers.get("content-type", "application/dicom"))[0]
+    part.data = as_part10(part.data)
     study, sop_class, sop_uid = _header_uids(part.data)
     if media.lower() != b"application/dicom":
         result.fail(sop_class, sop_uid, CANNOT_UNDERSTAND)
