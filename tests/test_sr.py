@@ -301,3 +301,18 @@ def test_report_of_a_synthetic_deidentified_jpeg_lossless_study(tmp_path: Path):
         result = dciodvfy(path)
         assert result.ok, result.output
         assert pydicom.dcmread(path).StudyInstanceUID == truth.study_uid
+
+
+def test_same_uids_give_the_same_document():
+    series = make_ct_series()
+    prediction = make_prediction(len(series))
+    keys = select_key_slices(prediction.slice_probs, prediction.decision, 1)
+    uids = {"series_instance_uid": generate_uid(), "sop_instance_uid": generate_uid()}
+    first = build_sr(series, prediction, Card(), [], keys, **uids)
+    second = build_sr(series, prediction, Card(), [], keys, **uids)
+    for ds in (first, second):
+        for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+            ds.pop(keyword, None)
+        for item in ds.ContributingEquipmentSequence:
+            item.pop("ContributionDateTime", None)
+    assert first.to_json() == second.to_json()

@@ -56,7 +56,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from triage_node import CLASSES
 from triage_node.logs import get_logger
@@ -220,6 +220,7 @@ def _image_item(ds: Dataset, name: hd.sr.CodedConcept) -> hd.sr.ImageContentItem
 
 
 def _group(
+    tracking_uid: str,
     class_name: str,
     probability: float,
     present: bool,
@@ -236,7 +237,7 @@ def _group(
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"ICH triage: {class_name}"
+            uid=tracking_uid, identifier=f"ICH triage: {class_name}"
         ),
         finding_type=code.finding,
         algorithm_id=algorithm,
@@ -314,6 +315,7 @@ def build_sr(
             raise ReportError("an overlay image belongs to another study")
 
     algorithm = algorithm_identification(card, prediction.operating_point)
+    sop_instance_uid = sop_instance_uid or hd.UID()
     groups = []
     for k, name in enumerate(CLASSES):
         if name == "any":
@@ -323,6 +325,8 @@ def build_sr(
         shown = [ds for ds in overlays if (overlay_class(ds) or "any") == name]
         groups.append(
             _group(
+                # derived from the SR's UID, so that a re-run writes the same document
+                generate_uid(entropy_srcs=[sop_instance_uid, "tracking", name]),
                 name,
                 probs[k],
                 bool(prediction.decision[name]),
@@ -355,15 +359,15 @@ def build_sr(
             )
         )
 
-    referenced = {ds.SOPInstanceUID: ds for ds in sources if _is_referenced(ds, key_slices, sources)}
-    evidence = [sources[0], *referenced.values(), *overlays]
+    referenced = [sources[i] for i in sorted({int(i) for v in key_slices.values() for i in v})]
+    evidence = [sources[0], *referenced, *overlays]
     evidence = list({ds.SOPInstanceUID: ds for ds in evidence}.values())
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
         series_instance_uid=series_instance_uid or hd.UID(),
         series_number=series_number,
-        sop_instance_uid=sop_instance_uid or hd.UID(),
+        sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -385,11 +389,6 @@ def build_sr(
         overlays=len(overlays),
     )
     return sr
-
-
-def _is_referenced(ds: Dataset, key_slices: Mapping[str, Sequence[int]], sources: list[Dataset]) -> bool:
-    wanted = {sources[int(i)].SOPInstanceUID for v in key_slices.values() for i in v}
-    return ds.SOPInstanceUID in wanted
 
 
 def _series_description(card: CardLike) -> str:
