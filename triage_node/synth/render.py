@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from triage_node import SUBTYPES
 from triage_node.synth.lesions import paint_lesion
@@ -46,7 +47,9 @@ class RenderedSeries:
     labels : ndarray, bool (Z, 6)
         Per-slice labels in :data:`triage_node.CLASSES` order (``any`` = OR).
     masks : ndarray, uint8 (Z, rows, cols)
-        Bit ``i`` set where subtype ``SUBTYPES[i]`` blood covers at least half a pixel.
+        Bit ``i`` set where subtype ``SUBTYPES[i]`` blood is visible: it fills at least
+        half the slice thickness, the noise-free pixel reads 40-100 HU, and no bone
+        lies within one compute pixel.
     positions : ndarray, float (Z, 3)
         ``ImagePositionPatient`` of each slice (mm), in instance order.
     orientation : tuple of 6 float
@@ -213,9 +216,16 @@ def render_axial(
     masks = np.zeros((n_slices, rows, rows), dtype=np.uint8)
     if rows != crows:
         up = resample_matrix(rows, crows, 0.0)
+    if frac.any():
+        # Visible blood: at least half the slice thickness, blood-like density after
+        # partial volume, and not drowned in the partial volume of adjacent bone.
+        visible = (hu_c >= 40.0) & (hu_c <= 100.0)
+        visible &= ndimage.maximum_filter(hu_c, size=(1, 3, 3)) < 400.0
     for i in range(len(SUBTYPES)):
         if frac[i].any():
-            f = frac[i] if rows == crows else separable(up, frac[i])
+            f = ((frac[i] >= 0.5) & visible).astype(np.float32)
+            if rows != crows:
+                f = separable(up, f)
             masks |= (f >= 0.5).astype(np.uint8) << i
     yy, xx = np.mgrid[0:rows, 0:rows]
     half = (rows - 1) / 2

@@ -208,14 +208,17 @@ def write_study(
     rng = np.random.default_rng([seed, index])
     spec: StudySpec = sample_study_spec(rng, positive_fraction, subtypes)  # == study_spec(seed, index, ...)
     header = _header(rng, seed, index, profile)
-    n_rows = rows or int(rng.choice([512] * 8 + [256, 768]))
+    # Draw every per-study choice whatever the options, so options do not shift the stream.
+    drawn_rows = int(rng.choice([512] * 8 + [256, 768]))
     tilt = float(np.round(rng.uniform(-20, 20), 1)) if rng.random() < 0.35 else 0.0
     descending = bool(rng.random() < 0.5)
     thickness = float(rng.choice([5.0, 5.0, 5.0, 4.0]))
-    if transfer_syntax in (None, "mixed"):
-        key = str(rng.choice(list(TRANSFER_SYNTAXES))) if transfer_syntax == "mixed" else "explicit"
+    drawn_syntax = str(rng.choice(list(TRANSFER_SYNTAXES)))
+    n_rows = rows or drawn_rows
+    if transfer_syntax == "mixed":
+        key = drawn_syntax
     else:
-        key = transfer_syntax
+        key = transfer_syntax or "explicit"
     syntax = TRANSFER_SYNTAXES[key]
     if profile == "scanner":
         fixed = SCANNER_ENCODINGS[int(rng.integers(len(SCANNER_ENCODINGS)))]
