@@ -107,8 +107,8 @@ def _utcnow() -> datetime:
 
 
 def _aware(dt: datetime) -> datetime:
-    """SQLite returns naive datetimes; everything in the outbox is UTC."""
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+    """Everything in the outbox is UTC (SQLite returns naive datetimes and compares text)."""
+    return dt.astimezone(UTC) if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
 def enqueue_outbox(
@@ -147,7 +147,7 @@ def enqueue_outbox(
             )
         ).all()
     )
-    when = now or _utcnow()
+    when = _aware(now or _utcnow())
     added = []
     for sop_uid, path in objects:
         for name in names:
