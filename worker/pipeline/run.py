@@ -358,7 +358,7 @@ def write_objects(ctx: WorkerContext, claim_: _Claim, volume: Any, prediction: A
 # -- step 6: record -------------------------------------------------------------------------
 def destination_names(settings: Settings) -> list[str]:
     """Names of the configured delivery destinations (``settings.destinations``)."""
-    return [str(d.name) for d in getattr(settings, "destinations", None) or []]
+    return [str(d.name) for d in settings.destinations]
 
 
 def record(
@@ -445,19 +445,11 @@ def _record_in(
     if superseded:
         log.info("job.superseded_during_run", job_id=claim_.job_id)
         return str(job.state)
+    from worker.pipeline.delivery import enqueue_outbox
+
     destinations = destination_names(ctx.settings)
-    for sop_uid, path in written.all:
-        for dest in destinations:
-            existing = session.scalars(
-                select(OutboxItem).where(OutboxItem.sop_uid == sop_uid, OutboxItem.destination == dest)
-            ).one_or_none()
-            if existing is None:
-                session.add(OutboxItem(
-                    job_id=claim_.job_id, study_uid=claim_.study_uid, sop_uid=sop_uid,
-                    path=str(path), destination=dest, reason="result",
-                ))
-            elif existing.state != OutboxState.delivered:
-                existing.path = str(path)
+    enqueue_outbox(session, claim_.job_id, claim_.study_uid,
+                   [(sop, str(path)) for sop, path in written.all], destinations)
     compute_priority(session, claim_.study_id, ctx.settings, actor=ACTOR, reason="result",
                      job_id=claim_.job_id)
     audit.record(
@@ -556,11 +548,9 @@ def deliver_pending(ctx: WorkerContext) -> dict[str, Any]:
     """Deliver every due outbox item (:func:`worker.pipeline.delivery.deliver_due`)."""
     from worker.pipeline.delivery import deliver_due
 
-    destinations = list(getattr(ctx.settings, "destinations", None) or [])
-    if not destinations:
-        return {"delivered": 0, "destinations": 0}
-    report = deliver_due(ctx.session_factory, destinations, _now())
-    return report if isinstance(report, dict) else {"report": str(report)}
+    if not ctx.settings.destinations:
+        return {"sent": 0, "destinations": 0}
+    return deliver_due(ctx.session_factory, ctx.settings, _now()).as_dict()
 
 
 def deliver_for_job(ctx: WorkerContext, job_id: int) -> dict[str, Any]:
