@@ -33,7 +33,29 @@ STATIC_DIR = HERE / "static"
 COOKIE = "triage_token"
 REFRESH_SECONDS = 10
 
+#: Usual abbreviations of the subtypes, for the compact probability bars.
+ABBREVIATIONS = {
+    "epidural": "EDH",
+    "intraparenchymal": "IPH",
+    "intraventricular": "IVH",
+    "subarachnoid": "SAH",
+    "subdural": "SDH",
+}
+
 router = APIRouter(include_in_schema=False)
+
+
+def person_name(value: str | None) -> str:
+    """DICOM PN ``Family^Given^Middle`` as ``Family, Given Middle`` for display."""
+    if not value:
+        return ""
+    family, _, rest = value.split("=", 1)[0].partition("^")
+    given = " ".join(part for part in rest.split("^")[:2] if part)
+    return f"{family}, {given}" if given else family
+
+
+TEMPLATES.env.filters["pn"] = person_name
+TEMPLATES.env.globals["abbreviations"] = ABBREVIATIONS
 
 
 class LoginRequired(Exception):

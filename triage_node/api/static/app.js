@@ -49,6 +49,8 @@
           body.innerHTML = html;
           loadedAt = Date.now();
           bindRows(body);
+          var total = document.getElementById("total");
+          if (total) total.textContent = String(body.querySelectorAll("tr.entry").length);
           var stamp = document.getElementById("refreshed");
           if (stamp) stamp.textContent = new Date().toISOString().substring(11, 19);
         })
