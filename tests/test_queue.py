@@ -169,3 +169,20 @@ def test_queue_from_priority_or_calling_ae(tmp_path, session_factory, priority, 
         assert session.get(Study, series.study_id).study_uid == study_uid
         queue, _reason = choose_queue(settings, session, series)
     assert queue == expected
+
+
+def test_reconciler_resends_jobs_a_broker_lost(tmp_path, session_factory):
+    """Redis without persistence loses messages on restart: a job sent long ago and still
+    ``queued`` is sent again when asked to (the worker is idempotent per job version)."""
+    job_id = _queued_job(session_factory)
+    with session_factory() as session, session.begin():
+        job = session.get(Job, job_id)
+        job.enqueued_at = datetime.now(UTC) - timedelta(minutes=10)
+        job.task_id = "lost-task"
+    client = make_client(load_settings(data_dir=tmp_path))
+    assert reconcile_queued_jobs(session_factory, client, older_than=1) == []
+    [outcome] = reconcile_queued_jobs(session_factory, client, older_than=1,
+                                      resend_sent_after=timedelta(minutes=5))
+    assert outcome.sent and outcome.task_id != "lost-task"
+    with session_factory() as session:
+        assert session.get(Job, job_id).task_id == outcome.task_id

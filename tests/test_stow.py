@@ -231,3 +231,25 @@ def test_a_third_party_stow_client_can_store(node, tokens, session_factory):
     assert {r.ReferencedSOPInstanceUID for r in refs} == {d.SOPInstanceUID for d in datasets}
     with session_factory() as session:
         assert session.scalars(select(Job)).one().enqueued_at is not None
+
+
+def test_patient_identifiers_never_reach_the_log(node, tokens, session_factory):
+    import io
+    import logging
+
+    from triage_node.logs import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("DEBUG", "json", stream=stream)
+    try:
+        study, series = generate_uid(), generate_uid()
+        files = [part10(ct_dataset(study, series, instance_number=i + 1, z=5.0 * i,
+                                   patient_name="Quixote^Zebulon")) for i in range(12)]
+        files.append(b"\x00" * 128 + b"DICM" + b"\x02\x00garbage Quixote")
+        response = post(node, multipart_related(files), tokens["sender"])
+        assert response.status_code == 202
+    finally:
+        logging.getLogger().handlers[:] = []
+    output = stream.getvalue()
+    assert "stow.done" in output and "series.complete" in output and "job.enqueued" in output
+    assert "Quixote" not in output and "Zebulon" not in output and "PID-0001" not in output
