@@ -45,7 +45,7 @@ def train(
     seed: int = typer.Option(0, help="Random seed."),
     threads: int = typer.Option(2, help="torch CPU threads."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
-    max_minutes: float = typer.Option(0.0, help="Stop CNN training after this many minutes (0: no limit)."),
+    max_minutes: float = typer.Option(0.0, help="CNN time budget in minutes: the learning-rate schedule spans it and training stops there (0: schedule over --epochs)."),
     resume: bool = typer.Option(False, "--resume", help="Continue CNN training from OUT/cnn_last.pt."),
     labels_csv: Path = typer.Option(None, help="Label CSV if not DATA/labels.csv or DATA/stage_2_train.csv."),
     export_dir: Path = typer.Option(None, help="Write the Triton repository here instead of OUT/triton."),

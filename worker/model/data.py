@@ -99,13 +99,27 @@ def index_dataset(root: str | Path, fmt: str = "synth", labels_csv: str | Path |
         Chooses the default label file name; for synth, ``studies.json`` limits training to the
         ``axial`` series (the thin series is labelled too but is a second view of the same study).
     labels_csv : path, optional
-        Label file, default ``root/labels.csv`` or ``root/stage_2_train.csv``.
+        Label file, default ``root/labels.csv`` or ``root/stage_2_train.csv``; without either,
+        the label files of the immediate subfolders are merged (parallel generator outputs).
     """
     root = Path(root)
     if fmt not in LABEL_FILES:
         raise ValueError(f"format must be one of {sorted(LABEL_FILES)}, got {fmt!r}")
-    labels = read_label_csv(labels_csv or root / LABEL_FILES[fmt])
-    keep = _axial_series_from_studies_json(root / "studies.json") if fmt == "synth" else None
+    if labels_csv is not None or (root / LABEL_FILES[fmt]).is_file():
+        label_files = [Path(labels_csv or root / LABEL_FILES[fmt])]
+    else:  # several generator outputs side by side: root/<part>/labels.csv
+        label_files = sorted(root.glob(f"*/{LABEL_FILES[fmt]}"))
+        if not label_files:
+            raise FileNotFoundError(f"no {LABEL_FILES[fmt]} in {root} or its subfolders")
+    labels: dict[str, np.ndarray] = {}
+    for f in label_files:
+        labels.update(read_label_csv(f))
+    keep = None
+    if fmt == "synth":
+        for f in [root / "studies.json", *sorted(root.glob("*/studies.json"))]:
+            found = _axial_series_from_studies_json(f)
+            if found is not None:
+                keep = (keep or set()) | found
     groups: dict[tuple[str, str], SeriesRecord] = {}
     unreadable = unlabelled = 0
     for p in sorted(root.rglob("*")):

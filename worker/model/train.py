@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -78,14 +79,20 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_cnn(cfg: TrainConfig, cache: CachedSet, train_idx: list[int], run: Path, progress: Progress | None = None) -> tuple[SliceCNN, list[float]]:
-    """Stage 1. Returns the model (eval mode, on CPU) and the mean training loss per epoch."""
+    """Stage 1. Returns the model (eval mode, on CPU) and the mean training loss per epoch.
+
+    With ``cfg.max_minutes`` the learning rate follows a one-cycle curve over the time
+    budget instead of over ``cfg.epochs`` (an upper bound then), so a run cut by the budget
+    still ends annealed.
+    """
     dev = torch.device(cfg.device)
     model = SliceCNN(cfg.backbone).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     slices = subset_slices(cache, train_idx)
     steps_per_epoch = max(1, len(slices) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
-    start_epoch, history = 0, []
+    start_epoch, history, elapsed0 = 0, [], 0.0
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
     ckpt = run / "cnn_last.pt"
     if cfg.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=dev, weights_only=False)
@@ -93,6 +100,7 @@ def train_cnn(cfg: TrainConfig, cache: CachedSet, train_idx: list[int], run: Pat
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start_epoch, history = state["epoch"] + 1, state["history"]
+        elapsed0 = float(state.get("elapsed_s", 0.0))
         log.info("cnn_resumed", epoch=start_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -112,19 +120,26 @@ def train_cnn(cfg: TrainConfig, cache: CachedSet, train_idx: list[int], run: Pat
             loss = rsna_bce(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if budget_s:  # time-based one-cycle: warm up over 10% of the budget, then cosine to 0
+                frac = min((elapsed0 + time.monotonic() - t0) / budget_s, 1.0)
+                lr = cfg.lr * (frac / 0.1 if frac < 0.1 else 0.5 * (1 + math.cos(math.pi * (frac - 0.1) / 0.9)))
+                for g in opt.param_groups:
+                    g["lr"] = lr
             opt.step()
-            sched.step()
+            if not budget_s:
+                sched.step()
             total += loss.item() * len(idx)
             n += len(idx)
             if progress:
                 progress(f"CNN epoch {epoch + 1}/{cfg.epochs} loss {total / n:.4f}", step + 1, steps_per_epoch)
-            if cfg.max_minutes and (time.monotonic() - t0) > cfg.max_minutes * 60:
+            if budget_s and elapsed0 + time.monotonic() - t0 > budget_s:
                 break
         history.append(total / max(n, 1))
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch, "history": history, "config": asdict(cfg)}, ckpt)
-        log.info("cnn_epoch", epoch=epoch + 1, loss=round(history[-1], 5), minutes=round((time.monotonic() - t0) / 60, 2))
-        if cfg.max_minutes and (time.monotonic() - t0) > cfg.max_minutes * 60:
-            log.warning("cnn_time_budget_reached", epoch=epoch + 1)
+        elapsed = elapsed0 + time.monotonic() - t0
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch, "history": history, "elapsed_s": elapsed, "config": asdict(cfg)}, ckpt)
+        log.info("cnn_epoch", epoch=epoch + 1, loss=round(history[-1], 5), minutes=round(elapsed / 60, 2))
+        if budget_s and elapsed > budget_s:
+            log.info("cnn_time_budget_reached", epoch=epoch + 1)
             break
     return model.cpu().eval(), history
 
