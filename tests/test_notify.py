@@ -199,3 +199,26 @@ def test_hl7_reject_is_reported_not_retried():
             send_priority_update(settings, update, attempts=3, sleep=lambda s: None)
         assert len(ris.messages) == 1
     assert send_priority_update(load_settings(), update) is None  # no RIS configured
+
+
+def test_manual_priority_change_through_the_api_reaches_the_ris(sqlite_database, tmp_path):
+    from tests.worklist_factory import build_api
+
+    with MLLPListener() as ris:
+        api = build_api(sqlite_database, tmp_path / "data", hl7_host="127.0.0.1", hl7_port=ris.port)
+        with transaction(sqlite_database.factory) as session:
+            study = add_study(session, patient_name="Roe^Rita")
+            entry_id = compute_priority(session, study, api.settings).id
+            uid = study.study_uid
+        response = api.client("admin").patch(
+            f"/api/worklist/{entry_id}", json={"manual_priority_class": "STAT-order", "reason": "ED call"}
+        )
+        assert response.status_code == 200
+        # Only a change of class is sent: setting the same class again sends nothing.
+        api.client("admin").patch(f"/api/worklist/{entry_id}", json={"status": "reading"})
+        (message,) = ris.messages
+        assert message["ORC.F7.R1.C6"] == "S" and message["ZDS.F1.R1.C1"] == uid
+        assert "ED call" in str(message.segment("NTE")[3])
+    with sqlite_database.factory() as session:
+        event = session.scalars(select(AuditEvent).where(AuditEvent.action == "notify.hl7")).one()
+    assert event.outcome == "ok" and event.detail["trigger"] == "manual priority"

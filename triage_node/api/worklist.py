@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from triage_node import CLASSES
@@ -149,14 +149,17 @@ def get_worklist(
 @router.patch("/api/worklist/{entry_id}", response_model=WorklistItem, summary="Change status or priority")
 def patch_worklist(
     entry_id: int,
+    request: Request,
     patch: WorklistPatch,
     settings: SettingsDep,
     session: SessionDep,
     principal: Annotated[Principal, Depends(require_role("viewer"))],
+    background: BackgroundTasks,
 ) -> WorklistItem:
     """Status (``new``/``reading``/``done``) needs viewer; a manual priority needs admin.
 
-    Every change is audited with the token's name and the reason given.
+    Every change is audited with the token's name and the reason given; a change of
+    class is sent to the RIS (HL7, when ``hl7_host`` is set) after the response.
     """
     entry = session.get(WorklistEntry, entry_id)
     if entry is None:
@@ -169,6 +172,7 @@ def patch_worklist(
         session.commit()
         raise HTTPException(403, "setting a priority needs the admin role")
     actor = actor_of(principal)
+    class_before = entry.priority_class
     try:
         if patch.status is not None:
             set_status(session, entry, patch.status, actor=actor, reason=patch.reason)
@@ -185,4 +189,11 @@ def patch_worklist(
     except PriorityError as exc:
         session.rollback()
         raise HTTPException(422, str(exc)) from None
+    if entry.priority_class != class_before and settings.hl7_host:
+        from triage_node.notify import notify_priority_change
+
+        background.add_task(
+            notify_priority_change, settings, request.app.state.session_factory,
+            entry.study.study_uid, reason=patch.reason or "set by a person",
+        )
     return item_from_row(worklist_row(session, settings, entry))

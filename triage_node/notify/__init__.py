@@ -157,9 +157,52 @@ def notify_job(
     return report
 
 
+def notify_priority_change(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    study_uid: str,
+    *,
+    reason: str,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str | None:
+    """Tell the RIS (HL7 over MLLP) the study's current priority after a person changed it.
+
+    Returns the ACK code, or None when no RIS is configured; audited as ``notify.hl7``.
+    """
+    if not settings.hl7_host:
+        return None
+    with session_factory() as session:
+        study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
+        entry = session.scalars(
+            select(WorklistEntry).where(WorklistEntry.study_id == study.id)
+        ).one()
+        update = PriorityUpdate(
+            study_uid=study.study_uid,
+            accession_number=study.accession_number,
+            patient_id=study.patient_id,
+            patient_name=study.patient_name,
+            priority_class=entry.priority_class,
+            procedure=study.study_description,
+            note=f"Priority {entry.priority_class} set by a person: {reason}"[:200],
+        )
+    ack, error = None, None
+    try:
+        ack = send_priority_update(settings, update, sleep=sleep)
+    except HL7Error as exc:
+        error = str(exc)
+    with transaction(session_factory) as session:
+        audit.record(
+            session, "notify.hl7", actor="node", outcome="ok" if error is None else "failed",
+            study_uid=study_uid, priority_class=update.priority_class, ack=ack, error=error,
+            trigger="manual priority",
+        )
+    return ack
+
+
 __all__ = [
     "EVENT_FAILED",
     "EVENT_POSITIVE",
     "NotifyReport",
     "notify_job",
+    "notify_priority_change",
 ]
