@@ -4,6 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# pip, quiet: on failure everything it said; on success only its real warnings (not the
+# "Location ... is ignored" lines some machines' extra-index settings produce).
+pip_install() {
+    local log
+    log="$(mktemp)"
+    if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        return 1
+    fi
+    grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+    rm -f "$log"
+}
+
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -16,5 +30,11 @@ fi
 
 # torch==2.13.0 is pinned in pyproject.toml; the machine's pip configuration finds the
 # CPU wheel (an unpinned torch would pull several GB of CUDA packages).
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e .
-echo "install.sh: ok ($(.venv/bin/triage-node version 2>/dev/null || echo 'triage-node installed'))"
+pip_install -e .
+# An install whose command does not start is a failed install: show why.
+if ! version="$(.venv/bin/triage-node version 2>&1)"; then
+    echo "$version" >&2
+    echo "install.sh: installed, but 'triage-node version' fails (above)" >&2
+    exit 1
+fi
+echo "install.sh: ok, triage-node $version"

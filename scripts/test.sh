@@ -5,6 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# pip, quiet: on failure everything it said; on success only its real warnings (not the
+# "Location ... is ignored" lines some machines' extra-index settings produce).
+pip_install() {
+    local log
+    log="$(mktemp)"
+    if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        return 1
+    fi
+    grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+    rm -f "$log"
+}
+
 APT_PACKAGES=(postgresql redis-server orthanc orthanc-dicomweb dcmtk dicom3tools chromium)
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
@@ -24,12 +38,12 @@ fi
 "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
 
 bash scripts/install.sh
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+pip_install -e ".[test]"
 # The Triton server binary for the "triton" backend tests. --no-deps: the wheel's Python
 # API pins numpy<2, which would downgrade NumPy under the pylibjpeg codecs; only its
 # tritonserver binary and Python-backend stub are used (worker/inference/triton_server.py).
 if ! .venv/bin/python -c 'import importlib.metadata as m; assert m.version("nvidia-pytriton") == "0.7.0"' 2>/dev/null; then
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-pytriton==0.7.0"
+    pip_install --no-deps "nvidia-pytriton==0.7.0"
 fi
 
 set +e

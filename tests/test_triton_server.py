@@ -26,6 +26,12 @@ from worker.inference.triton_server import (
     read_model_config,
 )
 
+# The tiny test models use the TorchScript ONNX exporter (no onnxscript needed).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
+]
+
 SIZE = 32  # S: image side
 FEATURES = 8  # F: embedding width
 CHANNELS = 4  # C: feature-map channels
