@@ -68,6 +68,9 @@ def test_qido_finds_the_study_and_its_received_and_result_series(served):
         served["overlay_sop_uids"]
     )
     assert client.search_for_studies(search_filters={"PatientID": "nobody"}) == []
+    wildcard = client.search_for_studies(search_filters={"PatientID": "PID-*", "ModalitiesInStudy": "SR"})
+    assert [pydicom.Dataset.from_json(s).StudyInstanceUID for s in wildcard] == [study_uid]
+    assert client.search_for_studies(search_filters={"PatientID": "PID_*"}) == []  # _ is literal
 
 
 def test_wado_returns_the_objects_exactly_as_written(served):

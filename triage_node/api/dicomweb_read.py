@@ -175,6 +175,14 @@ def _match(value: str | None, wanted: str | None) -> bool:
     return fnmatch.fnmatchcase(value, wanted) if any(c in wanted for c in "*?") else value == wanted
 
 
+def _sql_match(column: Any, wanted: str) -> Any:
+    """QIDO wildcard matching in SQL: ``*`` and ``?`` become ``%`` and ``_``."""
+    if not any(c in wanted for c in "*?"):
+        return column == wanted
+    escaped = wanted.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
+
+
 def _date_match(value: str | None, wanted: str | None) -> bool:
     """Single date or ``from-to`` range (PS3.4 C.2.2.2.5)."""
     if not wanted:
@@ -203,16 +211,21 @@ def search_studies(
     stmt = select(Study).order_by(Study.received_at.desc(), Study.id.desc())
     if StudyInstanceUID:
         stmt = stmt.where(Study.study_uid.in_(StudyInstanceUID.split(",")))
+    for column, wanted in ((Study.patient_id, PatientID), (Study.accession_number, AccessionNumber)):
+        if wanted:
+            stmt = stmt.where(_sql_match(column, wanted))
     base = _base_url(request)
     out = []
+    # Series are looked at only for candidates, and only until the page is full.
     for study in session.scalars(stmt):
-        if not (_match(study.patient_id, PatientID) and _match(study.accession_number, AccessionNumber)
-                and _date_match(study.study_date, StudyDate)):
+        if not _date_match(study.study_date, StudyDate):
             continue
         series = held_series(session, study)
         if ModalitiesInStudy and ModalitiesInStudy not in {s.modality for s in series}:
             continue
         out.append(_study_json(study, series, base))
+        if len(out) >= offset + limit:
+            break
     page = out[offset : offset + limit]
     return JSONResponse(page, media_type=DICOM_JSON) if page else Response(status_code=204)
 
