@@ -222,3 +222,23 @@ def test_manual_priority_change_through_the_api_reaches_the_ris(sqlite_database,
     with sqlite_database.factory() as session:
         event = session.scalars(select(AuditEvent).where(AuditEvent.action == "notify.hl7")).one()
     assert event.outcome == "ok" and event.detail["trigger"] == "manual priority"
+
+
+def test_no_patient_identifier_reaches_a_log_line(sqlite_database, receiver):
+    from structlog.testing import capture_logs
+
+    with MLLPListener() as ris:
+        settings = load_settings(secret_key=SECRET, webhook_urls=[receiver.url], hl7_host="127.0.0.1",
+                                 hl7_port=ris.port)
+        with transaction(sqlite_database.factory) as session:
+            study = add_study(session, patient_name="Secretname^Hidden")
+            result = add_result(session, study, {"any": 0.9, "epidural": 0.9})
+            with capture_logs() as logs:
+                compute_priority(session, study, settings)
+            patient_id = study.patient_id
+        with capture_logs() as more:
+            notify_job(settings, sqlite_database.factory, result.job_id, sleep=lambda s: None)
+        assert "Secretname" in str(ris.messages[0])  # the RIS does get it
+    text = repr(logs + more)
+    assert "Secretname" not in text and patient_id not in text and "ACC1" not in text
+    assert any(e["event"] == "hl7.acknowledged" for e in more)
