@@ -112,14 +112,13 @@ def register(app: typer.Typer) -> None:
         studies: int = typer.Option(4, "--studies", min=1, max=20, help="Synthetic studies to send."),
         data_dir: Path | None = typer.Option(None, "--data-dir",
                                              help="Data directory (default: a fresh temporary one)."),
-        slices: int = typer.Option(24, "--slices", min=8, max=64, help="Slices per study."),
         timeout: float = typer.Option(110.0, "--timeout", help="Seconds to wait for all results."),
     ) -> None:
         """Generate studies, run node + worker + a local PACS, send, and show the worklist."""
         from worker.demo import DemoError, run_demo
 
         try:
-            code = run_demo(out=out, n_studies=studies, data_dir=data_dir, slices=slices, timeout=timeout)
+            code = run_demo(out=out, n_studies=studies, data_dir=data_dir, timeout=timeout)
         except DemoError as exc:
             typer.echo(f"demo failed: {exc}", err=True)
             raise typer.Exit(1) from None
