@@ -139,6 +139,8 @@ def test_pages_and_images_need_the_login_cookie(sqlite_api, tmp_path):
         response = anonymous.get(path)
         assert response.status_code == 303 and response.headers["location"].startswith("/login"), path
     assert anonymous.get("/static/app.js").status_code == 200  # static files are public
+    sender = anonymous.post("/login", data={"token": sqlite_api.tokens["sender"], "next": "/worklist"})
+    assert sender.status_code == 401 and "set-cookie" not in sender.headers  # STOW-only token
     response = anonymous.post("/login", data={"token": sqlite_api.tokens["viewer"], "next": "//evil.example"})
     assert response.status_code == 303 and response.headers["location"] == "/worklist"
     cookie = response.headers["set-cookie"]

@@ -19,7 +19,7 @@ from fastapi.templating import Jinja2Templates
 
 from triage_node import CLASSES, SUBTYPES
 from triage_node.api.audit_api import to_csv
-from triage_node.api.auth import authenticate
+from triage_node.api.auth import Role, authenticate
 from triage_node.api.studies_api import find_object, get_study, render_png
 from triage_node.api.deps import SessionDep, SettingsDep
 from triage_node.api.worklist import actor_of, item_from_row
@@ -70,11 +70,19 @@ def login_redirect(_request: Request, exc: LoginRequired) -> RedirectResponse:
     return RedirectResponse("/login?" + urlencode({"next": exc.next_url}), status_code=303)
 
 
+#: Roles that may read the pages (a STOW-RS "sender" token may not).
+READER_ROLES = frozenset({Role.viewer, Role.admin})
+
+
 def principal_from_token(request: Request, token: str | None) -> Any:
-    """The token's principal (name, role) or None, using the API's own token check."""
+    """The principal (name, role) of a token that may read the pages, or None.
+
+    Uses the API's own token check (`triage_node.api.auth.authenticate`).
+    """
     if not token:
         return None
-    return authenticate(request.app.state.session_factory, request.app.state.settings, token)
+    principal = authenticate(request.app.state.session_factory, request.app.state.settings, token)
+    return principal if principal is not None and principal.role in READER_ROLES else None
 
 
 def web_user(request: Request) -> Any:
