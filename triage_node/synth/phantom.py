@@ -129,18 +129,22 @@ class Anatomy:
 def floor_z(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Height of the skull base: anterior, middle and posterior fossa floors.
 
-    The posterior fossa is a bowl around the foramen magnum; the middle fossae are
-    deep laterally (temporal lobes) and shallow over the sphenoid body; the
-    anterior fossa (orbital roofs) is highest.
+    The orbital roofs bulge up into the anterior fossa (cribriform plate lower in
+    the midline); the middle fossae are bowls deep laterally (temporal lobes)
+    beside the sphenoid body; the posterior fossa is a bowl around the foramen
+    magnum. Curved floors cut by an axial slice give rings and crescents of bone,
+    not plates.
     """
     ax = np.abs(x)
     pf_edge = 2.0 + 0.45 * ax  # petrous ridges run anteromedial to posterolateral
     post = np.clip((y - pf_edge) / 6.0 + 0.5, 0.0, 1.0)
-    ant = np.clip((-30.0 - y) / 6.0 + 0.5, 0.0, 1.0)
-    lateral = np.clip((ax - 17.0) / 8.0 + 0.5, 0.0, 1.0)
-    middle = -34.0 - 18.0 * lateral
+    ant = np.clip((-28.0 - y) / 8.0 + 0.5, 0.0, 1.0)
+    lateral = np.clip((ax - 10.0) / 8.0, 0.0, 1.0)
+    bowl_mid = np.minimum(-52.0 + 0.011 * ((ax - 38.0) ** 2 + 0.6 * (y + 3.0) ** 2), -30.0)
+    middle = -32.0 + lateral * (bowl_mid + 32.0)
+    anterior = -19.0 - 0.012 * ((ax - 28.0) ** 2 + (y + 52.0) ** 2)
     bowl = np.minimum(-67.0 + 0.0055 * (x * x + (y - 32.0) ** 2), -46.0)
-    return (middle + post * (bowl - middle) + ant * (-23.0 - middle)).astype(np.float32)
+    return (middle + post * (bowl - middle) + ant * (anterior - middle)).astype(np.float32)
 
 
 def tentorium_z(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -152,10 +156,10 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     """Draw one subject's anatomy."""
     a = rng.uniform(70, 79)
     waves = []
-    for _ in range(4):
+    for _ in range(5):
         v = rng.normal(size=3)
         v /= np.linalg.norm(v)
-        k = 2 * np.pi / rng.uniform(30, 45)
+        k = 2 * np.pi / rng.uniform(26, 40)
         waves.append((*(v * k).tolist(), float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.7, 1.3))))
     return Anatomy(
         axes=(a, a * rng.uniform(1.12, 1.22), a * rng.uniform(1.2, 1.32), rng.uniform(84, 94), 140.0),
@@ -265,7 +269,8 @@ def _ellipsoid(q, center, semi, angle_deg: float = 0.0):
     x, y, z = (q[i] - np.float32(center[i]) for i in range(3))
     if angle_deg:
         t = np.deg2rad(angle_deg)
-        x, y = x * np.float32(np.cos(t)) + y * np.float32(np.sin(t)), -x * np.float32(np.sin(t)) + y * np.float32(np.cos(t))
+        c, s = np.float32(np.cos(t)), np.float32(np.sin(t))
+        x, y = x * c + y * s, y * c - x * s
     return (x / semi[0]) ** 2 + (y / semi[1]) ** 2 + (z / semi[2]) ** 2
 
 

@@ -203,7 +203,8 @@ def render_axial(
             for i in range(len(SUBTYPES)):
                 frac[i, k0:k1] = ((cv.blood >> i) & 1).mean(axis=1)
 
-    rng = np.random.default_rng([spec.noise_seed, rows, int(round(spacing * 1000)), int(round(tilt_deg * 100)) + 10_000])
+    tilt_key = int(round(tilt_deg * 100)) + 10_000
+    rng = np.random.default_rng([spec.noise_seed, rows, int(round(spacing * 1000)), tilt_key])
     # Beam hardening at the petrous ridges (compute resolution).
     ridges_h = np.array([[-33.0, 17.0, -45.0], [33.0, 17.0, -45.0]])
     ridges_p = ridges_h @ rot.T + hc

@@ -41,7 +41,10 @@ from triage_node.synth.preview import dose_screen, montage
 from triage_node.synth.render import RenderedSeries, render_axial
 from triage_node.synth.spec import StudySpec, sample_study_spec
 
-__all__ = ["StudyTruth", "SeriesTruth", "write_dataset", "write_study", "study_spec", "LABEL_SUBTYPES", "COMPONENTS"]
+__all__ = [
+    "StudyTruth", "SeriesTruth", "StudyPlan", "plan_study", "write_dataset", "write_study", "study_spec",
+    "LABEL_SUBTYPES", "COMPONENTS",
+]
 
 log = get_logger(__name__)
 
@@ -191,6 +194,41 @@ def _write_ct_series(out_dir: Path, study: StudyHeader, sh: SeriesHeader, series
     return uids, paths
 
 
+@dataclass(frozen=True)
+class StudyPlan:
+    """The per-study random choices of :func:`write_study`, drawn before any rendering.
+
+    Every choice is drawn whatever the options, so options never shift the stream.
+    """
+
+    spec: StudySpec
+    header: StudyHeader
+    rows: int
+    tilt_deg: float
+    descending: bool
+    thickness: float
+    syntax: str  # used with transfer_syntax="mixed"
+    encoding: PixelEncoding  # scanner profile
+    kernels: tuple[str, str]
+    rng: np.random.Generator = field(repr=False, compare=False)
+
+
+def plan_study(seed: int, index: int, positive_fraction: float = 0.5, subtypes: Sequence[str] = SUBTYPES,
+               profile: str = "scanner") -> StudyPlan:
+    """Draw study ``index`` of a dataset: subject, lesions, header and acquisition."""
+    rng = np.random.default_rng([seed, index])
+    spec = sample_study_spec(rng, positive_fraction, subtypes)
+    header = _header(rng, seed, index, profile)
+    rows = int(rng.choice([512] * 8 + [256, 768]))
+    tilt = float(np.round(rng.uniform(-20, 20), 1)) if rng.random() < 0.35 else 0.0
+    descending = bool(rng.random() < 0.5)
+    thickness = float(rng.choice([5.0, 5.0, 5.0, 4.0]))
+    syntax = str(rng.choice(list(TRANSFER_SYNTAXES)))
+    encoding = SCANNER_ENCODINGS[int(rng.integers(len(SCANNER_ENCODINGS)))]
+    kernels = (("STANDARD", "BONE"), ("H40s", "H70h"))[int(rng.integers(2))]
+    return StudyPlan(spec, header, rows, tilt, descending, thickness, syntax, encoding, kernels, rng)
+
+
 def write_study(
     out_dir: Path,
     index: int,
@@ -205,31 +243,19 @@ def write_study(
     components: Sequence[str] = COMPONENTS,
 ) -> tuple[StudyTruth, list[tuple[str, np.ndarray]]]:
     """Write study ``index`` of a dataset; returns its truth and (SOP UID, labels) pairs."""
-    rng = np.random.default_rng([seed, index])
-    spec: StudySpec = sample_study_spec(rng, positive_fraction, subtypes)  # == study_spec(seed, index, ...)
-    header = _header(rng, seed, index, profile)
-    # Draw every per-study choice whatever the options, so options do not shift the stream.
-    drawn_rows = int(rng.choice([512] * 8 + [256, 768]))
-    tilt = float(np.round(rng.uniform(-20, 20), 1)) if rng.random() < 0.35 else 0.0
-    descending = bool(rng.random() < 0.5)
-    thickness = float(rng.choice([5.0, 5.0, 5.0, 4.0]))
-    drawn_syntax = str(rng.choice(list(TRANSFER_SYNTAXES)))
-    n_rows = rows or drawn_rows
-    if transfer_syntax == "mixed":
-        key = drawn_syntax
-    else:
-        key = transfer_syntax or "explicit"
+    plan = plan_study(seed, index, positive_fraction, subtypes, profile)
+    rng = plan.rng
+    spec, header, tilt, descending, thickness = plan.spec, plan.header, plan.tilt_deg, plan.descending, plan.thickness
+    n_rows = rows or plan.rows
+    key = plan.syntax if transfer_syntax == "mixed" else (transfer_syntax or "explicit")
     syntax = TRANSFER_SYNTAXES[key]
+    kernels = plan.kernels
     if profile == "scanner":
-        fixed = SCANNER_ENCODINGS[int(rng.integers(len(SCANNER_ENCODINGS)))]
-
         def enc_choice(_rng):
-            return fixed
+            return plan.encoding
     else:
         def enc_choice(_rng):
             return RSNA_ENCODINGS[int(_rng.random() < 0.3)]
-    vendor = int(rng.integers(2))
-    kernels = (("STANDARD", "BONE"), ("H40s", "H70h"))[vendor]
 
     need_clean = "bone" in components
     axial = render_axial(spec, n_rows, thickness, None, tilt, descending=descending, keep_clean=need_clean)
@@ -326,7 +352,7 @@ def _truth(sh: SeriesHeader, role: str, s: RenderedSeries, uids, syntax, labels:
 def study_spec(seed: int, index: int, positive_fraction: float = 0.5,
                subtypes: Sequence[str] = SUBTYPES) -> StudySpec:
     """The :class:`StudySpec` that :func:`write_dataset` uses for study ``index``."""
-    return sample_study_spec(np.random.default_rng([seed, index]), positive_fraction, subtypes)
+    return plan_study(seed, index, positive_fraction, subtypes).spec
 
 
 def write_dataset(
