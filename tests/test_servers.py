@@ -160,6 +160,30 @@ def test_storescu_to_orthanc_then_qido_finds_study(orthanc: OrthancServer, tmp_p
     assert studies[0]["00201208"]["Value"] == [3]
 
 
+def test_synthetic_jpeg_lossless_study_reaches_orthanc(orthanc: OrthancServer, tmp_path: Path) -> None:
+    from triage_node.synth.study import write_dataset
+
+    (truth,) = write_dataset(
+        tmp_path / "synth", 1, seed=3, rows=256, components=("axial",), transfer_syntax="jpeg-lossless"
+    )
+    files = sorted((tmp_path / "synth" / truth.study_uid).rglob("*.dcm"))
+    assert files
+    result = storescu(tmp_path / "synth" / truth.study_uid, "127.0.0.1", orthanc.dicom_port, orthanc.aet)
+    assert result.returncode == 0, result.stderr
+
+    response = httpx.get(
+        f"{orthanc.dicomweb_url}/studies/{truth.study_uid}/series",
+        headers={"Accept": "application/dicom+json"},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    (series,) = response.json()
+    # Number of Series Related Instances (0020,1209)
+    assert series["00201209"]["Value"] == [len(files)]
+    stored = orthanc.get(f"/instances/{orthanc.instances()[0]}/metadata/TransferSyntax").text
+    assert stored == "1.2.840.10008.1.2.4.70"  # kept as sent: JPEG Lossless SV1
+
+
 def test_orthanc_stop_refuses_then_start_keeps_storage(orthanc: OrthancServer, tmp_path: Path) -> None:
     files = make_ct_series(tmp_path / "s", n=1)
     assert storescu(files, "127.0.0.1", orthanc.dicom_port, orthanc.aet).returncode == 0
