@@ -93,10 +93,13 @@ def reconstruct(
     op = resample_matrix(rows, hu_c.shape[-1], psf_mm / pixel, gain)
     noise_gain = float(np.sqrt((op.astype(np.float64) ** 2).sum(axis=1)).mean() ** 2)
     std = std5 * np.sqrt(5.0 / max(thickness_mm, 0.3)) / noise_gain
-    x = rng.standard_normal(hu_c.shape, dtype=np.float32)
-    x *= np.float32(std)
-    x += hu_c
-    return separable(op, x)
+    out = np.empty((hu_c.shape[0], rows, rows), dtype=np.float32)
+    for z0 in range(0, hu_c.shape[0], 16):  # bounded temporaries for thin series
+        x = rng.standard_normal(hu_c[z0:z0 + 16].shape, dtype=np.float32)
+        x *= np.float32(std)
+        x += hu_c[z0:z0 + 16]
+        out[z0:z0 + 16] = separable(op, x)
+    return out
 
 
 def separable(op: np.ndarray, x: np.ndarray) -> np.ndarray:

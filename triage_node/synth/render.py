@@ -191,7 +191,7 @@ def render_axial(
 
     chunk = max(1, _POINTS_PER_CHUNK // (n_sub * crows * crows))
     hu_c = np.empty((n_slices, crows, crows), dtype=np.float32)
-    frac = np.zeros((len(SUBTYPES), n_slices, crows, crows), dtype=np.float32)
+    blood_c = np.zeros((n_slices, crows, crows), dtype=np.uint8)  # bit i: >= half the thickness
     for k0 in range(0, n_slices, chunk):
         k1 = min(n_slices, k0 + chunk)
         cv = Canvas(origins_h[k0:k1], e_row, e_col, n_h, sub, (crows, crows), gravity)
@@ -201,7 +201,8 @@ def render_axial(
         hu_c[k0:k1] = cv.hu.mean(axis=1)
         if cv.blood.any():
             for i in range(len(SUBTYPES)):
-                frac[i, k0:k1] = ((cv.blood >> i) & 1).mean(axis=1)
+                half = ((cv.blood >> i) & 1).mean(axis=1) >= 0.5
+                blood_c[k0:k1] |= half.astype(np.uint8) << i
 
     tilt_key = int(round(tilt_deg * 100)) + 10_000
     rng = np.random.default_rng([spec.noise_seed, rows, int(round(spacing * 1000)), tilt_key])
@@ -215,19 +216,19 @@ def render_axial(
     skull_base_streaks(hu_c, anchors, weights, spec.streak_hu, ps_c, rng)
 
     masks = np.zeros((n_slices, rows, rows), dtype=np.uint8)
-    if rows != crows:
-        up = resample_matrix(rows, crows, 0.0)
-    if frac.any():
+    if blood_c.any():
         # Visible blood: at least half the slice thickness, blood-like density after
         # partial volume, and not drowned in the partial volume of adjacent bone.
         visible = (hu_c >= 40.0) & (hu_c <= 100.0)
         visible &= ndimage.maximum_filter(hu_c, size=(1, 3, 3)) < 400.0
-    for i in range(len(SUBTYPES)):
-        if frac[i].any():
-            f = ((frac[i] >= 0.5) & visible).astype(np.float32)
-            if rows != crows:
-                f = separable(up, f)
-            masks |= (f >= 0.5).astype(np.uint8) << i
+        blood_c &= visible.astype(np.uint8) * np.uint8(0xFF)
+        up = resample_matrix(rows, crows, 0.0)
+        for i in range(len(SUBTYPES)):
+            bit = ((blood_c >> i) & 1).astype(np.float32)
+            for z0 in range(0, n_slices, 16):
+                if bit[z0:z0 + 16].any():
+                    f = separable(up, bit[z0:z0 + 16]) if rows != crows else bit[z0:z0 + 16]
+                    masks[z0:z0 + 16] |= (f >= 0.5).astype(np.uint8) << i
     yy, xx = np.mgrid[0:rows, 0:rows]
     half = (rows - 1) / 2
     fov_mask = (yy - half) ** 2 + (xx - half) ** 2 <= (rows / 2) ** 2

@@ -99,7 +99,7 @@ def sample_study_spec(
     return StudySpec(
         anatomy=anatomy,
         lesions=tuple(lesions),
-        head_center=(float(rng.normal(0, 4)), float(rng.normal(8, 6)), float(rng.uniform(-180, 60))),
+        head_center=(float(rng.normal(0, 4)), float(rng.normal(3, 4)), float(rng.uniform(-180, 60))),
         fov_mm=float(rng.choice([220.0, 230.0, 240.0, 250.0])),
         streak_hu=float(rng.uniform(8, 28)),
         noise_seed=int(rng.integers(2**31)),

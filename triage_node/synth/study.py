@@ -295,7 +295,7 @@ def write_study(
     if thin:
         thk = float(rng.choice([0.625, 1.0, 1.25]))
         n = min(250, int(np.ceil(axial.hu.shape[0] * thickness / thk)))
-        thin_s = render_axial(spec, n_rows, thk, n, tilt, descending=descending)
+        thin_s = render_axial(spec, min(n_rows, 512), thk, n, tilt, descending=descending)
         sh = sheader("thin", 4, f"Head {thk:g}mm Brain", ("ORIGINAL", "PRIMARY", "AXIAL"), kernels[0],
                      (40.0, 80.0), 1, thk)
         uids, _ = _write_ct_series(out_dir, header, sh, thin_s, enc_choice, syntax, seed, index, "thin", rng)
@@ -383,7 +383,7 @@ def write_dataset(
     subtypes : sequence of str
         Subtypes allowed in positive studies.
     thin : bool
-        Also write a thin (0.625-1.25 mm) brain series of up to 250 slices.
+        Also write a thin (0.625-1.25 mm) brain series of up to 250 slices (at most 512 x 512).
     transfer_syntax : str, optional
         One of ``explicit``, ``implicit``, ``jpeg-lossless``, ``jpeg2000-lossless``,
         ``rle`` or ``mixed`` (random per study); default explicit VR little endian.
