@@ -36,13 +36,14 @@ def _completeness(settings: Settings, session_factory: Any) -> Any | None:
 class _ApiServer:
     """uvicorn running ``triage_node.api.app.create_app`` in a thread of this process."""
 
-    def __init__(self, settings: Settings, session_factory: Any) -> None:
+    def __init__(self, settings: Settings, session_factory: Any, store: InstanceStore,
+                 tracker: Any | None) -> None:
         import uvicorn
 
         from triage_node.api.app import create_app
 
         config = uvicorn.Config(
-            create_app(settings, session_factory),
+            create_app(settings, session_factory, store=store, tracker=tracker),
             host=settings.http_host,
             port=settings.http_port,
             log_config=None,
@@ -93,6 +94,9 @@ def serve(
             settings, session_factory, tracker.instance_stored if tracker else None
         ),
     )
+    stale = store.spool.remove_stale_temp_files()
+    if stale:
+        log.warning("removed temporary files left by an interrupted write", count=stale)
     scp = StorageSCP(
         settings, store, association_finished=tracker.association_finished if tracker else None
     )
@@ -111,7 +115,7 @@ def serve(
         if tracker is not None:
             tracker.run_in_thread()
         if not no_api and importlib.util.find_spec("triage_node.api.app") is not None:
-            api = _ApiServer(settings, session_factory).start()
+            api = _ApiServer(settings, session_factory, store, tracker).start()
             log.info("HTTP API started", host=settings.http_host, port=settings.http_port)
         log.info("node ready", data_dir=str(settings.data_dir.resolve()))
         while not stop.wait(1.0):

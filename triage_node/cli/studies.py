@@ -108,8 +108,8 @@ def studies(
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} studies", show_lines=False)
-    for column in ("study / series", "#", "mod", "description", "instances", "state",
-                   "selection", "reason", "job"):
+    table.add_column("study / series UID", no_wrap=True)
+    for column in ("#", "mod", "description", "instances", "state", "selection", "reason", "job"):
         table.add_column(column, overflow="fold")
     for study in rows:
         table.add_row(
@@ -131,4 +131,4 @@ def studies(
                 s["selection_reason"] or "",
                 f"#{job['id']} v{job['version']} {job['state']} {job['queue']}" if job else "",
             )
-    Console(width=200).print(table)
+    Console(width=max(200, Console().width)).print(table)

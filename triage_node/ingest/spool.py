@@ -25,6 +25,8 @@ __all__ = ["InvalidUID", "Spool", "validate_uid"]
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 UID_MAX_LENGTH = 64
 
+TEMP_PREFIX = ".incoming-"
+TEMP_SUFFIX = ".tmp"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
@@ -109,11 +111,11 @@ class Spool:
         path = self.path_for(study_uid, series_uid, sop_uid, version)
         self._makedirs(path.parent)
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=path.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=path.parent)
         except FileNotFoundError:  # the folder was removed behind the cache's back
             self._known_dirs.clear()
             self._makedirs(path.parent)
-            fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=path.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=path.parent)
         try:
             os.fchmod(fd, FILE_MODE)
             view = memoryview(data)
@@ -141,6 +143,18 @@ class Spool:
             raise ValueError(f"{path} is outside the spool")
         _unlink_quietly(path)
         _fsync_dir(path.parent)
+
+    def remove_stale_temp_files(self) -> int:
+        """Delete temporary files left by a crash mid-write (call at start, before serving).
+
+        They were never renamed to a final name, so no instance was acknowledged for them.
+        Returns how many were removed.
+        """
+        removed = 0
+        for path in self.root.rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+            _unlink_quietly(path)
+            removed += 1
+        return removed
 
     def free_mb(self) -> float:
         """Free space on the spool's file system, in MiB (for the watermark)."""

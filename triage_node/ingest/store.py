@@ -18,6 +18,7 @@ Status codes are those of the Storage Service Class, PS3.4 Annex B.2.3, Table B.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,8 +29,8 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.status import Status
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -234,6 +235,62 @@ def _pixel_data_complete(data: bytes, position: int, implicit: bool) -> bool:
     return position + header + length <= len(data)
 
 
+def _meta_group_length_consistent(data: bytes, meta: Dataset | None) -> bool:
+    """Check FileMetaInformationGroupLength (0002,0000) against the group 0002 elements.
+
+    The File Meta Information is always Explicit VR Little Endian (PS3.10 7.1); a group
+    length that points past the elements (or past the file) would make other readers
+    start the data set at the wrong byte.
+    """
+    if data[128:132] != b"DICM" or meta is None or meta.get("FileMetaInformationGroupLength") is None:
+        return True
+    position = 132
+    while position + 8 <= len(data):
+        group, _elem = struct.unpack_from("<HH", data, position)
+        if group != 0x0002:
+            break
+        vr = data[position + 4 : position + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            if position + 12 > len(data):
+                return True
+            position += 12 + struct.unpack_from("<I", data, position + 8)[0]
+        else:
+            position += 8 + struct.unpack_from("<H", data, position + 6)[0]
+    if position + 8 > len(data):
+        return True  # cut inside the file meta: the missing UIDs refuse it
+    return 132 + 12 + int(meta.FileMetaInformationGroupLength) == position
+
+
+def _native_pixel_data_problem(ds: Dataset, data: bytes, position: int, implicit: bool) -> str | None:
+    """Why native Pixel Data (7FE0,0010) does not fit the image attributes, or None.
+
+    PS3.5 8.1.1: native pixel data holds Rows x Columns x SamplesPerPixel x
+    NumberOfFrames cells of BitsAllocated bits, padded to an even length. A value of
+    another length (or image attributes that are not numbers) cannot be decoded later.
+    """
+    if data[position : position + 4] != _PIXEL_DATA_TAG:
+        return None
+    offset = 4 if implicit else 8
+    length = int.from_bytes(data[position + offset : position + offset + 4], "little")
+    try:
+        cells = 1
+        for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated"):
+            value = int(ds[keyword].value)
+            if value <= 0:
+                raise ValueError(keyword)
+            cells *= value
+        frames = int(ds.get("NumberOfFrames") or 1)
+        if frames <= 0:
+            raise ValueError("NumberOfFrames")
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"image attributes missing or not positive integers: {exc}"
+    expected = (cells * frames + 7) // 8
+    expected += expected % 2
+    if length != expected:
+        return f"Pixel Data is {length} bytes, the image attributes need {expected}"
+    return None
+
+
 def parse_header(data: bytes) -> _Header:
     """Parse the header of a Part 10 file (stops before Pixel Data; nothing is decoded).
 
@@ -251,12 +308,17 @@ def parse_header(data: bytes) -> _Header:
             pass
         stopped_at = fp.tell()
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
-            NotImplementedError, AttributeError, IndexError) as exc:
+            NotImplementedError, AttributeError, IndexError, BytesLengthException,
+            struct.error, OverflowError) as exc:
         raise _Refused(CANNOT_UNDERSTAND, f"header cannot be parsed: {type(exc).__name__}") from None
+    except RecursionError:
+        raise _Refused(CANNOT_UNDERSTAND, "header cannot be parsed: sequences nested too deep") from None
     meta = getattr(ds, "file_meta", None)
     transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if not transfer_syntax:
         raise _Refused(CANNOT_UNDERSTAND, "file meta has no TransferSyntaxUID")
+    if not _meta_group_length_consistent(data, meta):
+        raise _Refused(CANNOT_UNDERSTAND, "FileMetaInformationGroupLength does not match the file meta")
     if transfer_syntax != DeflatedExplicitVRLittleEndian and not _pixel_data_complete(
         data, stopped_at, implicit=transfer_syntax == ImplicitVRLittleEndian
     ):
@@ -280,6 +342,16 @@ def parse_header(data: bytes) -> _Header:
         transfer_syntax = validate_uid(str(transfer_syntax), "TransferSyntaxUID")
     except InvalidUID as exc:
         raise _Refused(INVALID_UID, str(exc)) from None
+    from triage_node.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES  # scp imports this module
+
+    if transfer_syntax not in ACCEPTED_TRANSFER_SYNTAXES:
+        raise _Refused(CANNOT_UNDERSTAND, f"transfer syntax {transfer_syntax} is not accepted")
+    if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        problem = _native_pixel_data_problem(
+            ds, data, stopped_at, implicit=transfer_syntax == ImplicitVRLittleEndian
+        )
+        if problem:
+            raise _Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, problem)
     return _Header(
         ds=ds,
         study_uid=uids["StudyInstanceUID"],
@@ -437,7 +509,7 @@ class InstanceStore:
                 raise _Refused(
                     DATABASE_UNAVAILABLE, f"database write failed: {type(exc).__name__}"
                 ) from None
-            log.info(
+            log.debug(
                 "instance stored",
                 study_uid=header.study_uid,
                 series_uid=header.series_uid,
@@ -611,7 +683,7 @@ class InstanceStore:
                 )
         except SQLAlchemyError as exc:
             raise _Refused(DATABASE_UNAVAILABLE, f"database write failed: {type(exc).__name__}") from None
-        log.info("duplicate instance", sop_uid=header.sop_uid, version=version, source=source)
+        log.debug("duplicate instance", sop_uid=header.sop_uid, version=version, source=source)
         return StoreOutcome(
             status=SUCCESS,
             study_uid=header.study_uid,
