@@ -14,11 +14,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from tests.servers import free_port
-from worker.inference import triton_cli
 from worker.inference.triton_server import (
     TritonServer,
     TritonServerError,
@@ -189,11 +187,10 @@ def test_bad_model_fails_start_with_log(tmp_path: Path) -> None:
     assert server.process is None
 
 
-def test_triton_group_registers_serve_with_help() -> None:
-    app = typer.Typer()
-    app.command("noop")(lambda: None)  # a second command keeps "triton" a sub-command
-    triton_cli.register(app)
-    result = CliRunner().invoke(app, ["triton", "serve", "--help"])
+def test_triage_node_has_triton_serve_with_help() -> None:
+    from triage_node.cli import build_app
+
+    result = CliRunner().invoke(build_app(), ["triton", "serve", "--help"])
     assert result.exit_code == 0, result.output
     for option in ("--repository", "--grpc-port", "--http-port"):
         assert option in result.output
@@ -204,7 +201,7 @@ def test_serve_answers_grpc_then_stops_on_sigterm(onnx_repository: Path) -> None
 
     grpc_port, http_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.inference.triton_cli", "serve",
+        [str(Path(sys.executable).parent / "triage-node"), "triton", "serve",
          "--repository", str(onnx_repository), "--grpc-port", str(grpc_port),
          "--http-port", str(http_port), "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
