@@ -129,6 +129,9 @@ def test_worklist_lists_positive_first_and_opens_its_study_page(sqlite_api, tmp_
         page.goto(f"{running.url}/audit?action=worklist.status")
         expect(page.locator("table.audit tbody tr")).to_have_count(1)
         expect(page.locator("table.audit tbody tr").first).to_contain_text("token:viewer-user")
+        page.goto(f"{running.url}/audit?study={uids['positive']}")
+        expect(page.locator("table.audit tbody tr")).to_have_count(2)  # priority, then status
+        page.screenshot(path=str(IMAGES / "audit.png"), full_page=True)
         page.close()
 
 

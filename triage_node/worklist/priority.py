@@ -27,8 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -189,8 +188,6 @@ def _resolve_study(session: Session, study: Study | int | str) -> Study:
 
 
 def _aware(value: datetime) -> datetime:
-    from datetime import UTC
-
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
@@ -380,14 +377,7 @@ def set_status(
 
 def waiting_hours(received_at: datetime, now: datetime | None = None) -> float:
     """Hours between ``received_at`` and ``now`` (naive datetimes are UTC)."""
-    from datetime import UTC
-
-    now = now or utcnow()
-    if received_at.tzinfo is None:
-        received_at = received_at.replace(tzinfo=UTC)
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=UTC)
-    return max(0.0, (now - received_at).total_seconds() / 3600.0)
+    return max(0.0, (_aware(now or utcnow()) - _aware(received_at)).total_seconds() / 3600.0)
 
 
 def effective_score(score: float, received_at: datetime, settings: Settings,
@@ -402,7 +392,7 @@ def recompute_all(session: Session, study_ids: Iterable[int], settings: Settings
     return [compute_priority(session, sid, settings, actor=actor, reason=reason) for sid in study_ids]
 
 
-__all__: list[Any] = [
+__all__ = [
     "CLASS_RANK",
     "PriorityError",
     "PriorityInputs",
