@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
@@ -141,8 +141,10 @@ def _header_uids(data: bytes) -> tuple[str | None, str | None, str | None]:
     try:
         ds = dcmread(BytesIO(data), stop_before_pixels=True,
                      specific_tags=["StudyInstanceUID", "SOPClassUID", "SOPInstanceUID"])
-    except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError):
-        return None, None, None
+    except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError,
+            AttributeError, IndexError, NotImplementedError, BytesLengthException,
+            RecursionError, OverflowError):
+        return None, None, None  # the store refuses it with the matching status
     meta = getattr(ds, "file_meta", None)
     sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
     sop_uid = ds.get("SOPInstanceUID") or (

@@ -1,0 +1,130 @@
+"""A real ``triage-node serve`` process for the reliability and security tests.
+
+The node runs as a subprocess (SCP, completeness timer and HTTP API in one process,
+JSON logs to a file), so the tests can SIGKILL it, restart it and check that it is still
+alive after hostile input. The database is migrated from the test process first, as
+``triage-node db upgrade`` would; tokens are created with the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.servers import _port_open, free_port, wait_until
+from triage_node.config import Settings, load_settings
+from triage_node.db import schema
+from triage_node.db.session import make_engine, make_sessionmaker, transaction
+
+TRIAGE_NODE = str(Path(sys.executable).parent / "triage-node")
+AET = "TRIAGE_NODE"
+
+
+class NodeProcess:
+    """``triage-node serve`` on free ports with its own data directory.
+
+    Parameters
+    ----------
+    data_dir : Path
+        Spool, SQLite database (unless ``database_url``) and broker folder.
+    env : dict, optional
+        Extra ``TRIAGE_*`` variables (they win over the defaults set here).
+    """
+
+    def __init__(self, data_dir: Path, *, database_url: str | None = None,
+                 broker_url: str | None = None, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
+        self.env_settings = {
+            "TRIAGE_DATA_DIR": str(data_dir),
+            "TRIAGE_DICOM_PORT": str(self.dicom_port),
+            "TRIAGE_HTTP_PORT": str(self.http_port),
+            "TRIAGE_LOG_FORMAT": "json",
+            "TRIAGE_MIN_FREE_DISK_MB": "1",
+            "TRIAGE_STABILITY_SECONDS": "2",
+        }
+        if database_url:
+            self.env_settings["TRIAGE_DATABASE_URL"] = database_url
+        if broker_url:
+            self.env_settings["TRIAGE_BROKER_URL"] = broker_url
+        self.env_settings.update(env or {})
+        self.process: subprocess.Popen | None = None
+        self.settings = self._settings()
+        self.engine = make_engine(self.settings.effective_database_url)
+        self.session_factory = make_sessionmaker(self.engine)
+
+    def _settings(self) -> Settings:
+        overrides: dict[str, Any] = {"data_dir": self.data_dir, "min_free_disk_mb": 1}
+        for key, value in self.env_settings.items():
+            name = key.removeprefix("TRIAGE_").lower()
+            if name in ("database_url", "broker_url", "secret_key", "environment"):
+                overrides[name] = value
+        return load_settings(**overrides)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def environ(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+        env.update(OMP_NUM_THREADS="1", **self.env_settings)
+        return env
+
+    def start(self, timeout: float = 60.0) -> NodeProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        schema.upgrade(self.settings.effective_database_url)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [TRIAGE_NODE, "serve"], env=self.environ(), stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        wait_until(lambda: _port_open(self.dicom_port), "node DICOM port", timeout=timeout,
+                   process=self.process, log=self.log_path)
+        wait_until(lambda: httpx.get(self.url + "/healthz", timeout=2).status_code == 200,
+                   "node HTTP API", timeout=timeout, process=self.process, log=self.log_path)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def token(self, role: str = "sender", name: str | None = None) -> str:
+        from triage_node.api.auth import create_token
+
+        with transaction(self.session_factory) as session:
+            return create_token(session, self.settings, role, name or f"{role}-test")[1]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the node's process group and reap it."""
+        if self.alive:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.alive:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def close(self) -> None:
+        self.stop()
+        self.engine.dispose()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
