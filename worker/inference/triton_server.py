@@ -328,6 +328,8 @@ class TritonServer:
             "--exit-on-error=true",
             "--exit-timeout-secs=10",
             "--log-verbose=0",
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=16777216",
         ]
         return command, env
 
