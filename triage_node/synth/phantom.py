@@ -140,10 +140,10 @@ def floor_z(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     post = np.clip((y - pf_edge) / 6.0 + 0.5, 0.0, 1.0)
     ant = np.clip((-28.0 - y) / 8.0 + 0.5, 0.0, 1.0)
     lateral = np.clip((ax - 10.0) / 8.0, 0.0, 1.0)
-    bowl_mid = np.minimum(-52.0 + 0.011 * ((ax - 38.0) ** 2 + 0.6 * (y + 3.0) ** 2), -30.0)
+    bowl_mid = np.minimum(-52.0 + 0.02 * ((ax - 38.0) ** 2 + 0.6 * (y + 3.0) ** 2), -30.0)
     middle = -32.0 + lateral * (bowl_mid + 32.0)
-    anterior = -19.0 - 0.012 * ((ax - 28.0) ** 2 + (y + 52.0) ** 2)
-    bowl = np.minimum(-67.0 + 0.0055 * (x * x + (y - 32.0) ** 2), -46.0)
+    anterior = -19.0 - 0.02 * ((ax - 28.0) ** 2 + (y + 52.0) ** 2)
+    bowl = np.minimum(-67.0 + 0.008 * (x * x + (y - 32.0) ** 2), -46.0)
     return (middle + post * (bowl - middle) + ant * (anterior - middle)).astype(np.float32)
 
 
