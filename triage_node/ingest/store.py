@@ -18,6 +18,8 @@ Status codes are those of the Storage Service Class, PS3.4 Annex B.2.3, Table B.
 from __future__ import annotations
 
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -401,6 +403,11 @@ class InstanceStore:
         self.on_stored = on_stored
         self.spool = Spool(settings.spool_dir)
         self._series_ids: dict[str, int] = {}
+        self._sop_locks = [threading.Lock() for _ in range(64)]
+        # File writes run here, overlapping the SQL work of the same instance.
+        self._io = ThreadPoolExecutor(
+            max_workers=max(2, settings.max_associations), thread_name_prefix="spool"
+        )
 
     # -- watermark -----------------------------------------------------------------
     def below_watermark(self) -> bool:
@@ -471,77 +478,109 @@ class InstanceStore:
         return outcome
 
     # -- internals -----------------------------------------------------------------
+    def _lock_for(self, sop_uid: str) -> threading.Lock:
+        return self._sop_locks[hash(sop_uid) % len(self._sop_locks)]
+
     def _spool_and_record(
         self, header: _Header, data: bytes, calling_ae: str, peer: str, source: str, actor: str
     ) -> StoreOutcome:
+        """Spool and record one object under its SOP Instance UID's lock.
+
+        The lock (striped by UID) keeps two associations sending the same SOP Instance
+        UID at once from choosing the same version file. Within one session: read the
+        known versions; then write the file in the I/O pool while the rows are staged
+        (the fsyncs overlap the SQL work); commit only once the file is durable.
+        """
         # The digest covers the dataset only: the same object sent by two peers has
         # different file meta (PS3.10 7.1, Implementation Class UID etc.).
         digest = hashlib.sha256(memoryview(data)[header.dataset_offset :]).hexdigest()
-        for attempt in range(_INSERT_RETRIES):
-            try:
-                existing = self._existing_versions(header.sop_uid)
-            except SQLAlchemyError as exc:
-                raise _Refused(DATABASE_UNAVAILABLE, f"database read failed: {type(exc).__name__}") from None
-            same = [row for row in existing if row[1] == digest]
-            if same:
-                return self._duplicate(header, same[0], actor, source)
-            version = max((row[0] for row in existing), default=0) + 1
-            try:
-                path = self.spool.write(
-                    header.study_uid, header.series_uid, header.sop_uid, data, version
-                )
-            except OSError as exc:
-                raise _Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
-            try:
-                self._record(header, data, digest, version, path, calling_ae, source, actor)
-            except _Refused:
-                self._discard_unreferenced(path)
-                raise
-            except IntegrityError:
-                # Another association stored the same SOP Instance UID at the same time:
-                # look again (it may now be a duplicate, or need the next version).
-                self._discard_unreferenced(path)
-                if attempt + 1 == _INSERT_RETRIES:
-                    raise _Refused(DATABASE_UNAVAILABLE, "instance row conflicts") from None
-                continue
-            except SQLAlchemyError as exc:
-                self._discard_unreferenced(path)
-                raise _Refused(
-                    DATABASE_UNAVAILABLE, f"database write failed: {type(exc).__name__}"
-                ) from None
-            log.debug(
-                "instance stored",
-                study_uid=header.study_uid,
-                series_uid=header.series_uid,
-                sop_uid=header.sop_uid,
-                version=version,
-                source=source,
-                bytes=len(data),
-            )
-            return StoreOutcome(
-                status=SUCCESS,
-                study_uid=header.study_uid,
-                series_uid=header.series_uid,
-                sop_uid=header.sop_uid,
-                stored=True,
-                duplicate=False,
-                version=version,
-                sop_class_uid=header.sop_class_uid,
-                path=path,
-            )
+        with self._lock_for(header.sop_uid):
+            for attempt in range(_INSERT_RETRIES):
+                try:
+                    return self._spool_and_record_once(
+                        header, data, digest, calling_ae, source, actor
+                    )
+                except IntegrityError:
+                    # A row appeared under us (another process, or a study/series race
+                    # on PostgreSQL): read again.
+                    if attempt + 1 == _INSERT_RETRIES:
+                        raise _Refused(DATABASE_UNAVAILABLE, "instance row conflicts") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _existing_versions(self, sop_uid: str) -> list[tuple[int, str, str]]:
-        with self.session_factory() as session:
-            rows = session.execute(
-                select(Instance.version, Instance.sha256, Instance.path).where(
-                    Instance.sop_uid == sop_uid
+    def _spool_and_record_once(
+        self, header: _Header, data: bytes, digest: str, calling_ae: str, source: str, actor: str
+    ) -> StoreOutcome:
+        written: Path | None = None
+        committed = False
+        try:
+            with self.session_factory() as session:
+                rows = session.execute(
+                    select(Instance.version, Instance.sha256, Instance.path).where(
+                        Instance.sop_uid == header.sop_uid
+                    )
+                ).all()
+                same = [row for row in rows if row[1] == digest]
+                if same:
+                    return self._duplicate(session, header, same[0], actor, source)
+                version = max((int(row[0]) for row in rows), default=0) + 1
+                future = self._io.submit(
+                    self.spool.write,
+                    header.study_uid, header.series_uid, header.sop_uid, data, version,
                 )
-            ).all()
-        return [(int(v), str(h), str(p)) for v, h, p in rows]
+                try:
+                    path = self.spool.path_for(
+                        header.study_uid, header.series_uid, header.sop_uid, version
+                    )
+                    series_id = self._stage_rows(session, header, data, digest, version,
+                                                 path, calling_ae, source, actor)
+                    session.flush()
+                finally:
+                    try:
+                        written = future.result()
+                    except OSError as exc:
+                        raise _Refused(
+                            OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}"
+                        ) from None
+                # The file is durable (fsynced, renamed, directory fsynced): commit.
+                session.commit()
+                committed = True
+        except (_Refused, IntegrityError):
+            raise
+        except SQLAlchemyError as exc:
+            raise _Refused(
+                DATABASE_UNAVAILABLE, f"database write failed: {type(exc).__name__}"
+            ) from None
+        finally:
+            if written is not None and not committed:
+                self._discard_unreferenced(written)
+        # Only after the commit: a rolled-back insert must not be cached.
+        if len(self._series_ids) > 10_000:
+            self._series_ids.clear()
+        self._series_ids[header.series_uid] = series_id
+        log.debug(
+            "instance stored",
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            version=version,
+            source=source,
+            bytes=len(data),
+        )
+        return StoreOutcome(
+            status=SUCCESS,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            stored=True,
+            duplicate=False,
+            version=version,
+            sop_class_uid=header.sop_class_uid,
+            path=written,
+        )
 
-    def _record(
+    def _stage_rows(
         self,
+        session: Session,
         header: _Header,
         data: bytes,
         digest: str,
@@ -550,59 +589,57 @@ class InstanceStore:
         calling_ae: str,
         source: str,
         actor: str,
-    ) -> None:
-        """One short transaction: Study/Series upserts, the Instance row, an audit row.
+    ) -> int:
+        """Study/Series upserts, the Instance row and its audit row, not yet committed.
 
-        Core statements (not ORM units of work) keep this at a few hundred
+        Returns the series row id.
+
+        Core statements (not ORM units of work) keep this to a few hundred
         microseconds of Python per instance; the ids of a series already seen are
         cached, since study and series rows are never deleted.
         """
         ds = header.ds
         now = datetime.now(UTC)
         expected = _int(ds, "NumberOfSeriesRelatedInstances") or _int(ds, "ImagesInAcquisition")
-        with transaction(self.session_factory) as session:
-            series_id = self._series_ids.get(header.series_uid)
-            if series_id is None:
-                series_id = self._upsert_study_series(session, header, calling_ae, source, expected, now)
-            values: dict[str, Any] = {"last_received_at": now}
-            if version == 1:
-                values["instance_count"] = Series.instance_count + 1
-            if expected is not None:
-                values["expected_instances"] = expected
-            session.execute(update(Series).where(Series.id == series_id).values(**values))
-            session.execute(
-                insert(Instance).values(
-                    series_id=series_id,
-                    sop_uid=header.sop_uid,
-                    version=version,
-                    sop_class_uid=header.sop_class_uid,
-                    transfer_syntax=header.transfer_syntax,
-                    instance_number=_int(ds, "InstanceNumber"),
-                    slice_position=slice_position(ds),
-                    path=str(path),
-                    sha256=digest,
-                    size_bytes=len(data),
-                    calling_ae=calling_ae[:16],
-                    source=source,
-                    received_at=now,
-                )
-            )
-            audit.record(
-                session,
-                "instance.stored" if version == 1 else "instance.new_version",
-                actor=actor,
-                study_uid=header.study_uid,
-                series_uid=header.series_uid,
+        series_id = self._series_ids.get(header.series_uid)
+        if series_id is None:
+            series_id = self._upsert_study_series(session, header, calling_ae, source, expected, now)
+        values: dict[str, Any] = {"last_received_at": now}
+        if version == 1:
+            values["instance_count"] = Series.instance_count + 1
+        if expected is not None:
+            values["expected_instances"] = expected
+        session.execute(update(Series).where(Series.id == series_id).values(**values))
+        session.execute(
+            insert(Instance).values(
+                series_id=series_id,
                 sop_uid=header.sop_uid,
                 version=version,
-                sha256=digest,
-                source=source,
+                sop_class_uid=header.sop_class_uid,
                 transfer_syntax=header.transfer_syntax,
+                instance_number=_int(ds, "InstanceNumber"),
+                slice_position=slice_position(ds),
+                path=str(path),
+                sha256=digest,
+                size_bytes=len(data),
+                calling_ae=calling_ae[:16],
+                source=source,
+                received_at=now,
             )
-        # Only after the commit: a rolled-back insert must not be cached.
-        if len(self._series_ids) > 10_000:
-            self._series_ids.clear()
-        self._series_ids[header.series_uid] = series_id
+        )
+        audit.record(
+            session,
+            "instance.stored" if version == 1 else "instance.new_version",
+            actor=actor,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            version=version,
+            sha256=digest,
+            source=source,
+            transfer_syntax=header.transfer_syntax,
+        )
+        return series_id
 
     def _upsert_study_series(
         self,
@@ -665,24 +702,21 @@ class InstanceStore:
         return int(series_id)
 
     def _duplicate(
-        self, header: _Header, row: tuple[int, str, str], actor: str, source: str
+        self, session: Session, header: _Header, row: Any, actor: str, source: str
     ) -> StoreOutcome:
-        version, digest, path = row
-        try:
-            with transaction(self.session_factory) as session:
-                audit.record(
-                    session,
-                    "instance.duplicate",
-                    actor=actor,
-                    study_uid=header.study_uid,
-                    series_uid=header.series_uid,
-                    sop_uid=header.sop_uid,
-                    version=version,
-                    sha256=digest,
-                    source=source,
-                )
-        except SQLAlchemyError as exc:
-            raise _Refused(DATABASE_UNAVAILABLE, f"database write failed: {type(exc).__name__}") from None
+        version, digest, path = int(row[0]), str(row[1]), str(row[2])
+        audit.record(
+            session,
+            "instance.duplicate",
+            actor=actor,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            version=version,
+            sha256=digest,
+            source=source,
+        )
+        session.commit()
         log.debug("duplicate instance", sop_uid=header.sop_uid, version=version, source=source)
         return StoreOutcome(
             status=SUCCESS,
