@@ -22,7 +22,7 @@ from tests.pipeline_helpers import (  # noqa: F401 - fixtures
     session_factory,
 )
 from triage_node.config import load_settings
-from triage_node.db.models import AuditEvent, Job, JobState, Series
+from triage_node.db.models import AuditEvent, Job, JobState, Series, WorklistEntry
 from triage_node.queue import JobEnqueuer, make_client
 from triage_node.studies.completeness import (
     CompletenessTracker,
@@ -216,6 +216,18 @@ def test_stat_priority_and_stat_calling_ae_go_to_the_stat_queue(tmp_path, sessio
     with session_factory() as session:
         queues = {uid: session.get(Job, r.job_ids[0]).queue for uid, r in results.items()}
     assert queues == {by_ae: "stat", by_order: "stat", routine: "routine"}
+    # Studies are on the reading list from the moment they are triaged, before any
+    # result: a STAT order must already sit above routine work.
+    with session_factory() as session:
+        classes = {
+            uid: session.scalar(
+                select(WorklistEntry.priority_class).where(
+                    WorklistEntry.study_id == session.get(Job, r.job_ids[0]).study_id
+                )
+            )
+            for uid, r in results.items()
+        }
+    assert classes == {by_ae: "STAT-order", by_order: "STAT-order", routine: "routine"}
 
 
 def test_recover_after_restart_finds_receiving_and_late_series(tmp_path, session_factory):

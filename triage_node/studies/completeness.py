@@ -49,11 +49,13 @@ from triage_node.db.models import (
     Series,
     SeriesState,
     Study,
+    WorklistEntry,
 )
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
 from triage_node.queue import JobEnqueuer, choose_queue, make_client, reconcile_queued_jobs
 from triage_node.studies.selection import SelectionRules, load_rules, select_series
+from triage_node.worklist.priority import compute_priority
 
 log = get_logger(__name__)
 
@@ -430,6 +432,10 @@ class CompletenessTracker:
             series_uid=chosen.series_uid, job_id=job.id, version=version, queue=queue,
             queue_reason=queue_reason, supersedes=[j.id for j in active], reason=why,
         )
+        if session.scalar(select(WorklistEntry.id).where(WorklistEntry.study_id == study.id)) is None:
+            # The study joins the reading list as soon as it is triaged, not only once a
+            # result exists: a STAT order without a result must be visible too.
+            compute_priority(session, study.id, self.settings, actor=ACTOR, reason="study received")
         log.info("job.created", job_id=job.id, version=version, queue=queue,
                  series_uid=chosen.series_uid, reason=why)
         result.job_ids.append(job.id)
