@@ -19,6 +19,7 @@ from tests.ingest_support import (
     PATIENT_NAME,
     ct_dataset,
     database_url,  # noqa: F401  (fixture)
+    dataset_bytes,
     part10,
 )
 from triage_node.config import load_settings
@@ -308,3 +309,30 @@ def test_stow_source_is_recorded(env: Env) -> None:
     assert row.source == "stow"
     assert env.audit("instance.stored")[0].actor == "stow:token-a"
     assert dcmread(BytesIO(outcome.path.read_bytes())).SOPInstanceUID == row.sop_uid
+
+
+def test_concurrent_different_objects_under_one_sop_uid_get_distinct_versions(env: Env) -> None:
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    payloads = [part10(ct_dataset(study, series, 0, sop_uid=sop, seed=s)) for s in range(6)]
+    outcomes: list = []
+    barrier = threading.Barrier(len(payloads))
+
+    def send(data: bytes) -> None:
+        barrier.wait()
+        outcomes.append(env.put(data))
+
+    threads = [threading.Thread(target=send, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o.version for o in outcomes) == [1, 2, 3, 4, 5, 6]
+    assert all(o.status == SUCCESS for o in outcomes)
+    # Every row's file holds exactly the object whose digest the row records.
+    import hashlib
+
+    for row in env.instances():
+        data = Path(row.path).read_bytes()
+        assert data in payloads
+        assert hashlib.sha256(dataset_bytes(data)).hexdigest() == row.sha256
+    assert len(env.spooled()) == 6
