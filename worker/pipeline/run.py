@@ -545,25 +545,56 @@ def mark_failed(ctx: WorkerContext, job_id: int, version: int | None, exc: BaseE
 
 # -- delivery ------------------------------------------------------------------------------
 def deliver_pending(ctx: WorkerContext) -> dict[str, Any]:
-    """Deliver every due outbox item (:func:`worker.pipeline.delivery.deliver_due`)."""
+    """Deliver every due outbox item (:func:`worker.pipeline.delivery.deliver_due`), then
+    stamp ``delivered_at`` on the jobs whose objects have all been delivered."""
     from worker.pipeline.delivery import deliver_due
 
     if not ctx.settings.destinations:
         return {"sent": 0, "destinations": 0}
-    return deliver_due(ctx.session_factory, ctx.settings, _now()).as_dict()
+    report = deliver_due(ctx.session_factory, ctx.settings, _now()).as_dict()
+    if report.get("sent"):
+        report["jobs_delivered"] = stamp_delivered(ctx)
+    return report
+
+
+def stamp_delivered(ctx: WorkerContext, job_ids: list[int] | None = None) -> list[int]:
+    """Set ``Job.delivered_at`` (the last object's delivery time) where every outbox row is delivered.
+
+    Returns the ids of the jobs stamped now (each with a ``job.delivered`` audit row).
+    """
+    stamped: list[int] = []
+    with transaction(ctx.session_factory) as session:
+        query = (
+            select(Job).join(OutboxItem, OutboxItem.job_id == Job.id)
+            .where(Job.delivered_at.is_(None), OutboxItem.state == OutboxState.delivered)
+            .distinct()
+        )
+        if job_ids is not None:
+            query = query.where(Job.id.in_(job_ids))
+        for job in session.scalars(query).all():
+            items = session.scalars(select(OutboxItem).where(OutboxItem.job_id == job.id)).all()
+            if not all(i.state == OutboxState.delivered for i in items):
+                continue
+            job.delivered_at = max(i.delivered_at or _now() for i in items)
+            study = session.get(Study, job.study_id)
+            audit.record(session, "job.delivered", actor=ACTOR, job_id=job.id,
+                         study_uid=study.study_uid if study else None, objects=len(items),
+                         seconds_reported_to_delivered=round(
+                             (_aware(job.delivered_at) - _aware(job.reported_at)).total_seconds(), 3)
+                         if job.reported_at else None)
+            stamped.append(job.id)
+    return stamped
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def deliver_for_job(ctx: WorkerContext, job_id: int) -> dict[str, Any]:
-    """Deliver what is due right after a job, then stamp ``delivered_at`` once all of it is."""
+    """Deliver what is due right after a job; says whether all of this job's objects are delivered."""
     report = deliver_pending(ctx)
-    with transaction(ctx.session_factory) as session:
-        items = session.scalars(select(OutboxItem).where(OutboxItem.job_id == job_id)).all()
+    stamp_delivered(ctx, [job_id])
+    with ctx.session_factory() as session:
         job = session.get(Job, job_id)
-        if items and job is not None and all(i.state == OutboxState.delivered for i in items):
-            if job.delivered_at is None:
-                job.delivered_at = max(i.delivered_at or _now() for i in items)
-                study = session.get(Study, job.study_id)
-                audit.record(session, "job.delivered", actor=ACTOR, job_id=job_id,
-                             study_uid=study.study_uid if study else None, objects=len(items))
         report["job_delivered"] = bool(job is not None and job.delivered_at is not None)
     return report
