@@ -21,45 +21,55 @@ def _series_dirs(root: Path, truth: dict) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def scanner_dataset(tmp_path_factory) -> Path:
-    """Two scanner-profile studies with every series role (thin included), mixed syntaxes."""
-    out = tmp_path_factory.mktemp("synth_scanner")
-    write_dataset(out, studies=2, seed=20, thin=True, rows=256, transfer_syntax="mixed")
-    return out
+def scanner_datasets(tmp_path_factory) -> list[Path]:
+    """Scanner-profile studies with every series role: one with a thin series, one without."""
+    first = tmp_path_factory.mktemp("synth_scanner_thin")
+    write_dataset(first, studies=1, seed=20, thin=True, rows=256, transfer_syntax="mixed")
+    second = tmp_path_factory.mktemp("synth_scanner")
+    write_dataset(second, studies=1, seed=23, rows=256, transfer_syntax="jpeg-lossless")
+    return [first, second]
 
 
-def test_every_scanner_file_passes_dciodvfy(scanner_dataset: Path) -> None:
-    files = sorted(scanner_dataset.rglob("*.dcm"))
-    truths = json.loads((scanner_dataset / "studies.json").read_text())
-    roles = {s["role"] for t in truths for s in t["series"]}
-    assert roles == {"localizer", "axial", "bone", "thin", "dose_summary"}
-    assert len(files) == sum(s["n_instances"] for t in truths for s in t["series"])
+def test_every_scanner_file_passes_dciodvfy(scanner_datasets: list[Path]) -> None:
+    roles = set()
+    checked = 0
     failures = {}
-    for path in files:
-        result = dciodvfy(path)
-        bad = [line for line in result.output.splitlines() if "Error" in line]
-        if bad or result.errors:
-            failures[path.name] = bad or result.errors
-    assert not failures, f"{len(failures)} of {len(files)} files fail dciodvfy: {list(failures.items())[:3]}"
+    for root in scanner_datasets:
+        files = sorted(root.rglob("*.dcm"))
+        truths = json.loads((root / "studies.json").read_text())
+        roles |= {s["role"] for t in truths for s in t["series"]}
+        assert len(files) == sum(s["n_instances"] for t in truths for s in t["series"])
+        for path in files:
+            result = dciodvfy(path)
+            bad = [line for line in result.output.splitlines() if "Error" in line]
+            if bad or result.errors:
+                failures[path.name] = bad or result.errors
+            checked += 1
+    assert roles == {"localizer", "axial", "bone", "thin", "dose_summary"}
+    assert not failures, f"{len(failures)} of {checked} files fail dciodvfy: {list(failures.items())[:3]}"
 
 
-def test_scanner_headers_have_the_study_composition(scanner_dataset: Path) -> None:
-    truths = json.loads((scanner_dataset / "studies.json").read_text())
-    for truth in truths:
-        dirs = _series_dirs(scanner_dataset, truth)
-        loc = pydicom.dcmread(next(dirs["localizer"].glob("*.dcm")))
-        assert list(loc.ImageType) == ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-        bone = pydicom.dcmread(next(dirs["bone"].glob("*.dcm")), stop_before_pixels=True)
-        assert (float(bone.WindowCenter), float(bone.WindowWidth)) == (900.0, 2500.0)
-        dose = pydicom.dcmread(next(dirs["dose_summary"].glob("*.dcm")))
-        assert dose.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
-        axial = pydicom.dcmread(next(dirs["axial"].glob("*.dcm")), stop_before_pixels=True)
-        assert axial.Manufacturer == MANUFACTURER
-        assert axial.PatientName == truth["patient_name"] and "^" in str(axial.PatientName)
-        assert axial.PatientID == truth["patient_id"] and axial.PatientID.startswith("PID")
-        assert axial.StudyInstanceUID == truth["study_uid"] and axial.StudyInstanceUID.startswith("2.25.")
-        assert float(axial.SliceThickness) == next(s for s in truth["series"] if s["role"] == "axial")[
-            "slice_thickness"]
+def test_scanner_headers_have_the_study_composition(scanner_datasets: list[Path]) -> None:
+    for root in scanner_datasets:
+        for truth in json.loads((root / "studies.json").read_text()):
+            _check_composition(root, truth)
+
+
+def _check_composition(root: Path, truth: dict) -> None:
+    dirs = _series_dirs(root, truth)
+    loc = pydicom.dcmread(next(dirs["localizer"].glob("*.dcm")))
+    assert list(loc.ImageType) == ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    bone = pydicom.dcmread(next(dirs["bone"].glob("*.dcm")), stop_before_pixels=True)
+    assert (float(bone.WindowCenter), float(bone.WindowWidth)) == (900.0, 2500.0)
+    dose = pydicom.dcmread(next(dirs["dose_summary"].glob("*.dcm")))
+    assert dose.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    axial = pydicom.dcmread(next(dirs["axial"].glob("*.dcm")), stop_before_pixels=True)
+    assert axial.Manufacturer == MANUFACTURER
+    assert axial.PatientName == truth["patient_name"] and "^" in str(axial.PatientName)
+    assert axial.PatientID == truth["patient_id"] and axial.PatientID.startswith("PID")
+    assert axial.StudyInstanceUID == truth["study_uid"] and axial.StudyInstanceUID.startswith("2.25.")
+    assert float(axial.SliceThickness) == next(s for s in truth["series"] if s["role"] == "axial")[
+        "slice_thickness"]
 
 
 def _read_hu(path: Path) -> tuple[pydicom.Dataset, np.ndarray]:

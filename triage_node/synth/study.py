@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
 
 from triage_node import SUBTYPES
@@ -161,8 +162,8 @@ def _localizer(axial: RenderedSeries) -> tuple[np.ndarray, np.ndarray, tuple, tu
     proj = proj[order]
     spacing = axial.slice_thickness
     ps = axial.pixel_spacing[0]
-    reps = max(1, int(round(spacing / ps)))
-    img = np.repeat(proj, reps, axis=0)
+    reps = max(1.0, spacing / ps)
+    img = ndimage.zoom(proj, (reps, 1.0), order=1, mode="nearest")
     size = axial.hu.shape[1]
     out = np.zeros((size, size), dtype=np.float32)
     top = max(0, (size - img.shape[0]) // 2)
