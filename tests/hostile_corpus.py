@@ -170,6 +170,8 @@ def _cases(base: Base) -> list[HostileCase]:
                             base.replace_element((0x0028, 0x0010), element(0x0028, 0x0010, b"UL", b"\x00\x02"))),
         lambda: HostileCase("wrong_vr_unknown_code", "an element whose VR is 'ZZ'",
                             base.insert_before(name_elem, element(0x0009, 0x0010, b"ZZ", b"HOSTILE "))),
+        lambda: HostileCase("wrong_vr_sop_class_unknown_code", "SOPClassUID (0008,0016) with VR 'TI' (found by the fuzzer)",
+                            base.data.replace(b"\x08\x00\x16\x00UI", b"\x08\x00\x16\x00TI", 1)),
         lambda: HostileCase("wrong_vr_study_uid_as_sequence", "StudyInstanceUID (0020,000D) encoded as SQ",
                             base.replace_element((0x0020, 0x000D), element(0x0020, 0x000D, b"SQ", b"\x01" * 16))),
         lambda: HostileCase("wrong_vr_rows_as_text", "Rows (0028,0010) as DS 'abc'",

@@ -141,16 +141,17 @@ def _header_uids(data: bytes) -> tuple[str | None, str | None, str | None]:
     try:
         ds = dcmread(BytesIO(data), stop_before_pixels=True,
                      specific_tags=["StudyInstanceUID", "SOPClassUID", "SOPInstanceUID"])
+        # Values are converted on access: a malformed one raises here, not in the caller.
+        meta = getattr(ds, "file_meta", None)
+        sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+        sop_uid = ds.get("SOPInstanceUID") or (
+            meta.get("MediaStorageSOPInstanceUID") if meta else None
+        )
+        study = ds.get("StudyInstanceUID")
     except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError,
             AttributeError, IndexError, NotImplementedError, BytesLengthException,
             RecursionError, OverflowError):
         return None, None, None  # the store refuses it with the matching status
-    meta = getattr(ds, "file_meta", None)
-    sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
-    sop_uid = ds.get("SOPInstanceUID") or (
-        meta.get("MediaStorageSOPInstanceUID") if meta else None
-    )
-    study = ds.get("StudyInstanceUID")
     return (str(study) if study else None, str(sop_class) if sop_class else None,
             str(sop_uid) if sop_uid else None)
 
