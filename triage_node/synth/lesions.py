@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from triage_node import SUBTYPES
-from triage_node.synth.phantom import PARENCHYMA, Anatomy, Canvas, Tissue, floor_z, tentorium_z
+from triage_node.synth.phantom import PARENCHYMA, Anatomy, Canvas, Tissue, tentorium_z
 
 __all__ = ["Lesion", "sample_lesion", "paint_lesion"]
 
@@ -128,8 +128,8 @@ def _convexity(cv: Canvas, an: Anatomy, les: Lesion, profile: str) -> None:
         t = thick * (1.0 - rho2)
     else:  # crescent: thick centre, long tapering ends
         t = thick * np.sqrt(np.clip(1.0 - rho2, 0.0, None))
-    m = (along > 0) & (dc >= 0) & (dc < t) & (z > floor_z(x, y) + 1.0)
-    m &= np.isin(cv.tissue[blk], CAVITY)
+    m = (along > 0) & (dc >= 0) & (dc < t)
+    m &= np.isin(cv.tissue[blk], CAVITY)  # cavity tissues lie above the skull base
     _set_blood(cv, blk, m, les)
 
 

@@ -142,21 +142,22 @@ def skull_base_streaks(
     """
     rows, cols = hu.shape[1:]
     rr, cc = np.mgrid[0:rows, 0:cols].astype(np.float32)
-    for k in np.flatnonzero(weights > 0.02):
+    px = np.float32(pixel_mm)
+    for k in np.flatnonzero(weights > 0.05):
         (r0, c0), (r1, c1) = anchors[k]
-        field = np.zeros((rows, cols), dtype=np.float32)
         dr, dc = r1 - r0, c1 - c0
         length = np.hypot(dr, dc) + 1e-6
-        t = ((rr - r0) * dr + (cc - c0) * dc) / length**2
-        dist = np.abs((rr - r0) * dc - (cc - c0) * dr) / length * pixel_mm
+        t = ((rr - r0) * np.float32(dr) + (cc - c0) * np.float32(dc)) / np.float32(length**2)
+        dist = np.abs((rr - r0) * np.float32(dc) - (cc - c0) * np.float32(dr)) * np.float32(pixel_mm / length)
         seg = np.clip(1.0 - np.abs(2 * t - 1) ** 6, 0.0, 1.0)
-        field -= strength * seg * np.exp(-((dist / 4.0) ** 2))
+        field = np.float32(-strength) * seg * np.exp(-((dist / np.float32(4.0)) ** 2))
         for r_a, c_a in ((r0, c0), (r1, c1)):
-            for _ in range(4):
+            dy, dx = rr - np.float32(r_a), cc - np.float32(c_a)
+            decay = np.exp(-np.hypot(dy, dx) * (px / np.float32(70.0))) * np.float32(0.45 * strength)
+            for _ in range(3):
                 ang = rng.uniform(0, np.pi)
-                sign = rng.choice([-1.0, 0.6])
-                d = np.abs((rr - r_a) * np.sin(ang) - (cc - c_a) * np.cos(ang)) * pixel_mm
-                reach = np.hypot(rr - r_a, cc - c_a) * pixel_mm
-                field += sign * 0.45 * strength * np.exp(-((d / 1.2) ** 2)) * np.exp(-reach / 70.0)
+                sign = np.float32(rng.choice([-1.0, 0.6]))
+                d = np.abs(dy * np.float32(np.sin(ang)) - dx * np.float32(np.cos(ang))) * (px / np.float32(1.2))
+                field += sign * decay * np.exp(-(d * d))
         soft = (hu[k] > -300) & (hu[k] < 300)
-        hu[k] += weights[k] * field * soft
+        hu[k] += np.float32(weights[k]) * field * soft

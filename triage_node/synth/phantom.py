@@ -288,13 +288,21 @@ def _blob(cv: Canvas, center, semi, hu, tissue, where=None, angle=0.0, inside=1.
 
 def paint_anatomy(cv: Canvas, an: Anatomy) -> None:
     """Paint the whole head (without lesions) onto a canvas."""
-    x, y, z = cv.coords(*cv.full())
+    blk = cv.block((0.0, 0.0, 0.0), max(an.axes[:3]) + 2.0)
+    if blk is None:
+        return
+    x, y, z = cv.coords(*blk)
+    hb = np.full(x.shape, -1000.0, dtype=np.float32)
+    tb = np.zeros(x.shape, dtype=np.uint8)
     d = an.depth(x, y, z)
     hidx = np.flatnonzero(d > 0)
     x, y, z, d = x.ravel()[hidx], y.ravel()[hidx], z.ravel()[hidx], d.ravel()[hidx]
     sk0, sk1 = an.scalp_mm, an.inner_mm
     tbl = 0.3 * an.skull_mm
-    zf = floor_z(x, y)
+    # The skull base lies below z = -18 mm everywhere: evaluate it only there.
+    low = np.flatnonzero(z < -18.0)
+    under = np.full(z.shape, -1.0, dtype=np.float32)
+    under[low] = floor_z(x[low], y[low]) - z[low]
     hv = np.full(hidx.shape, 38.0, dtype=np.float32)
     hc = np.full(hidx.shape, Tissue.SOFT, dtype=np.uint8)
     # Scalp: skin, a thin fat layer, galea; then the tables and diploe of the vault.
@@ -307,7 +315,6 @@ def paint_anatomy(cv: Canvas, an: Anatomy) -> None:
     hc[skull] = Tissue.BONE
     # Skull base: a bony floor under the cranial fossae, muscle and face below it.
     interior = d >= sk1
-    under = zf - z
     base_bone = interior & (under > 0) & (under < 5.0)
     hv[base_bone] = an.bone_hu * 0.8
     hc[base_bone] = Tissue.BONE
@@ -317,8 +324,8 @@ def paint_anatomy(cv: Canvas, an: Anatomy) -> None:
     idx = hidx[sel]
     cx, cy, cz = x[sel], y[sel], z[sel]
     dc = d[sel] - np.float32(sk1)
-    cv.hu.reshape(-1)[hidx] = hv
-    cv.tissue.reshape(-1)[hidx] = hc
+    hb.reshape(-1)[hidx] = hv
+    tb.reshape(-1)[hidx] = hc
     sd = an.sulcal_distance(cx, cy, cz)
     half = np.float32(an.sulcus_mm / 2)
     depth_sulci = np.float32(an.csf_mm + 16.0)
@@ -341,8 +348,10 @@ def paint_anatomy(cv: Canvas, an: Anatomy) -> None:
     falx = fiss & (np.abs(cx) < 0.45)
     val[falx | tent] = 52.0
     code[falx | tent] = Tissue.DURA
-    cv.hu.reshape(-1)[idx] = val
-    cv.tissue.reshape(-1)[idx] = code
+    hb.reshape(-1)[idx] = val
+    tb.reshape(-1)[idx] = code
+    cv.hu[blk] = hb
+    cv.tissue[blk] = tb
     _paint_deep(cv, an)
 
 
