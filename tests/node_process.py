@@ -128,3 +128,94 @@ class NodeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class WorkerProcess:
+    """``triage-node worker`` (Celery, prefork, one pool process) as a subprocess.
+
+    ``kill()`` SIGKILLs the whole process group: the main process and its pool child,
+    as when the machine or container dies (not only a pool process).
+    """
+
+    def __init__(self, env_settings: dict[str, str], log_path: Path) -> None:
+        self.env_settings = env_settings
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+        env.update(OMP_NUM_THREADS="1", TRIAGE_INFERENCE_THREADS="1", TRIAGE_LOG_FORMAT="json",
+                   TRIAGE_KEY_SLICES_PER_CLASS="1", **self.env_settings)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [TRIAGE_NODE, "worker", "--concurrency", "1"], env=env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        wait_until(lambda: bool(self.pool_children()), "worker pool process", timeout=60,
+                   process=self.process, log=self.log_path)
+        return self
+
+    def pool_children(self) -> list[int]:
+        if self.process is None:
+            return []
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)],
+                             capture_output=True, text=True, check=False)
+        return [int(p) for p in out.stdout.split()]
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.alive:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.alive:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def fault_counts(session_factory: Any, results_dir: Path | None = None, **extra: int) -> dict[str, int]:
+    """What the database and the results folder hold: stored instances, jobs done,
+    results, SR files (one per job version expected), delivered outbox items, audit
+    rows of failures (``outcome`` other than ok)."""
+    from sqlalchemy import func, select
+
+    from triage_node.db.models import AuditEvent, Instance, Job, JobState, OutboxItem, OutboxState, Result
+
+    with session_factory() as session:
+        def count(query: Any) -> int:
+            return int(session.scalar(query))
+
+        counts = {
+            "stored": count(select(func.count()).select_from(Instance)),
+            "jobs_done": count(select(func.count()).select_from(Job).where(Job.state == JobState.done)),
+            "results": count(select(func.count()).select_from(Result)),
+            "delivered": count(select(func.count()).select_from(OutboxItem)
+                               .where(OutboxItem.state == OutboxState.delivered)),
+            "audited_failures": count(select(func.count()).select_from(AuditEvent)
+                                      .where(AuditEvent.outcome != "ok")),
+        }
+    if results_dir is not None:
+        counts["sr_files"] = len(list(results_dir.glob("*/sr*.dcm")))
+    counts.update(extra)
+    return counts
+
+
+def record_fault(name: str, counts: dict[str, int]) -> None:
+    """Append ``{fault: counts}`` to the JSON file named by ``TRIAGE_FAULT_REPORT`` (if set)."""
+    import json
+
+    target = os.environ.get("TRIAGE_FAULT_REPORT")
+    print(f"fault {name}: {counts}")
+    if not target:
+        return
+    path = Path(target)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[name] = counts
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
