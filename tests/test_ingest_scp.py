@@ -158,6 +158,12 @@ def test_unknown_calling_ae_is_rejected_permanently_with_reason_3() -> None:
         assoc = scu("INTRUDER").associate("127.0.0.1", node.port, ae_title=AET)
         assert assoc.is_rejected
         assert rejection(assoc) == ASSOCIATE_RJ_CALLING_AE == (0x01, 0x01, 0x03)
+        with node.session_factory() as s:
+            [event] = s.scalars(
+                select(AuditEvent).where(AuditEvent.action == "association.rejected")
+            ).all()
+        assert event.actor == "ae:INTRUDER@127.0.0.1" and event.outcome == "failed"
+        assert event.detail["reason"] == "calling AE title not recognised"
         good = scu("CT_SCANNER").associate("127.0.0.1", node.port, ae_title=AET)
         assert good.is_established
         assert good.send_c_echo().Status == SUCCESS

@@ -143,6 +143,8 @@ class OrthancPeer:
             "StorageDirectory": str(self.root / "storage"),
             "IndexDirectory": str(self.root / "index"),
             "StorageCompression": False,
+            # Orthanc's default, stated: fsync() after each write to the storage area.
+            "SyncStorageArea": True,
             "DicomServerEnabled": True,
             "DicomAet": self.aet,
             "DicomPort": self.port,

@@ -16,6 +16,10 @@ import structlog
 from pynetdicom import evt
 from pynetdicom.events import Event
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from triage_node.db import audit
+from triage_node.db.session import transaction
 from triage_node.ingest.access import AccessPolicy
 from triage_node.ingest.store import SUCCESS, InstanceStore
 from triage_node.logs import get_logger
@@ -109,10 +113,33 @@ def handle_requested(
             log.debug("association requested")
             return
         log.warning("association rejected", reason=why, called_ae=called)
+        _audit_rejection(store, calling_ae, peer, called, why, reject)
         assoc = event.assoc
         assoc.acse.send_reject(*reject)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
+
+
+def _audit_rejection(
+    store: InstanceStore, calling_ae: str, peer: str, called: str, why: str,
+    reject: tuple[int, int, int],
+) -> None:
+    """Audit row ``association.rejected``, committed before the A-ASSOCIATE-RJ goes out."""
+    try:
+        with transaction(store.session_factory) as session:
+            audit.record(
+                session,
+                "association.rejected",
+                actor=f"ae:{calling_ae}@{peer}"[:64],
+                outcome="failed",
+                reason=why,
+                called_ae=called[:16],
+                result=reject[0],
+                source=reject[1],
+                diagnostic=reject[2],
+            )
+    except SQLAlchemyError:
+        log.error("audit row for a rejected association could not be written")
 
 
 def handle_echo(event: Event) -> int:
