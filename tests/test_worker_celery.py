@@ -172,3 +172,20 @@ def test_worker_refuses_to_start_on_a_model_mismatch(tmp_path: Path, model_card:
     assert proc.returncode == 2
     assert "worker not started" in proc.stderr and "refusing to run" in proc.stderr
     assert "image FP32 [-1, 3, 96, 96]" in proc.stderr
+
+
+def test_filesystem_consumer_skips_message_files_still_being_written(tmp_path: Path) -> None:
+    import fcntl
+
+    from worker.celery_app import message_file_complete
+
+    path = tmp_path / "1_x.routine.msg"
+    path.write_bytes(b"")
+    assert not message_file_complete(str(path))  # created, not yet written
+    with open(path, "wb", buffering=0) as writer:
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)
+        writer.write(b'{"body": "..."}')
+        assert not message_file_complete(str(path))  # written, producer still holds the lock
+        fcntl.flock(writer.fileno(), fcntl.LOCK_UN)
+    assert message_file_complete(str(path))
+    assert not message_file_complete(str(tmp_path / "gone.routine.msg"))

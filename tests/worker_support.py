@@ -15,8 +15,9 @@ from triage_node import CLASSES
 from triage_node.config import DEFAULT_MODEL_CARD, DEFAULT_MODEL_REPOSITORY
 
 
-def build_small_repository(out_dir: Path, size: int = 64, seed: int = 0, threshold: float = 0.5) -> Path:
-    """Export a resnet-lite slice CNN + GRU to ``out_dir`` (Triton layout) and write its card.
+def build_small_repository(out_dir: Path, size: int = 64, seed: int = 0, threshold: float = 0.5,
+                           backbone: str = "resnet-lite") -> Path:
+    """Export a slice CNN (default resnet-lite) + GRU to ``out_dir`` (Triton layout) and write its card.
 
     Returns the path of ``model_card.json``; the repository is ``out_dir / "models"``.
     ``threshold`` is every class's threshold at both operating points.
@@ -29,7 +30,7 @@ def build_small_repository(out_dir: Path, size: int = 64, seed: int = 0, thresho
     from worker.pipeline.preprocess import WINDOWS, channel_plan
 
     torch.manual_seed(seed)
-    cnn = SliceCNN("resnet-lite")
+    cnn = SliceCNN(backbone)
     seq = SequenceModel(cnn.feature_dim, hidden=16)
     info = export_repository(cnn, seq, size, out_dir)
     plan = channel_plan("windows")
@@ -40,7 +41,7 @@ def build_small_repository(out_dir: Path, size: int = 64, seed: int = 0, thresho
         device_uid="1.2.826.0.1.3680043.10.1234.1",
         created_utc=datetime.now(UTC).isoformat(),
         classes=CLASSES,
-        backbone="resnet-lite",
+        backbone=backbone,
         input_variant="windows",
         input_size=size,
         windows={name: WINDOWS[name] for _, name in plan},

@@ -17,11 +17,18 @@ uses to enqueue), plus what only the consuming side needs:
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
+import tempfile
 from queue import Empty
 from typing import Any
 
 from celery import Celery, signals
+from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 from kombu.utils.scheduling import FairCycle
 
 from triage_node.config import Settings, get_settings
@@ -49,9 +56,57 @@ class PriorityCycle(FairCycle):
         raise self.predicate()
 
 
+def message_file_complete(path: str) -> bool:
+    """True when a producer has finished writing the message file at ``path``.
+
+    kombu's filesystem producer creates the file, then takes an exclusive ``flock``,
+    writes and unlocks: a file that is empty or still locked is being written, and
+    moving it away then (as kombu's own consumer may) loses the message or crashes the
+    consumer on an empty payload.
+    """
+    try:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                return False
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return True
+    except OSError:
+        return False
+
+
 class PriorityFilesystemChannel(filesystem.Channel):
+    """Stat-first polling, and no message taken before its producer has finished writing it."""
+
     def _reset_cycle(self) -> None:
         self._cycle = PriorityCycle(self._get_and_deliver, self._active_queues, Empty)
+
+    def _get(self, queue: str) -> Any:
+        suffix = f"{queue}.msg"
+        for filename in sorted(os.listdir(self.data_folder_in)):
+            if filename.partition(".")[2] != suffix:
+                continue
+            path = os.path.join(self.data_folder_in, filename)
+            if not message_file_complete(path):
+                continue
+            target = self.processed_folder if self.store_processed else tempfile.gettempdir()
+            try:
+                shutil.move(path, target)
+            except OSError:  # taken by another consumer in the meantime
+                continue
+            moved = os.path.join(target, filename)
+            try:
+                with open(moved, "rb") as fh:
+                    payload = fh.read()
+                if not self.store_processed:
+                    os.remove(moved)
+            except OSError as exc:
+                raise ChannelError(f"cannot read {moved!r} from the queue") from exc
+            return loads(bytes_to_str(payload))
+        raise Empty()
 
 
 class PriorityFilesystemTransport(filesystem.Transport):

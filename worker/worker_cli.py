@@ -59,6 +59,11 @@ def worker_argv(queues: list[str], concurrency: int, loglevel: str, pool: str, b
 
 
 def register(app: typer.Typer) -> None:
+    from triage_node.cli.bench import bench_app
+    from worker.bench_e2e import register as register_bench_e2e
+
+    register_bench_e2e(bench_app)
+
     @app.command("worker")
     def worker_command(
         queues: str = typer.Option("stat,routine", "--queues", "-Q",

@@ -1,0 +1,387 @@
+"""``triage-node bench e2e``: from the last image acknowledged to the SR accepted by the PACS.
+
+For each inference backend (ONNX Runtime in the worker, Triton over gRPC) a fresh node
+(``triage-node serve``), a real Celery worker (``triage-node worker``, embedded
+filesystem broker) and a local PACS (pynetdicom Storage SCP in this process) run on
+this machine. Synthetic 512x512 head CTs (one axial series each) are sent by C-STORE,
+one association per study, as a scanner sends them:
+
+- ``single``: one study at a time, ``repeats`` times (the latency a radiologist sees);
+- ``together``: ``studies`` studies sent at once (latency under load, throughput).
+
+Latency of a study = the time the PACS accepted its SR (C-STORE response sent by the
+PACS) minus the time the sender got the response to the study's last image. A warm-up
+study per backend is not counted (model loading, first-inference allocations).
+Also measured: ms per slice of the slice CNN, PyTorch eager vs ONNX Runtime (batch 8).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from triage_node.config import REPO_ROOT, load_settings
+from triage_node.logs import get_logger
+
+log = get_logger(__name__)
+
+JSON_PATH = REPO_ROOT / "docs" / "bench" / "e2e.json"
+BENCHMARKS_MD = REPO_ROOT / "docs" / "BENCHMARKS.md"
+SECTION = "## End to end"
+TARGET_P95_S = 10.0
+TARGET_TRITON_RATIO = 1.25
+
+Progress = Callable[[str], None] | None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), ``q`` in 0..100."""
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if values else float("nan")
+
+
+def _summary(latencies: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(latencies),
+        "latencies_s": [round(v, 3) for v in latencies],
+        "p50_s": round(percentile(latencies, 50), 3),
+        "p95_s": round(percentile(latencies, 95), 3),
+        "max_s": round(max(latencies), 3) if latencies else None,
+    }
+
+
+class _Site:
+    """Node + worker subprocesses, local PACS, and the database they write, for one backend."""
+
+    def __init__(self, backend: str, model_repository: Path, model_card: Path, triton_url: str | None) -> None:
+        from triage_node.db import schema
+        from triage_node.db.session import make_engine, make_sessionmaker
+        from worker.demo import NODE_AE, LocalPACS, Processes, free_port
+
+        self.data_dir = Path(tempfile.mkdtemp(prefix=f"triage-bench-{backend}-"))
+        (self.data_dir / "logs").mkdir()
+        self.pacs = LocalPACS(self.data_dir / "pacs").start()
+        self.dicom_port = free_port()
+        self.node_ae = NODE_AE
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+        env.update({
+            "TRIAGE_DATA_DIR": str(self.data_dir),
+            "TRIAGE_DICOM_PORT": str(self.dicom_port),
+            "TRIAGE_AE_TITLE": NODE_AE,
+            "TRIAGE_DESTINATIONS": json.dumps([self.pacs.destination()]),
+            "TRIAGE_MODEL_REPOSITORY": str(model_repository),
+            "TRIAGE_MODEL_CARD": str(model_card),
+            "TRIAGE_INFERENCE_BACKEND": backend,
+            "TRIAGE_INFERENCE_THREADS": "2",
+            "TRIAGE_LOG_FORMAT": "json",
+            "TRIAGE_LOG_LEVEL": "WARNING",
+            "OMP_NUM_THREADS": "2",
+        })
+        if triton_url:
+            env["TRIAGE_TRITON_URL"] = triton_url
+        settings = load_settings(data_dir=self.data_dir)
+        schema.upgrade(settings.effective_database_url)
+        self.engine = make_engine(settings.effective_database_url)
+        self.session_factory = make_sessionmaker(self.engine)
+        self.procs = Processes(env, self.data_dir / "logs")
+
+    def start(self) -> None:
+        from worker.demo import wait_for_port
+
+        self.procs.start("worker", "worker", "--concurrency", "1")
+        self.procs.start("serve", "serve", "--no-api")
+        wait_for_port(self.dicom_port, self.procs)
+
+    def send(self, files: list[Path]) -> datetime:
+        """Send one study; returns when the last image was acknowledged."""
+        from worker.demo import send_files
+
+        send_files(files, "127.0.0.1", self.dicom_port, self.node_ae)
+        return datetime.now(UTC)
+
+    def sr_accepted(self, study_uid: str) -> datetime | None:
+        from triage_node.db.models import Result, Study
+
+        with self.session_factory() as session:
+            sr_uid = session.scalar(
+                select(Result.sr_sop_uid).join(Study, Study.id == Result.study_id)
+                .where(Study.study_uid == study_uid)
+            )
+        return self.pacs.accepted_at.get(sr_uid) if sr_uid else None
+
+    def wait_sr(self, study_uids: list[str], timeout: float) -> dict[str, datetime]:
+        from worker.demo import DemoError
+
+        deadline = time.monotonic() + timeout
+        done: dict[str, datetime] = {}
+        while len(done) < len(study_uids):
+            self.procs.check()
+            for uid in study_uids:
+                if uid not in done and (at := self.sr_accepted(uid)) is not None:
+                    done[uid] = at
+            if time.monotonic() > deadline:
+                raise DemoError(f"{len(study_uids) - len(done)} SRs not delivered after {timeout:.0f} s")
+            time.sleep(0.05)
+        return done
+
+    def stages(self) -> dict[str, float]:
+        """Median seconds of each stage over this site's jobs (from the Job timestamps)."""
+        from triage_node.db.models import Job, JobState
+        from worker.demo import _seconds
+
+        with self.session_factory() as session:
+            jobs = session.scalars(select(Job).where(Job.state == JobState.done)).all()
+            pairs = {
+                "complete_s": [(j.last_instance_at, j.series_complete_at) for j in jobs],
+                "enqueue_s": [(j.series_complete_at, j.enqueued_at) for j in jobs],
+                "queue_wait_s": [(j.enqueued_at, j.started_at) for j in jobs],
+                "load_and_infer_s": [(j.started_at, j.inferred_at) for j in jobs],
+                "report_s": [(j.inferred_at, j.reported_at) for j in jobs],
+                "deliver_s": [(j.reported_at, j.delivered_at) for j in jobs],
+            }
+        out = {}
+        for name, values in pairs.items():
+            secs = [s for a, b in values if (s := _seconds(a, b)) is not None]
+            out[name] = round(statistics.median(secs), 3) if secs else None
+        return out
+
+    def stop(self) -> None:
+        self.procs.stop()
+        self.pacs.stop()
+        self.engine.dispose()
+
+
+def _bench_backend(backend: str, studies: list[tuple[str, list[Path]]], repeats: int, together: int,
+                   model_repository: Path, model_card: Path, progress: Progress) -> dict[str, Any]:
+    from worker.inference.triton_server import TritonServer
+
+    triton = TritonServer(model_repository).start() if backend == "triton" else None
+    site = _Site(backend, model_repository, model_card, triton.grpc_url if triton else None)
+    try:
+        site.start()
+        warm_uid, warm_files = studies[0]
+        site.send(warm_files)
+        site.wait_sr([warm_uid], timeout=180)
+        single = []
+        for uid, files in studies[1 : 1 + repeats]:
+            acked = site.send(files)
+            accepted = site.wait_sr([uid], timeout=120)[uid]
+            single.append((accepted - acked).total_seconds())
+            if progress:
+                progress(f"{backend}: single study {single[-1]:.2f} s")
+        batch = studies[1 + repeats : 1 + repeats + together]
+        acked_at: dict[str, datetime] = {}
+        lock = threading.Lock()
+
+        def send(uid: str, files: list[Path]) -> None:
+            at = site.send(files)
+            with lock:
+                acked_at[uid] = at
+
+        t0 = datetime.now(UTC)
+        threads = [threading.Thread(target=send, args=item) for item in batch]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        accepted = site.wait_sr([uid for uid, _ in batch], timeout=60 + 30 * len(batch))
+        lat = [(accepted[uid] - acked_at[uid]).total_seconds() for uid, _ in batch]
+        wall = (max(accepted.values()) - t0).total_seconds()
+        if progress:
+            progress(f"{backend}: {len(batch)} studies together, p95 {percentile(lat, 95):.2f} s")
+        return {
+            "single": _summary(single),
+            "together": {**_summary(lat), "studies": len(batch), "wall_s": round(wall, 3),
+                         "studies_per_min": round(60.0 * len(batch) / wall, 2)},
+            "stages_median_s": site.stages(),
+        }
+    finally:
+        site.stop()
+        if triton is not None:
+            triton.stop()
+
+
+def ms_per_slice(card: Any, model_repository: Path, batch: int = 8, threads: int = 2, rounds: int = 5) -> dict[str, Any]:
+    """Slice CNN ms per slice, PyTorch eager vs ONNX Runtime, same architecture and input size.
+
+    The PyTorch network is the card's backbone freshly built (timing does not depend on
+    the weights); ONNX Runtime runs the served file.
+    """
+    import torch
+
+    from worker.inference.onnx_backend import OnnxBackend
+    from worker.model.networks import SliceCNN
+
+    torch.set_num_threads(threads)
+    x = np.random.default_rng(0).random((batch, 3, card.input_size, card.input_size), dtype=np.float32)
+    net = SliceCNN(card.backbone).eval()
+    with torch.inference_mode():
+        xt = torch.from_numpy(x)
+        net(xt)
+        t = time.perf_counter()
+        for _ in range(rounds):
+            net(xt)
+        eager = (time.perf_counter() - t) / (rounds * batch) * 1000
+    backend = OnnxBackend(model_repository, threads=threads)
+    backend.slice_fn(x)
+    t = time.perf_counter()
+    for _ in range(rounds):
+        backend.slice_fn(x)
+    ort = (time.perf_counter() - t) / (rounds * batch) * 1000
+    backend.close()
+    return {"pytorch_eager_ms": round(eager, 1), "onnxruntime_ms": round(ort, 1), "batch": batch,
+            "threads": threads, "input_size": card.input_size, "backbone": card.backbone,
+            "speedup": round(eager / ort, 2)}
+
+
+def make_studies(folder: Path, n: int, seed: int = 4242) -> tuple[list[tuple[str, list[Path]]], int]:
+    """``n`` synthetic 512x512 studies (axial series only): [(study UID, files)], slices per study."""
+    from triage_node.synth.study import write_dataset
+
+    truths = write_dataset(folder, n, seed, positive_fraction=0.5, rows=512, components=("axial",))
+    studies = [(t.study_uid, sorted((folder / t.study_uid).rglob("*.dcm"))) for t in truths]
+    return studies, int(np.median([len(files) for _, files in studies]))
+
+
+def run_e2e_benchmark(
+    *,
+    together: int = 4,
+    repeats: int = 5,
+    backends: tuple[str, ...] = ("onnx", "triton"),
+    model_repository: Path | None = None,
+    model_card: Path | None = None,
+    progress: Progress = None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns the result as a JSON-ready dict."""
+    from worker.model.card import load_model_card
+
+    settings = load_settings(model_repository=model_repository, model_card=model_card)
+    card = load_model_card(settings.model_card)
+    with tempfile.TemporaryDirectory(prefix="triage-bench-studies-") as tmp:
+        studies, slices = make_studies(Path(tmp), 1 + repeats + together)
+        if progress:
+            progress(f"{len(studies)} studies of {slices} slices written")
+        results = {
+            b: _bench_backend(b, studies, repeats, together, settings.model_repository, settings.model_card, progress)
+            for b in backends
+        }
+    out: dict[str, Any] = {
+        "when_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "model": {"name": card.name, "version": card.version, "backbone": card.backbone,
+                  "input_size": card.input_size},
+        "study": {"rows": 512, "slices": slices, "series": "axial only"},
+        "broker": "filesystem (embedded)",
+        "backends": results,
+        "ms_per_slice": ms_per_slice(card, settings.model_repository),
+    }
+    targets: dict[str, Any] = {}
+    if "onnx" in results:
+        targets["single_p95_s"] = results["onnx"]["single"]["p95_s"]
+        targets["single_p95_le_10s"] = results["onnx"]["single"]["p95_s"] <= TARGET_P95_S
+    if "onnx" in results and "triton" in results:
+        ratio = results["triton"]["single"]["p50_s"] / results["onnx"]["single"]["p50_s"]
+        targets["triton_over_onnx_p50"] = round(ratio, 3)
+        targets["triton_le_1_25x"] = ratio <= TARGET_TRITON_RATIO
+    out["targets"] = targets
+    return out
+
+
+def markdown_section(result: dict[str, Any]) -> str:
+    """The ``## End to end`` section of ``docs/BENCHMARKS.md``."""
+    m, s, t = result["model"], result["study"], result["targets"]
+    lines = [
+        SECTION,
+        "",
+        "`triage-node bench e2e`: latency from the last image acknowledged by the node to the SR accepted by a "
+        "local PACS (pynetdicom Storage SCP), real `triage-node serve` + `triage-node worker` processes on the "
+        f"{result['broker']} broker. Study: one axial series of {s['slices']} slices, {s['rows']}x{s['rows']}. "
+        f"Model: {m['name']} {m['version']} ({m['backbone']}, {m['input_size']} px). "
+        f"Machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}; {result['when_utc']}.",
+        "",
+        "| backend | single p50 s | single p95 s | together (n) | together p50 s | together p95 s | studies/min |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in result["backends"].items():
+        sg, tg = r["single"], r["together"]
+        lines.append(f"| {name} | {sg['p50_s']:.2f} | {sg['p95_s']:.2f} | {tg['studies']} | {tg['p50_s']:.2f} | "
+                     f"{tg['p95_s']:.2f} | {tg['studies_per_min']:.1f} |")
+    lines += ["", "Median seconds per stage (all counted jobs):", "",
+              "| backend | " + " | ".join(next(iter(result["backends"].values()))["stages_median_s"]) + " |",
+              "| --- |" + " ---: |" * len(next(iter(result["backends"].values()))["stages_median_s"])]
+    for name, r in result["backends"].items():
+        lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}"
+                                                   for v in r["stages_median_s"].values()) + " |")
+    ms = result["ms_per_slice"]
+    lines += [
+        "",
+        f"Slice CNN, ms per slice (batch {ms['batch']}, {ms['threads']} threads, {ms['input_size']} px): "
+        f"PyTorch eager {ms['pytorch_eager_ms']}, ONNX Runtime {ms['onnxruntime_ms']} (x{ms['speedup']}).",
+        "",
+        f"Targets: single-study p95 <= {TARGET_P95_S:.0f} s: "
+        f"{'met' if t.get('single_p95_le_10s') else 'NOT met'} ({t.get('single_p95_s')} s); "
+        + (f"Triton <= {TARGET_TRITON_RATIO}x in-process (p50): "
+           f"{'met' if t.get('triton_le_1_25x') else 'NOT met'} (x{t.get('triton_over_onnx_p50')})."
+           if "triton_over_onnx_p50" in t else ""),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def update_benchmarks_md(section: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) the ``## End to end`` section of ``docs/BENCHMARKS.md``."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = "".join(lines[:start]) + section + ("\n" if end < len(lines) else "") + "".join(lines[end:])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
+def register(bench_app: Any) -> None:
+    """Add ``e2e`` to the ``triage-node bench`` group."""
+    import typer
+
+    @bench_app.command("e2e")
+    def bench_e2e(
+        as_json: bool = typer.Option(False, "--json", help="Print the JSON result."),
+        together: int = typer.Option(4, "--studies", min=1, max=32, help="Studies sent together."),
+        repeats: int = typer.Option(5, "--repeats", min=1, max=50, help="Single-study rounds."),
+        backends: str = typer.Option("onnx,triton", "--backends", help="Comma-separated: onnx, triton."),
+        write: bool = typer.Option(True, "--write/--no-write",
+                                   help="Write docs/bench/e2e.json and the section of docs/BENCHMARKS.md."),
+    ) -> None:
+        """Last image acknowledged -> SR accepted by the PACS, ONNX Runtime and Triton side by side."""
+        from triage_node.logs import configure_logging
+
+        configure_logging("WARNING")
+        names = tuple(b.strip() for b in backends.split(",") if b.strip())
+        bad = [b for b in names if b not in ("onnx", "triton")]
+        if bad or not names:
+            typer.echo(f"--backends: unknown {bad or names}", err=True)
+            raise typer.Exit(2)
+        progress = None if as_json else (lambda msg: typer.echo(msg, err=True))
+        result = run_e2e_benchmark(together=together, repeats=repeats, backends=names, progress=progress)
+        if write:
+            JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
+            JSON_PATH.write_text(json.dumps(result, indent=2) + "\n")
+            update_benchmarks_md(markdown_section(result))
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+        else:
+            typer.echo(markdown_section(result))
