@@ -1,6 +1,6 @@
 """Generated documents match the code (run `triage-node docs generate` after a change)."""
 
-from triage_node.docgen import generated_documents
+from worker.docgen import generated_documents
 
 
 def test_generated_documents_are_current():

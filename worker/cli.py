@@ -12,6 +12,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "worker.worker_cli",
     "worker.inference.triton_cli",
     "worker.outbox_cli",
+    "worker.docgen",
 )
 
 

@@ -1,16 +1,23 @@
 """Documents generated from the code, so that they cannot drift from it.
 
-``docs/CONFIGURATION.md`` comes from the Settings class; tests compare the committed
-files with a fresh rendering (``triage-node docs generate`` rewrites them).
+``docs/CONFIGURATION.md`` comes from the Settings class; the tables of
+``docs/CONFORMANCE.md`` (SOP classes, transfer syntaxes, status codes, association
+rejections, SR codes) come from the listener and the report writers. Generated parts of
+a hand-written document sit between ``<!-- generated:NAME -->`` and
+``<!-- /generated:NAME -->``. Tests compare the committed files with a fresh rendering;
+``triage-node docs generate`` rewrites them. This lives with the worker because it reads
+both packages (``triage_node`` never imports ``worker``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import typing
 from enum import Enum
 from pathlib import Path
 
+import typer
 from pydantic import SecretStr
 from pydantic_core import PydanticUndefined
 
@@ -75,8 +82,158 @@ def render_configuration() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _uid_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    return UID(uid).name
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# Meaning of each status constant of the Storage SCP (PS3.4 Table B.2-1). A constant
+# added to the store without an entry here fails the docs test.
+_STATUS_MEANINGS = {
+    "SUCCESS": ("Success", "The object is on disk (fsynced) and recorded in the database."),
+    "OUT_OF_RESOURCES": (
+        "Refused: Out of Resources",
+        "Free space on the spool filesystem is below `min_free_disk_mb`.",
+    ),
+    "DATABASE_UNAVAILABLE": (
+        "Refused: Out of Resources",
+        "The database could not record the instance; nothing is acknowledged, resend later.",
+    ),
+    "DATASET_DOES_NOT_MATCH_SOP_CLASS": (
+        "Error: Data Set does not match SOP Class",
+        "Required attributes are missing, the dataset's SOP Class differs from the "
+        "presentation context, or the pixel data is the wrong size.",
+    ),
+    "CANNOT_UNDERSTAND": ("Error: Cannot understand", "The header cannot be parsed."),
+    "INVALID_UID": (
+        "Error: Cannot understand",
+        "A Study, Series or SOP Instance UID is not a valid UID (PS3.5 9.1).",
+    ),
+}
+
+
+# PS3.8 Table 9-21: A-ASSOCIATE-RJ result, source and reason values.
+_RJ_RESULT = {1: "rejected-permanent", 2: "rejected-transient"}
+_RJ_SOURCE = {
+    1: "DICOM UL service-user",
+    2: "DICOM UL service-provider (ACSE)",
+    3: "DICOM UL service-provider (presentation)",
+}
+_RJ_REASON = {
+    (1, 1): "no-reason-given",
+    (1, 2): "application-context-name-not-supported",
+    (1, 3): "calling-AE-title-not-recognized",
+    (1, 7): "called-AE-title-not-recognized",
+    (2, 1): "no-reason-given",
+    (2, 2): "protocol-version-not-supported",
+    (3, 1): "temporary-congestion",
+    (3, 2): "local-limit-exceeded",
+}
+
+
+def _status_rows() -> list[tuple[str, ...]]:
+    from triage_node.ingest import store
+
+    rows = []
+    for name, value in vars(store).items():
+        if not name.isupper() or not isinstance(value, int) or name.startswith("_"):
+            continue
+        if name not in _STATUS_MEANINGS:
+            if name in ("SOURCES",) or not (0 <= value <= 0xFFFF) or name.endswith("RETRIES"):
+                continue
+            raise KeyError(f"status constant {name} has no meaning in worker/docgen.py")
+        status, when = _STATUS_MEANINGS[name]
+        rows.append((f"`0x{value:04X}`", status, when))
+    return sorted(rows)
+
+
+def conformance_blocks() -> dict[str, str]:
+    from pydicom.uid import (
+        Comprehensive3DSRStorage,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        SecondaryCaptureImageStorage,
+    )
+    from pynetdicom import AllStoragePresentationContexts
+
+    from triage_node.ingest import handlers
+    from triage_node.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES, TRIAGED_SOP_CLASSES
+    from worker.pipeline.sr import CODES
+
+    triaged = [(_uid_name(u), f"`{u}`", "stored and triaged") for u in TRIAGED_SOP_CLASSES]
+    others = [
+        (_uid_name(str(cx.abstract_syntax)), f"`{cx.abstract_syntax}`", "stored, not triaged")
+        for cx in AllStoragePresentationContexts
+        if str(cx.abstract_syntax) not in TRIAGED_SOP_CLASSES
+    ]
+    rejects = []
+    for name, value in vars(handlers).items():
+        if name.startswith("ASSOCIATE_RJ_"):
+            result, source, reason = value
+            rejects.append(
+                (
+                    f"`{name}`",
+                    f"{result} ({_RJ_RESULT[result]})",
+                    f"{source} ({_RJ_SOURCE[source]})",
+                    f"{reason} ({_RJ_REASON[(source, reason)]})",
+                )
+            )
+    codes = []
+    for cls, code in CODES.items():
+        site = f"{code.site.meaning} ({code.site.scheme_designator} {code.site.value})" if code.site else ""
+        codes.append(
+            (
+                cls,
+                f"{code.finding.meaning}",
+                f"{code.finding.scheme_designator} `{code.finding.value}`",
+                site,
+            )
+        )
+    scu = [
+        (_uid_name(str(uid)), f"`{uid}`", _uid_name(str(ExplicitVRLittleEndian)) + ", "
+         + _uid_name(str(ImplicitVRLittleEndian)))
+        for uid in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage)
+    ]
+    return {
+        "scp-triaged": _table(("SOP Class", "UID", "handling"), triaged),
+        "scp-stored": _table(("SOP Class", "UID", "handling"), others),
+        "scp-transfer-syntaxes": _table(
+            ("Transfer Syntax", "UID"),
+            [(_uid_name(str(t)), f"`{t}`") for t in ACCEPTED_TRANSFER_SYNTAXES],
+        ),
+        "scp-statuses": _table(("status", "PS3.4 meaning", "when the node returns it"), _status_rows()),
+        "association-rejects": _table(("constant", "result", "source", "reason/diag"), rejects),
+        "sr-codes": _table(("class", "finding", "code", "finding site"), codes),
+        "scu-sop-classes": _table(("SOP Class", "UID", "transfer syntaxes proposed"), scu),
+    }
+
+
+def fill_blocks(text: str, blocks: dict[str, str]) -> str:
+    """Replace every generated block of ``text``; a block the text lacks is an error."""
+    for name, body in blocks.items():
+        pattern = re.compile(
+            rf"(<!-- generated:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /generated:{re.escape(name)} -->)",
+            re.S,
+        )
+        if not pattern.search(text):
+            raise KeyError(f"document has no generated block {name!r}")
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
 def generated_documents() -> dict[Path, str]:
-    return {DOCS_DIR / "CONFIGURATION.md": render_configuration()}
+    conformance = DOCS_DIR / "CONFORMANCE.md"
+    return {
+        DOCS_DIR / "CONFIGURATION.md": render_configuration(),
+        conformance: fill_blocks(conformance.read_text(), conformance_blocks()),
+    }
 
 
 def write_all() -> list[Path]:
@@ -86,3 +243,14 @@ def write_all() -> list[Path]:
         path.write_text(text)
         written.append(path)
     return written
+
+
+def register(app: typer.Typer) -> None:
+    docs_app = typer.Typer(help="Documents generated from the code.", no_args_is_help=True)
+    app.add_typer(docs_app, name="docs")
+
+    @docs_app.command("generate")
+    def docs_generate() -> None:
+        """Rewrite the generated documents (configuration reference, conformance tables)."""
+        for path in write_all():
+            typer.echo(f"wrote {path}")

@@ -38,15 +38,3 @@ def config_show(
     for key, value in values.items():
         typer.echo(f"{key:<{width}}  {value}")
 
-
-docs_app = typer.Typer(help="Documents generated from the code.", no_args_is_help=True)
-app.add_typer(docs_app, name="docs")
-
-
-@docs_app.command("generate")
-def docs_generate() -> None:
-    """Rewrite the generated documents (configuration reference, conformance tables)."""
-    from triage_node.docgen import write_all
-
-    for path in write_all():
-        typer.echo(f"wrote {path}")
