@@ -193,3 +193,35 @@ def test_backend_refuses_a_model_card_that_does_not_match_the_served_models(
     message = str(info.value)
     assert "ich_slice_cnn: input expected image FP32 [-1, 3, 96, 96], served image FP32 [-1, 3, 64, 64]" in message
     assert "ich_sequence" in message and "refusing to run" in message
+
+
+def test_job_left_running_by_a_vanished_worker_is_sent_again(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from triage_node.queue import JobEnqueuer, make_client
+    from worker.pipeline.run import requeue_stale_jobs
+
+    settings, ctx = _setup(tmp_path, model_dirs["positive"], f"sqlite:///{tmp_path / 't.db'}")
+    client = make_client(settings)
+    try:
+        job_a, = ingest_files(settings, ctx.session_factory, write_ct_series(tmp_path / "a"))
+        job_b, = ingest_files(settings, ctx.session_factory, write_ct_series(tmp_path / "b"))
+        now = datetime.now(UTC)
+        with transaction(ctx.session_factory) as session:
+            lost, live = session.get(Job, job_a), session.get(Job, job_b)
+            lost.state, lost.started_at = JobState.running, now - timedelta(seconds=settings.task_time_limit_s + 61)
+            live.state, live.started_at = JobState.running, now - timedelta(seconds=30)
+        enqueuer = JobEnqueuer(ctx.session_factory, client)
+        assert requeue_stale_jobs(ctx.session_factory, settings, enqueuer.enqueue, now) == [job_a]
+        with ctx.session_factory() as session:
+            assert session.get(Job, job_a).state == JobState.queued
+            assert session.get(Job, job_a).enqueued_at is not None
+            assert session.get(Job, job_b).state == JobState.running  # may still be running
+            assert session.scalars(select(AuditEvent).where(AuditEvent.action == "job.requeued")).one().job_id == job_a
+        messages = list((settings.broker_folder / "queue").glob("*.routine.msg"))
+        assert len(messages) == 1
+        # the message runs the job (the worker's task calls run_job with these arguments)
+        assert run_job(ctx, job_a, 1).ran
+    finally:
+        client.close()
+        ctx.close()

@@ -196,12 +196,20 @@ def _unbind_task(**_: Any) -> None:
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
-    """Periodic tasks of the embedded beat: retry due deliveries every few seconds."""
+    """Periodic tasks of the embedded beat: due deliveries every few seconds (when there
+    are destinations), jobs of vanished workers every minute."""
     every = max(1.0, min(float(settings.delivery_backoff_base_s), 5.0))
-    return {
-        "deliver-due": {
+    schedule: dict[str, Any] = {
+        "requeue-stale": {
+            "task": "worker.requeue_stale",
+            "schedule": 60.0,
+            "options": {"queue": "routine", "expires": 120.0},
+        }
+    }
+    if settings.destinations:
+        schedule["deliver-due"] = {
             "task": "worker.deliver_due",
             "schedule": every,
             "options": {"queue": "routine", "expires": 4 * every},
         }
-    }
+    return schedule

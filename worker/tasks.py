@@ -9,6 +9,8 @@
 ``worker.deliver_due()``
     Delivers outbox items whose next attempt is due (retries with backoff); run
     periodically by the worker's embedded beat and right after each job.
+``worker.requeue_stale()``
+    Sends again jobs left ``running`` by a vanished worker; run every minute by beat.
 """
 
 from __future__ import annotations
@@ -77,3 +79,18 @@ def deliver_due() -> dict[str, Any]:
     from worker.pipeline.run import deliver_pending, get_context
 
     return deliver_pending(get_context())
+
+
+@app.task(name="worker.requeue_stale", ignore_result=True)
+def requeue_stale() -> list[int]:
+    """Send again jobs whose worker vanished mid-run (see `requeue_stale_jobs`)."""
+    from triage_node.queue import JobEnqueuer, make_client
+    from worker.pipeline.run import get_context, requeue_stale_jobs
+
+    ctx = get_context()
+    client = make_client(ctx.settings)
+    try:
+        enqueuer = JobEnqueuer(ctx.session_factory, client)
+        return requeue_stale_jobs(ctx.session_factory, ctx.settings, enqueuer.enqueue)
+    finally:
+        client.close()

@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         backend: str | None = typer.Option(None, "--backend", help="onnx or triton (overrides settings)."),
         pool: str = typer.Option("prefork", "--pool", help="Celery pool: prefork or solo."),
         beat: bool = typer.Option(True, "--beat/--no-beat",
-                                  help="Run the periodic delivery retry task in this worker."),
+                                  help="Run the periodic tasks (delivery retries, lost jobs) in this worker."),
     ) -> None:
         """Run a Celery worker: triage jobs from the stat queue first, then routine."""
         overrides = {"data_dir": data_dir, "inference_backend": backend}
@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         from worker.celery_app import app as celery_app
         from worker.celery_app import beat_schedule
 
-        use_beat = beat and bool(settings.destinations) and pool != "solo"
+        use_beat = beat and pool != "solo"
         if use_beat:
             celery_app.conf.beat_schedule = beat_schedule(settings)
         celery_app.worker_main(worker_argv(

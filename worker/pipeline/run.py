@@ -598,3 +598,47 @@ def deliver_for_job(ctx: WorkerContext, job_id: int) -> dict[str, Any]:
         job = session.get(Job, job_id)
         report["job_delivered"] = bool(job is not None and job.delivered_at is not None)
     return report
+
+
+# -- recovery --------------------------------------------------------------------------------
+def requeue_stale_jobs(
+    session_factory: sessionmaker[Session], settings: Settings, enqueue: Any, now: datetime | None = None
+) -> list[int]:
+    """Send again the jobs left ``running`` by a worker that vanished.
+
+    A job cannot run longer than the task's hard time limit, so a job still ``running``
+    ``task_time_limit_s + 60`` seconds after it started lost its worker (killed, machine
+    restarted) and, with the embedded filesystem broker, its message. Such jobs go back
+    to ``queued`` (audit ``job.requeued``) and are sent again; the task is idempotent per
+    (job, version), so a message that Redis also redelivers does no harm.
+
+    Parameters
+    ----------
+    enqueue : callable
+        ``enqueue(job_id)`` sends one queued job (`triage_node.queue.JobEnqueuer.enqueue`).
+
+    Returns
+    -------
+    list of int
+        The ids of the jobs sent again.
+    """
+    from datetime import timedelta
+
+    now = now or _now()
+    cutoff = now - timedelta(seconds=settings.task_time_limit_s + 60)
+    requeued: list[int] = []
+    with transaction(session_factory) as session:
+        stale = session.scalars(
+            select(Job).where(Job.state == JobState.running, Job.started_at < cutoff).order_by(Job.id)
+        ).all()
+        for job in stale:
+            job.state = JobState.queued
+            study = session.get(Study, job.study_id)
+            audit.record(session, "job.requeued", actor=ACTOR, outcome="warning", job_id=job.id,
+                         study_uid=study.study_uid if study else None, version=job.version,
+                         started_at=job.started_at.isoformat(), reason="worker lost")
+            requeued.append(job.id)
+    for job_id in requeued:
+        enqueue(job_id)
+        log.warning("job.requeued", job_id=job_id, reason="worker lost")
+    return requeued
