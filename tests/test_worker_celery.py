@@ -189,3 +189,20 @@ def test_filesystem_consumer_skips_message_files_still_being_written(tmp_path: P
         fcntl.flock(writer.fileno(), fcntl.LOCK_UN)
     assert message_file_complete(str(path))
     assert not message_file_complete(str(tmp_path / "gone.routine.msg"))
+
+
+def test_task_prerun_binds_task_and_job_ids_for_every_log_line() -> None:
+    import structlog
+
+    from worker.celery_app import _bind_task, _unbind_task
+
+    _bind_task(task_id="abc-123", args=[42, 3])
+    try:
+        with structlog.testing.capture_logs() as logs:
+            structlog.get_logger("t").info("step")
+        bound = structlog.contextvars.get_contextvars()
+        assert bound == {"task_id": "abc-123", "job_id": 42, "job_version": 3}
+    finally:
+        _unbind_task()
+    assert structlog.contextvars.get_contextvars() == {}
+    assert logs[0]["event"] == "step"

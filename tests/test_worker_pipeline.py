@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import structlog
 from sqlalchemy import func, select
 
 from tests.servers import dciodvfy
@@ -141,8 +142,12 @@ def test_negative_study_is_routine_and_still_reported(
     settings, ctx = _setup(tmp_path, model_dirs["negative"], database_url)
     try:
         (job_id,) = ingest_files(settings, ctx.session_factory, write_ct_series(tmp_path / "in"))
-        outcome = run_job(ctx, job_id, 1)
+        with structlog.testing.capture_logs() as logs:
+            outcome = run_job(ctx, job_id, 1)
         assert outcome.ran and outcome.positive is False
+        # never a patient name, ID or birth date in a log line (write_ct_series's values)
+        text = repr(logs)
+        assert logs and not any(v in text for v in ("Phantom", "PH-0001", "19700101", "ACC0001"))
         with ctx.session_factory() as session:
             result = session.scalars(select(Result).where(Result.job_id == job_id)).one()
             assert not any(result.decisions.values())
