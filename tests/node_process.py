@@ -144,8 +144,9 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
-        env.update(OMP_NUM_THREADS="1", TRIAGE_INFERENCE_THREADS="1", TRIAGE_LOG_FORMAT="json",
-                   TRIAGE_KEY_SLICES_PER_CLASS="1", **self.env_settings)
+        env.update({"OMP_NUM_THREADS": "1", "TRIAGE_INFERENCE_THREADS": "1", "TRIAGE_LOG_FORMAT": "json",
+                    "TRIAGE_KEY_SLICES_PER_CLASS": "1"})
+        env.update(self.env_settings)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [TRIAGE_NODE, "worker", "--concurrency", "1"], env=env, stdout=log,

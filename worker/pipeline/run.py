@@ -322,6 +322,10 @@ def write_objects(ctx: WorkerContext, claim_: _Claim, volume: Any, prediction: A
 
     card = ctx.card
     base = (claim_.study_uid, claim_.series_uid, claim_.job_id, claim_.version)
+    # results/ holds patient data: 0700 like the spool (mkdir(parents=True) would give
+    # the intermediate folder the umask's 0755).
+    ctx.results_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ctx.results_dir.chmod(0o700)
     out_dir = ctx.results_dir / str(claim_.job_id)
     key_slices = select_key_slices(prediction.slice_probs, prediction.decision, ctx.settings.key_slices_per_class)
     keys = overlay_keys(key_slices)
