@@ -137,7 +137,7 @@ def test_pool_process_killed_mid_job_runs_the_job_again_with_one_result(
 ) -> None:
     node = Node(tmp_path, model_card, redis_url)
     try:
-        node.start_worker()
+        node.start_worker("--no-beat")  # the only child process is then the pool process
         wait_until(lambda: _pool_children(node.worker.pid), "pool process", timeout=30,
                    process=node.worker, log=node.log)
         # Slow the job down enough to kill it mid-run: many slices.
