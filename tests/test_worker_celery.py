@@ -206,3 +206,36 @@ def test_task_prerun_binds_task_and_job_ids_for_every_log_line() -> None:
         _unbind_task()
     assert structlog.contextvars.get_contextvars() == {}
     assert logs[0]["event"] == "step"
+
+
+def test_triton_down_during_a_job_is_retried_with_backoff_until_it_is_back(
+    tmp_path: Path, model_card: Path, triton_server  # type: ignore[no-untyped-def]
+) -> None:
+    from worker.inference.triton_server import TritonServer
+
+    server = triton_server(model_card.parent / "models")
+    port = int(server.grpc_url.rsplit(":", 1)[1])
+    node = Node(tmp_path, model_card)
+    node.env_settings.update(TRIAGE_INFERENCE_BACKEND="triton", TRIAGE_TRITON_URL=server.grpc_url,
+                             TRIAGE_INFERENCE_TIMEOUT_S="3")
+    again = None
+    try:
+        node.start_worker("--no-beat")  # starts: Triton is live, ready and matches the card
+        wait_until(lambda: _pool_children(node.worker.pid), "pool process", timeout=30,
+                   process=node.worker, log=node.log)
+        server.stop()
+        job_id = node.send_study(tmp_path / "s", "MODALITY", bleed=True)
+        wait_until(lambda: node.jobs()[0].attempts >= 2, "job retried", timeout=40, interval=0.1,
+                   process=node.worker, log=node.log)
+        assert node.jobs()[0].state == JobState.running and not node.jobs()[0].error
+        again = TritonServer(model_card.parent / "models", grpc_port=port).start()
+        (job,) = node.wait_done(1, timeout=60)
+        assert job.id == job_id and job.attempts >= 2
+        with node.session_factory() as session:
+            assert session.scalar(select(func.count()).select_from(Result)) == 1
+            failed = session.scalars(select(AuditEvent).where(AuditEvent.action == "job.failed")).all()
+            assert failed == []
+    finally:
+        node.stop()
+        if again is not None:
+            again.stop()

@@ -161,9 +161,16 @@ app = create_app()
 @signals.worker_process_init.connect
 def _init_process(**_: Any) -> None:
     """Build the DB engine, model card and inference backend once per pool process."""
+    from sqlalchemy.exc import OperationalError
+
+    from worker.inference.base import BackendUnavailable
     from worker.pipeline.run import init_context
 
-    init_context(get_settings())
+    try:
+        init_context(get_settings())
+    except (BackendUnavailable, OperationalError) as exc:
+        # Transient: the first task builds the context again (and retries with backoff).
+        log.warning("worker.process_init_deferred", error=str(exc)[:300])
 
 
 @signals.worker_process_shutdown.connect
