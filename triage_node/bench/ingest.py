@@ -25,7 +25,7 @@ from triage_node.config import REPO_ROOT, load_settings
 from triage_node.db import schema
 from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.ingest.scp import StorageSCP
-from triage_node.ingest.store import InstanceStore
+from triage_node.ingest.store import SUCCESS, InstanceStore
 
 __all__ = ["markdown_table", "run_ingest_benchmark", "update_benchmarks_md"]
 
@@ -35,11 +35,13 @@ BENCHMARKS_MD = REPO_ROOT / "docs" / "BENCHMARKS.md"
 FSYNC_BEFORE_RESPONSE = {
     "triage-node": True,
     "triage-node, no TCP_NODELAY": True,
+    "pynetdicom, bytes discarded": False,
     "DCMTK storescp": False,
     "Orthanc": True,  # SyncStorageArea, and its SQLite index
 }
 NODE = "triage-node"
 NODE_NO_NODELAY = "triage-node, no TCP_NODELAY"
+MINIMAL = "pynetdicom, bytes discarded"
 STORESCP = "DCMTK storescp"
 ORTHANC = "Orthanc"
 
@@ -71,6 +73,45 @@ class _NodeTarget:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _discard(event: Any) -> int:
+    """C-STORE handler of the bare SCP: take the bytes, answer success."""
+    event.encoded_dataset()
+    return SUCCESS
+
+
+class _MinimalPynetdicom:
+    """pynetdicom's floor: a bare SCP that takes the encoded bytes and discards them.
+
+    Same AE settings as the node (contexts, PDU size, TCP_NODELAY) but no parsing,
+    no spool and no database: what pynetdicom alone costs per object on this machine.
+    """
+
+    aet = "MINIMAL"
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, evt
+
+        from triage_node.config import UnknownStorageClassPolicy
+        from triage_node.ingest.handlers import handle_conn_open
+        from triage_node.ingest.scp import MAX_PDU_SIZE, storage_contexts
+
+        self.port = free_port()
+        self.ae = AE(ae_title=self.aet)
+        self.ae.supported_contexts = storage_contexts(UnknownStorageClassPolicy.store)
+        self.ae.maximum_pdu_size = MAX_PDU_SIZE
+        self._handlers = [
+            (evt.EVT_C_STORE, _discard),
+            (evt.EVT_CONN_OPEN, handle_conn_open),
+        ]
+
+    def start(self) -> _MinimalPynetdicom:
+        self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=self._handlers)
+        return self
+
+    def stop(self) -> None:
+        self.ae.shutdown()
+
+
 def _send(files: list[Path], port: int, aet: str) -> float:
     start = time.perf_counter()
     proc = storescu(files, port, aet)
@@ -86,12 +127,14 @@ def run_ingest_benchmark(
 ) -> dict[str, Any]:
     """Run the benchmark and return the results (the ``docs/bench/ingest.json`` content)."""
     say = progress or (lambda _msg: None)
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
         sets = [write_ct_slices(work / f"round{r}", images, size=size, seed=r) for r in range(rounds)]
         factories: dict[str, Callable[[], Any]] = {
             NODE: lambda: _NodeTarget(nodelay=True),
             NODE_NO_NODELAY: lambda: _NodeTarget(nodelay=False),
+            MINIMAL: _MinimalPynetdicom,
             STORESCP: StoreSCPPeer,
             ORTHANC: OrthancPeer,
         }
@@ -124,7 +167,9 @@ def run_ingest_benchmark(
         "node_vs_orthanc": round(node / results[ORTHANC]["images_per_s"], 2),
         "node_vs_storescp": round(node / results[STORESCP]["images_per_s"], 2),
         "nodelay_speedup": round(node / results[NODE_NO_NODELAY]["images_per_s"], 2),
+        "node_vs_pynetdicom_floor": round(node / results[MINIMAL]["images_per_s"], 2),
     }
+    load_after = os.getloadavg()
     return {
         "benchmark": "ingest",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -136,6 +181,7 @@ def run_ingest_benchmark(
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         },
         "results": results,
         "ratios": ratios,
@@ -172,7 +218,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"(target >= 1: {'met' if t['at_least_orthanc'] else 'not met'}), "
         f"node / storescp = {r['node_vs_storescp']:.2f} "
         f"(target >= 0.5: {'met' if t['at_least_half_storescp'] else 'not met'}), "
-        f"TCP_NODELAY on accepted sockets = x{r['nodelay_speedup']:.2f}.",
+        f"TCP_NODELAY on accepted sockets = x{r['nodelay_speedup']:.2f}, "
+        f"node / bare pynetdicom = {r['node_vs_pynetdicom_floor']:.2f}. "
+        f"Load average (1 min) before / after the run: "
+        f"{result['machine']['load_average_1min_before_after'][0]:.1f} / "
+        f"{result['machine']['load_average_1min_before_after'][1]:.1f} "
+        "(the machine is shared; receivers take turns within each round so they see the same load).",
         "",
         "Raw numbers: `docs/bench/ingest.json`.",
         "",
