@@ -120,20 +120,38 @@ class _Site:
             )
         return self.pacs.accepted_at.get(sr_uid) if sr_uid else None
 
-    def wait_sr(self, study_uids: list[str], timeout: float) -> dict[str, datetime]:
+    def failed(self, study_uid: str) -> str | None:
+        """The error of the study's job when it failed for good."""
+        from triage_node.db.models import Job, JobState, Study
+
+        with self.session_factory() as session:
+            return session.scalar(
+                select(Job.error).join(Study, Study.id == Job.study_id)
+                .where(Study.study_uid == study_uid, Job.state == JobState.failed)
+            )
+
+    def wait_sr(self, study_uids: list[str], timeout: float) -> tuple[dict[str, datetime], dict[str, str]]:
+        """Wait for each study's SR at the PACS; returns (accepted times, errors of failed jobs)."""
         from worker.demo import DemoError
 
         deadline = time.monotonic() + timeout
         done: dict[str, datetime] = {}
-        while len(done) < len(study_uids):
+        failed: dict[str, str] = {}
+        while len(done) + len(failed) < len(study_uids):
             self.procs.check()
             for uid in study_uids:
-                if uid not in done and (at := self.sr_accepted(uid)) is not None:
+                if uid in done or uid in failed:
+                    continue
+                if (at := self.sr_accepted(uid)) is not None:
                     done[uid] = at
+                elif (error := self.failed(uid)) is not None:
+                    failed[uid] = error.splitlines()[0][:200]
+                    log.error("bench.job_failed", study_uid=uid, error=failed[uid])
             if time.monotonic() > deadline:
-                raise DemoError(f"{len(study_uids) - len(done)} SRs not delivered after {timeout:.0f} s")
+                raise DemoError(f"{len(study_uids) - len(done) - len(failed)} SRs not delivered "
+                                f"after {timeout:.0f} s")
             time.sleep(0.05)
-        return done
+        return done, failed
 
     def stages(self) -> dict[str, float]:
         """Median seconds of each stage over this site's jobs (from the Job timestamps)."""
@@ -170,16 +188,21 @@ def _bench_backend(backend: str, studies: list[tuple[str, list[Path]]], repeats:
     site = _Site(backend, model_repository, model_card, triton.grpc_url if triton else None)
     try:
         site.start()
+        errors: dict[str, str] = {}
         warm_uid, warm_files = studies[0]
         site.send(warm_files)
-        site.wait_sr([warm_uid], timeout=180)
+        errors.update(site.wait_sr([warm_uid], timeout=180)[1])
         single = []
         for uid, files in studies[1 : 1 + repeats]:
             acked = site.send(files)
-            accepted = site.wait_sr([uid], timeout=120)[uid]
-            single.append((accepted - acked).total_seconds())
-            if progress:
-                progress(f"{backend}: single study {single[-1]:.2f} s")
+            accepted, failed = site.wait_sr([uid], timeout=120)
+            errors.update(failed)
+            if uid in accepted:
+                single.append((accepted[uid] - acked).total_seconds())
+                if progress:
+                    progress(f"{backend}: single study {single[-1]:.2f} s")
+            elif progress:
+                progress(f"{backend}: single study FAILED: {failed[uid]}")
         batch = studies[1 + repeats : 1 + repeats + together]
         acked_at: dict[str, datetime] = {}
         lock = threading.Lock()
@@ -195,16 +218,19 @@ def _bench_backend(backend: str, studies: list[tuple[str, list[Path]]], repeats:
             t.start()
         for t in threads:
             t.join()
-        accepted = site.wait_sr([uid for uid, _ in batch], timeout=60 + 30 * len(batch))
-        lat = [(accepted[uid] - acked_at[uid]).total_seconds() for uid, _ in batch]
-        wall = (max(accepted.values()) - t0).total_seconds()
+        accepted, failed = site.wait_sr([uid for uid, _ in batch], timeout=60 + 30 * len(batch))
+        errors.update(failed)
+        lat = [(accepted[uid] - acked_at[uid]).total_seconds() for uid, _ in batch if uid in accepted]
+        wall = (max(accepted.values()) - t0).total_seconds() if accepted else float("nan")
         if progress:
             progress(f"{backend}: {len(batch)} studies together, p95 {percentile(lat, 95):.2f} s")
         return {
             "single": _summary(single),
             "together": {**_summary(lat), "studies": len(batch), "wall_s": round(wall, 3),
-                         "studies_per_min": round(60.0 * len(batch) / wall, 2)},
+                         "studies_per_min": round(60.0 * len(lat) / wall, 2)},
             "stages_median_s": site.stages(),
+            "failed_jobs": len(errors),
+            "errors": sorted(set(errors.values())),
         }
     finally:
         site.stop()
@@ -323,6 +349,10 @@ def markdown_section(result: dict[str, Any]) -> str:
     for name, r in result["backends"].items():
         lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}"
                                                    for v in r["stages_median_s"].values()) + " |")
+    for name, r in result["backends"].items():
+        if r.get("failed_jobs"):
+            lines += ["", f"{name}: {r['failed_jobs']} job(s) failed and are not in the latencies: "
+                          + "; ".join(r["errors"])]
     ms = result["ms_per_slice"]
     lines += [
         "",
@@ -367,8 +397,13 @@ def register(bench_app: Any) -> None:
                                    help="Write docs/bench/e2e.json and the section of docs/BENCHMARKS.md."),
     ) -> None:
         """Last image acknowledged -> SR accepted by the PACS, ONNX Runtime and Triton side by side."""
+        import signal
+        import sys
+
         from triage_node.logs import configure_logging
 
+        # SIGTERM unwinds like Ctrl-C, so the node, worker and Triton are stopped.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         configure_logging("WARNING")
         names = tuple(b.strip() for b in backends.split(",") if b.strip())
         bad = [b for b in names if b not in ("onnx", "triton")]

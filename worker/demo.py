@@ -243,6 +243,7 @@ def collect_rows(settings: Any, session_factory: Any, truths: dict[str, Any]) ->
                 "study_uid": study.study_uid,
                 "truth": (list(truth.subtypes) or ["none"]) if truth is not None else None,
                 "state": job.state if job else "no job",
+                "error": (job.error or "").splitlines()[0][:300] if job and job.error else None,
                 "positive": bool(result.positive) if result else None,
                 "probabilities": dict(result.study_probabilities) if result else {},
                 "decisions": dict(result.decisions) if result else {},
@@ -420,6 +421,9 @@ def print_worklist(result: DemoResult) -> None:
             style="bold red" if row["priority"] == "STAT-AI" else None,
         )
     console.print(table)
+    for i, row in enumerate(result.rows, 1):
+        if row.get("error"):
+            console.print(f"[red]#{i} failed:[/red] {row['error']}")
     console.print("Stage times in seconds: complete = last image -> series complete, queued = complete -> "
                   "worker start, total = last image -> SR and overlays accepted by the PACS.")
     console.print(f"Demo took {result.seconds:.0f} s.")

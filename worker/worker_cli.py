@@ -120,7 +120,13 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(110.0, "--timeout", help="Seconds to wait for all results."),
     ) -> None:
         """Generate studies, run node + worker + a local PACS, send, and show the worklist."""
+        import signal
+        import sys
+
         from worker.demo import DemoError, run_demo
+
+        # SIGTERM unwinds like Ctrl-C, so the node, the worker and the PACS are stopped.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
         try:
             code = run_demo(out=out, n_studies=studies, data_dir=data_dir, timeout=timeout)
