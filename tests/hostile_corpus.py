@@ -164,6 +164,8 @@ def _cases(base: Base) -> list[HostileCase]:
                             base.data[: base.meta_end + body.find(b"CT HEAD") + 3]),
         lambda: HostileCase("truncated_in_pixel_data", "pixel data cut 100 bytes short",
                             base.data[:-100]),
+        lambda: HostileCase("truncated_in_element_length", "cut inside the 4-byte length of Pixel Data (found by the fuzzer)",
+                            base.data[: base.meta_end + pixel_at + 9]),
         lambda: HostileCase("garbage_data_set", "valid file meta, random data set",
                             base.with_body(bytes(rng.getrandbits(8) for _ in range(2048)))),
         lambda: HostileCase("wrong_vr_rows_as_ul", "Rows (0028,0010) as UL with 2 bytes",

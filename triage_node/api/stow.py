@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+import struct
 from io import BytesIO
 from typing import Any
 
@@ -150,7 +151,7 @@ def _header_uids(data: bytes) -> tuple[str | None, str | None, str | None]:
         study = ds.get("StudyInstanceUID")
     except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError,
             AttributeError, IndexError, NotImplementedError, BytesLengthException,
-            RecursionError, OverflowError):
+            RecursionError, OverflowError, struct.error):
         return None, None, None  # the store refuses it with the matching status
     return (str(study) if study else None, str(sop_class) if sop_class else None,
             str(sop_uid) if sop_uid else None)
