@@ -117,7 +117,7 @@ class Spool:
             self._makedirs(path.parent)
             fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=path.parent)
         try:
-            os.fchmod(fd, FILE_MODE)
+            # mkstemp creates the file with mode 0600 (FILE_MODE): no chmod needed.
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
