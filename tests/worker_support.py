@@ -75,13 +75,15 @@ def write_ct_series(
     seed: int = 0,
     study_uid: str | None = None,
     requested_priority: str | None = None,
+    tilt_deg: float = 0.0,
 ) -> list[Path]:
     """Write a small non-contrast head CT series (CT Image Storage, PS3.3 A.3) as Part 10 files.
 
     An elliptical skull (bone) around brain (~35 HU) in air, 5 mm axial slices; with
     ``bleed`` a ~65 HU blob in a few middle slices. Signed pixels with intercept -1024, as
     scanners write them. Headers pass the node's series-selection rules (CT, HEAD,
-    ORIGINAL\\PRIMARY\\AXIAL, soft kernel).
+    ORIGINAL\\PRIMARY\\AXIAL, soft kernel). ``tilt_deg`` tilts the gantry about the
+    patient's left-right axis, as head CTs often are (up to about 20 degrees).
     """
     import numpy as np
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -94,6 +96,11 @@ def write_ct_series(
     series_uid = generate_uid()
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     cy, cx = size / 2, size / 2
+    t = np.deg2rad(tilt_deg)
+    row_dir = np.array([1.0, 0.0, 0.0])
+    col_dir = np.array([0.0, np.cos(t), -np.sin(t)])
+    normal = np.cross(row_dir, col_dir)
+    origin = np.array([-0.25 * size, -0.25 * size, 0.0])
     paths = []
     for z in range(slices):
         scale = 1.0 - 0.5 * abs(z - slices / 2) / slices
@@ -138,8 +145,8 @@ def write_ct_series(
         ds.SliceThickness = 5.0
         ds.KVP = 120
         ds.PatientPosition = "HFS"
-        ds.ImagePositionPatient = [-0.5 * size * 0.5, -0.5 * size * 0.5, 5.0 * z]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in origin + 5.0 * z * normal]
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_dir, *col_dir)]
         ds.SliceLocation = 5.0 * z
         ds.PositionReferenceIndicator = ""
         ds.PixelSpacing = [0.5 * 512 / size, 0.5 * 512 / size]
