@@ -194,3 +194,19 @@ def test_rejected_instance_logs_carry_the_association_context(
     assert refused["calling_ae"] == "CT_SCANNER" and refused["peer"] == "127.0.0.1"
     assert refused["status"] == "0xC001"
     assert PATIENT_NAME not in node.output()
+
+
+def test_serve_says_so_when_the_dicom_port_is_taken(node_env: dict[str, str], tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [*CLI, "serve", "--data-dir", str(tmp_path / "data"), "--dicom-port", str(port),
+             "--no-api"],
+            env=node_env, capture_output=True, text=True, timeout=60,
+        )
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr

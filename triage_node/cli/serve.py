@@ -111,7 +111,15 @@ def serve(
 
     api: _ApiServer | None = None
     try:
-        scp.start()
+        try:
+            scp.start()
+        except OSError as exc:
+            typer.echo(
+                f"triage-node serve: cannot listen on {settings.dicom_host}:{settings.dicom_port}: "
+                f"{exc.strerror or exc}",
+                err=True,
+            )
+            raise typer.Exit(2) from None
         if tracker is not None:
             tracker.run_in_thread()
         if not no_api and importlib.util.find_spec("triage_node.api.app") is not None:
