@@ -52,3 +52,30 @@ def bench_ingest(
         f"node/Orthanc {ratios['node_vs_orthanc']:.2f}  node/storescp {ratios['node_vs_storescp']:.2f}"
         f"  TCP_NODELAY x{ratios['nodelay_speedup']:.2f}"
     )
+
+
+@bench_app.command("load")
+def bench_load(
+    associations: int = typer.Option(8, "--associations", "-k", min=1, max=32,
+                                     help="Concurrent associations (loopback only)."),
+    minutes: float = typer.Option(1.0, "--minutes", "-m", min=0.05, max=30.0, help="Duration of the load."),
+    slices: int = typer.Option(24, "--slices", min=1, help="Slices per study."),
+    size: int = typer.Option(256, "--size", help="Slice matrix (size x size)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON result."),
+    write: bool = typer.Option(True, "--write/--no-write", help="Write docs/bench/load.json."),
+) -> None:
+    """K concurrent associations sending studies to a `triage-node serve` for M minutes:
+    statuses, C-STORE and study latency (p50/p95) next to one study alone, node RSS."""
+    from triage_node.bench.load import JSON_PATH, markdown_section, run_load_benchmark
+    from triage_node.logs import configure_logging
+
+    configure_logging("WARNING")
+    progress = None if as_json else (lambda msg: typer.echo(msg, err=True))
+    result = run_load_benchmark(associations=associations, minutes=minutes, slices=slices, size=size,
+                                progress=progress)
+    if write:
+        JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
+        JSON_PATH.write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(json.dumps(result, indent=2) if as_json else markdown_section(result))
+    if not result["ok"]:
+        raise typer.Exit(1)
