@@ -17,6 +17,8 @@ from triage_node.db import schema
 from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.ingest.scp import StorageSCP
 from triage_node.ingest.store import InstanceStore
+from triage_node.queue import make_client
+from triage_node.reconcile import Reconciler
 from triage_node.routing import with_routing
 from triage_node.logs import get_logger
 
@@ -110,6 +112,7 @@ def serve(
     signal.signal(signal.SIGINT, _on_signal)
 
     api: _ApiServer | None = None
+    reconciler: Reconciler | None = None
     try:
         try:
             scp.start()
@@ -122,6 +125,8 @@ def serve(
             raise typer.Exit(2) from None
         if tracker is not None:
             tracker.run_in_thread()
+        # Jobs lost by the broker (Redis restarted) or by a SIGKILLed worker.
+        reconciler = Reconciler(session_factory, make_client(settings)).run_in_thread()
         if not no_api and importlib.util.find_spec("triage_node.api.app") is not None:
             api = _ApiServer(settings, session_factory, store, tracker).start()
             log.info("HTTP API started", host=settings.http_host, port=settings.http_port)
@@ -135,5 +140,7 @@ def serve(
         scp.stop()
         if tracker is not None:
             tracker.stop()
+        if reconciler is not None:
+            reconciler.stop()
         engine.dispose()
         log.info("stopped")
