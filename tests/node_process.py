@@ -220,3 +220,23 @@ def record_fault(name: str, counts: dict[str, int]) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data[name] = counts
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+_MODEL_CARD: Path | None = None
+
+
+def shared_model_card() -> Path:
+    """A small exported model (``tests.worker_support.build_small_repository``, every
+    threshold 0.3), built once per test process and shared by the fault and security tests."""
+    global _MODEL_CARD
+    if _MODEL_CARD is None or not _MODEL_CARD.exists():
+        import atexit
+        import shutil
+        import tempfile
+
+        from tests.worker_support import build_small_repository
+
+        folder = Path(tempfile.mkdtemp(prefix="triage-model-"))
+        atexit.register(shutil.rmtree, folder, True)
+        _MODEL_CARD = build_small_repository(folder, threshold=0.3)
+    return _MODEL_CARD

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from tests.node_process import WorkerProcess, fault_counts, record_fault
+from tests.node_process import WorkerProcess, fault_counts, record_fault, shared_model_card
 from tests.servers import RedisServer, wait_until
-from tests.worker_support import build_small_repository, ingest_files, write_ct_series
+from tests.worker_support import ingest_files, write_ct_series
 from triage_node.config import load_settings
 from triage_node.db import schema
 from triage_node.db.models import AuditEvent, Job, JobState
@@ -34,8 +34,8 @@ from triage_node.reconcile import broker_task_ids, reconcile_lost_jobs, worker_t
 
 
 @pytest.fixture(scope="module")
-def model_card(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_small_repository(tmp_path_factory.mktemp("model"), threshold=0.3)
+def model_card() -> Path:
+    return shared_model_card()
 
 
 class QueueNode:

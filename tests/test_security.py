@@ -32,9 +32,8 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DatabaseError
 
-from tests.node_process import AET, TRIAGE_NODE, NodeProcess, WorkerProcess
+from tests.node_process import AET, TRIAGE_NODE, NodeProcess, WorkerProcess, shared_model_card
 from tests.servers import free_port, storescu, wait_until
-from tests.worker_support import build_small_repository
 from triage_node.config import load_settings
 from triage_node.db import audit, schema
 from triage_node.db.models import AuditEvent, Job, JobState
@@ -65,7 +64,7 @@ DB_PASSWORD = "db-passw0rd-Hy5rN1"
 def full_run(tmp_path_factory: pytest.TempPathFactory, postgres_server) -> dict:  # type: ignore[no-untyped-def]
     """storescu -> serve (JSON logs) -> worker; returns the logs, the truth and the paths."""
     root = tmp_path_factory.mktemp("full-run")
-    card = build_small_repository(root / "model", threshold=0.3)
+    card = shared_model_card()
     studies = root / "studies"
     env_base = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
     subprocess.run([TRIAGE_NODE, "synth", "--out", str(studies), "--studies", "2", "--seed", "11",
