@@ -225,6 +225,14 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{result['machine']['load_average_1min_before_after'][1]:.1f} "
         "(the machine is shared; receivers take turns within each round so they see the same load).",
         "",
+        "What separates the rows: before each C-STORE response this node parses the "
+        "header, fsyncs the file, renames it, fsyncs the directory and commits the "
+        "instance row (SQLite WAL fsync), in that order; Orthanc also fsyncs its "
+        "storage area and index; storescp and the bare pynetdicom SCP make nothing "
+        "durable. The bare pynetdicom row is the ceiling for any pynetdicom listener "
+        "on the same machine; the storescp target would need the durable path to cost "
+        "less than one of this disk's fsyncs.",
+        "",
         "Raw numbers: `docs/bench/ingest.json`.",
         "",
     ]
