@@ -49,8 +49,10 @@ SYNTHETIC_NOTICE = "synthetic weights - pipeline verification"
 #: Overlays are rendered at least this many pixels wide so that the burned-in text is legible.
 MIN_RENDER_SIZE = 512
 COLORMAP = "turbo"
-HEAT_FLOOR = 0.2  # heat below this leaves the CT gray
-HEAT_ALPHA = 0.5  # opacity of the colour at heat 1
+COLOR_LOW = 0.4  # the floor maps to this point of the colour map (green), 1 to red
+HEAT_FLOOR = 0.3  # heat below this leaves the CT gray
+HEAT_ALPHA = 0.55  # opacity of the colour at heat 1
+BODY_HU = -300.0  # no colour over air outside the head
 SOURCE_PURPOSE = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
 
 
@@ -166,10 +168,13 @@ def render_overlay(
     h, w = gray.shape
     rgb = np.repeat(gray[..., None], 3, axis=-1)
     if heat is not None:
-        m = heat_to_image_frame(heat, (h, w))
-        colors = matplotlib.colormaps[COLORMAP](m)[..., :3].astype(np.float32)
-        alpha = (HEAT_ALPHA * m * (m >= HEAT_FLOOR))[..., None]
-        rgb = (1.0 - alpha) * rgb + alpha * colors
+        # Only inside the head, and only where the map is above the floor: the colour and
+        # its opacity ramp up from the floor, so weak activation leaves the CT readable.
+        m = heat_to_image_frame(heat, (h, w)) * (np.asarray(hu) > BODY_HU)
+        t = np.clip((m - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0)
+        colors = matplotlib.colormaps[COLORMAP](COLOR_LOW + (1.0 - COLOR_LOW) * t)[..., :3]
+        alpha = (HEAT_ALPHA * t)[..., None]
+        rgb = (1.0 - alpha) * rgb + alpha * colors.astype(np.float32)
     img = Image.fromarray((np.clip(rgb, 0, 1) * 255.0 + 0.5).astype(np.uint8), mode="RGB")
     scale = render_scale((h, w))
     if scale > 1:
