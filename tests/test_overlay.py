@@ -119,3 +119,17 @@ def test_render_example_png(tmp_path: Path):
     to_png(overlays[-1], str(png))
     with Image.open(png) as img:
         assert img.mode == "RGB" and img.size == (MIN_RENDER_SIZE, MIN_RENDER_SIZE)
+
+
+def test_no_colour_over_air_or_below_the_floor():
+    from worker.pipeline.overlay import render_overlay
+
+    hu = np.full((64, 64), 35.0, dtype=np.float32)
+    hu[:, 32:] = -1000.0  # air on the right half
+    heat = np.ones((64, 64), dtype=np.float32)
+    heat[:16] = 0.1  # weak activation at the top
+    rgb = render_overlay(hu, heat, [], []).astype(int)
+    spread = np.abs(rgb[..., 0] - rgb[..., 2])
+    assert spread[200:500, 300:500].max() <= 1  # air stays black
+    assert spread[10:50, 10:200].max() <= 1  # below the floor stays gray
+    assert spread[200:500, 10:200].min() > 30  # strong heat inside the head is coloured
