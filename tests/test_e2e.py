@@ -44,7 +44,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 class Site:
     """A node and a worker as subprocesses, sharing a data directory and Redis."""
 
-    def __init__(self, tmp_path: Path, model: tuple[Path, Path], redis_url: str, orthanc, **extra: str) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, tmp_path: Path, model: tuple[Path, Path], redis_url: str, orthanc,  # type: ignore[no-untyped-def]
+                 database_url: str | None = None, **extra: str) -> None:
         self.tmp = tmp_path
         self.data_dir = tmp_path / "data"
         self.dicom_port = free_port()
@@ -67,7 +68,9 @@ class Site:
             "OMP_NUM_THREADS": "1",
             **extra,
         })
-        settings = load_settings(data_dir=self.data_dir)
+        if database_url:
+            self.env["TRIAGE_DATABASE_URL"] = database_url
+        settings = load_settings(data_dir=self.data_dir, database_url=database_url)
         schema.upgrade(settings.effective_database_url)
         self.engine = make_engine(settings.effective_database_url)
         self.session_factory = make_sessionmaker(self.engine)
@@ -129,14 +132,17 @@ def _series_in_orthanc(orthanc, study_uid: str) -> dict[str, int]:  # type: igno
     return out
 
 
-@pytest.mark.parametrize("backend", ["onnx", "triton"])
+@pytest.mark.parametrize(("backend", "database"), [("onnx", "sqlite"), ("triton", "sqlite"),
+                                                   ("onnx", "postgresql")])
 def test_study_from_storescu_comes_back_to_orthanc_as_sr_and_overlays(
-    backend: str, tmp_path: Path, model: tuple[Path, Path], redis_url: str, orthanc, triton_server  # type: ignore[no-untyped-def]
+    backend: str, database: str, tmp_path: Path, model: tuple[Path, Path], redis_url: str, orthanc,  # type: ignore[no-untyped-def]
+    triton_server, request: pytest.FixtureRequest,
 ) -> None:
     extra = {"TRIAGE_INFERENCE_BACKEND": backend}
     if backend == "triton":
         extra["TRIAGE_TRITON_URL"] = triton_server(model[0]).grpc_url
-    site = Site(tmp_path, model, redis_url, orthanc, **extra)
+    database_url = request.getfixturevalue("postgres_db") if database == "postgresql" else None
+    site = Site(tmp_path, model, redis_url, orthanc, database_url, **extra)
     try:
         site.start_all()
         files = write_ct_series(tmp_path / "study", bleed=True, size=256, slices=16)

@@ -239,3 +239,23 @@ def test_triton_down_during_a_job_is_retried_with_backoff_until_it_is_back(
         node.stop()
         if again is not None:
             again.stop()
+
+
+def test_filesystem_exchange_table_created_by_another_process_does_not_crash_binding(tmp_path: Path) -> None:
+    from kombu import Connection
+
+    from worker.celery_app import PriorityFilesystemTransport
+
+    folders = {name: tmp_path / name for name in ("queue", "processed", "control")}
+    for folder in folders.values():
+        folder.mkdir()
+    options = {"data_folder_in": str(folders["queue"]), "data_folder_out": str(folders["queue"]),
+               "processed_folder": str(folders["processed"]), "control_folder": str(folders["control"])}
+    # another process has just created the table and not yet written it
+    (folders["control"] / "triage.exchange").write_bytes(b"")
+    with Connection("filesystem://", transport=PriorityFilesystemTransport, transport_options=options) as conn:
+        channel = conn.channel()
+        channel._queue_bind("triage", "stat", None, "stat")
+        channel._queue_bind("triage", "routine", None, "routine")
+        channel._queue_bind("triage", "stat", None, "stat")  # idempotent
+        assert sorted(q.queue for q in channel.get_table("triage")) == ["routine", "stat"]

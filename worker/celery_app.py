@@ -21,14 +21,15 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from queue import Empty
 from typing import Any
 
 from celery import Celery, signals
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
-from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.encoding import bytes_to_str, str_to_bytes
+from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import FairCycle
 
 from triage_node.config import Settings, get_settings
@@ -79,7 +80,53 @@ def message_file_complete(path: str) -> bool:
 
 
 class PriorityFilesystemChannel(filesystem.Channel):
-    """Stat-first polling, and no message taken before its producer has finished writing it."""
+    """kombu's filesystem channel with stat-first polling and without its start-up races.
+
+    - no message file is taken before its producer has finished writing it;
+    - the exchange table (``control/<exchange>.exchange``) is created without truncation
+      and read as empty while its creator has not written it yet, so a node and a worker
+      that start at the same moment do not crash each other with ``JSONDecodeError``.
+    """
+
+    def get_table(self, exchange: str) -> list[Any]:
+        file = self._exchange_file(exchange)
+        for _ in range(200):
+            try:
+                with file.open("rb") as fh:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+                    try:
+                        data = fh.read()
+                    finally:
+                        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            except FileNotFoundError:
+                return []
+            except OSError as exc:
+                raise ChannelError(f"Cannot open {file}") from exc
+            if data.strip():
+                return [filesystem.exchange_queue_t(*q) for q in loads(bytes_to_str(data))]
+            time.sleep(0.01)  # created by another process that has not written it yet
+        return []
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        file = self._exchange_file(exchange)
+        self.control_folder.mkdir(exist_ok=True)
+        entry = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        try:
+            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o600)  # never truncates
+        except OSError as exc:
+            raise ChannelError(f"Cannot open {file}") from exc
+        with os.fdopen(fd, "rb+", buffering=0) as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                data = fh.read()
+                queues = [filesystem.exchange_queue_t(*q) for q in loads(bytes_to_str(data))] if data.strip() else []
+                if entry not in queues:
+                    queues.insert(0, entry)
+                    fh.seek(0)
+                    fh.truncate()
+                    fh.write(str_to_bytes(dumps(queues)))
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def _reset_cycle(self) -> None:
         self._cycle = PriorityCycle(self._get_and_deliver, self._active_queues, Empty)
