@@ -82,4 +82,9 @@ def test_high_sensitivity_keeps_spec_080_when_sensitive_enough():
     y = np.array([0] * 10 + [1] * 10, bool)
     p = np.r_[np.linspace(0, 0.5, 10), np.linspace(0.6, 1, 10)]
     hs = M.high_sensitivity_point(y, p)
-    assert "0.80" in hs.rule and hs.sensitivity == 1.0 and hs.specificity == 1.0
+    # separable data: every threshold in the gap has sensitivity 1; the lowest that keeps
+    # specificity >= 0.80 is chosen, not the one at the edge of the positives
+    assert "0.80" in hs.rule and hs.sensitivity == 1.0 and hs.specificity == pytest.approx(0.8)
+    assert hs.threshold < 0.6
+    bal = M.balanced_point(y, p)
+    assert bal.sensitivity == 1.0 and bal.specificity == 1.0

@@ -91,6 +91,23 @@ def test_training_smoke_loss_falls_and_exports(synth_dir, tmp_path):
     # resume: a finished run continues from its checkpoint without retraining
     again = fit(TrainConfig(**{**cfg.__dict__, "resume": True, "export_dir": str(tmp_path / "again")}))
     assert again["cnn_loss"] == loss
+    # `triage-node export` re-exports the run's checkpoints with the same card
+    import typer
+    from typer.testing import CliRunner
+
+    from worker.model.cli import register
+
+    app = typer.Typer()
+    register(app)
+    args = ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "re"), "--reselect-operating-points"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    # the run's config points at its latest export ("again"), whose card (and Device UID) is kept;
+    # operating points chosen again on the same validation series come out the same
+    before, after = load_model_card(tmp_path / "again"), load_model_card(tmp_path / "re")
+    assert after.device_uid == before.device_uid
+    for op in ("high_sensitivity", "balanced"):
+        assert after.operating_points[op] == pytest.approx(before.operating_points[op], abs=1e-6)
     rep = evaluate(tmp_path / "run" / "triton", synth_dir, tmp_path / "report", n_boot=50, update_card=True)
     assert rep["n_studies"] == 6
     for f in ("report.md", "report.json", "study_roc.png", "study_pr.png"):

@@ -88,26 +88,31 @@ def evaluate(
 def export(
     run: Path = typer.Option(..., "--run", help="Run folder of `triage-node train` (cnn_final.pt, sequence_final.pt, triton/model_card.json)."),
     out: Path = typer.Option(..., "--out", help="Triton repository to write (e.g. deploy/triton)."),
+    reselect: bool = typer.Option(
+        False, "--reselect-operating-points",
+        help="Choose the operating points again on the run's validation series (after a rule change).",
+    ),
 ) -> None:
     """Re-export a trained run to ONNX (parity-checked against PyTorch) with its model card."""
     import torch
 
     from worker.model.card import load_model_card, write_model_card
     from worker.model.export import export_repository
-    from worker.model.networks import SequenceModel, SliceCNN
+    from worker.model.train import load_run, reselect_operating_points
 
     torch.set_num_threads(2)
-    cfg = json.loads((run / "config.json").read_text())
-    cnn = SliceCNN(cfg["backbone"])
-    cnn.load_state_dict(torch.load(run / "cnn_final.pt", map_location="cpu"))
-    seq = SequenceModel(cnn.feature_dim, hidden=cfg["seq_hidden"], cell=cfg["seq_cell"])
-    seq.load_state_dict(torch.load(run / "sequence_final.pt", map_location="cpu"))
-    src = Path(cfg.get("export_dir") or run / "triton")
+    cfg, cnn, seq = load_run(run)
+    src = Path(cfg.export_dir or run / "triton")
     card = load_model_card(src / "model_card.json")
-    exp = export_repository(cnn, seq, cfg["size"], out)
+    update = {}
+    if reselect:
+        ops, val_metrics = reselect_operating_points(run)
+        update = {"operating_points": ops, "metrics": {**card.metrics, "validation": val_metrics}}
+        card = card.model_copy(update=update)
+    exp = export_repository(cnn, seq, cfg.size, out)
     metrics = {**card.metrics, "onnx_max_abs_diff": exp["onnx_max_abs_diff"]}
     write_model_card(card.model_copy(update={"metrics": metrics}), Path(out) / "model_card.json")
-    typer.echo(json.dumps(exp, indent=2))
+    typer.echo(json.dumps({**exp, "operating_points": card.operating_points}, indent=2))
 
 
 def register(app: typer.Typer) -> None:

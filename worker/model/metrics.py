@@ -163,7 +163,9 @@ def _candidates(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 def high_sensitivity_point(y: np.ndarray, p: np.ndarray) -> OperatingPoint:
     """Highest sensitivity with specificity >= 0.80; if that sensitivity is < 0.93, specificity >= 0.70.
 
-    Among thresholds with the same sensitivity the highest one (best specificity) is kept.
+    The threshold is the lowest one that keeps the specificity floor: it has the highest
+    sensitivity on the validation data and, when several thresholds tie there (separable
+    validation data), it leaves the most room for positives that score lower on new data.
     """
     y, p = _check(y, p)
     thr, sens, spec = _candidates(y, p)
@@ -171,8 +173,7 @@ def high_sensitivity_point(y: np.ndarray, p: np.ndarray) -> OperatingPoint:
         ok = spec >= floor
         if not ok.any():
             continue
-        best = sens[ok].max()
-        i = int(np.nonzero(ok & (sens == best))[0][0])
+        i = int(np.nonzero(ok)[0][-1])  # thresholds run high -> low; sensitivity grows along them
         point = OperatingPoint(float(thr[i]), float(sens[i]), float(spec[i]), f"max sensitivity, specificity >= {floor:.2f}")
         if sens[i] >= 0.93 or floor == 0.70:
             return point

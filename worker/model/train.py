@@ -27,7 +27,7 @@ from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.model import metrics as M
 from worker.model.card import INTENDED_USE, ModelCard, ServedModel, write_model_card
-from worker.model.data import CachedSet, build_cache, index_dataset, patient_split, subset_slices
+from worker.model.data import CachedSet, build_cache, index_dataset, load_cache, patient_split, subset_slices
 from worker.model.export import SEQUENCE_MODEL, SLICE_MODEL, TRITON_BATCHING, export_repository
 from worker.model.networks import N_CLASSES, SequenceModel, SliceCNN, rsna_bce
 from worker.pipeline.preprocess import DEFAULT_WINDOWS, WINDOWS, channel_plan
@@ -145,18 +145,23 @@ def train_cnn(cfg: TrainConfig, cache: CachedSet, train_idx: list[int], run: Pat
 
 
 @torch.no_grad()
-def extract(model: SliceCNN, cache: CachedSet, batch: int = 64, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings [N,F] and CNN logits [N,6] of every cached slice (eval mode, no augmentation)."""
+def extract(model: SliceCNN, cache: CachedSet, batch: int = 64, progress: Progress | None = None, series_idx: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings [N,F] and CNN logits [N,6] of the cached slices (eval mode, no augmentation).
+
+    With ``series_idx`` only those series' rows are computed (the others stay zero).
+    """
     model.eval()
     n = cache.inputs.shape[0]
+    rows = np.arange(n) if series_idx is None else subset_slices(cache, series_idx)
     emb = np.zeros((n, model.feature_dim), np.float32)
     logits = np.zeros((n, N_CLASSES), np.float32)
-    for a in range(0, n, batch):
-        x = torch.from_numpy(np.asarray(cache.inputs[a : a + batch], dtype=np.float32))
+    for a in range(0, len(rows), batch):
+        r = rows[a : a + batch]
+        x = torch.from_numpy(np.asarray(cache.inputs[r], dtype=np.float32))
         lo, em, _ = model(x)
-        emb[a : a + batch], logits[a : a + batch] = em.numpy(), lo.numpy()
+        emb[r], logits[r] = em.numpy(), lo.numpy()
         if progress:
-            progress("extract embeddings", min(a + batch, n), n)
+            progress("extract embeddings", min(a + batch, len(rows)), len(rows))
     return emb, logits
 
 
@@ -252,6 +257,49 @@ def choose_operating_points(study_y: np.ndarray, study_p: np.ndarray) -> dict[st
     return ops
 
 
+def validate(seq: SequenceModel, emb: np.ndarray, logits: np.ndarray, cache: CachedSet, val_idx: list[int]) -> tuple[dict, dict]:
+    """Operating points and study-level metrics on the validation series."""
+    y_val = np.stack([cache.labels[cache.series_slice(i)].max(0) for i in val_idx])
+    p_seq, p_cnn = series_probs(seq, emb, logits, cache, val_idx)
+    study_seq = np.stack([p.max(0) for p in p_seq])
+    study_cnn = np.stack([p.max(0) for p in p_cnn])
+    ops = choose_operating_points(y_val, study_seq)
+    val_metrics = {
+        "n_series": len(val_idx),
+        "study_auc_sequence": {c: M.roc_auc(y_val[:, k], study_seq[:, k]) for k, c in enumerate(CLASSES)},
+        "study_auc_cnn": {c: M.roc_auc(y_val[:, k], study_cnn[:, k]) for k, c in enumerate(CLASSES)},
+        "study_rsna_log_loss_sequence": M.rsna_log_loss(y_val, study_seq),
+        "study_rsna_log_loss_cnn": M.rsna_log_loss(y_val, study_cnn),
+    }
+    return ops, val_metrics
+
+
+def load_run(run: str | Path) -> tuple[TrainConfig, SliceCNN, SequenceModel]:
+    """Config and trained models of a finished run folder."""
+    run = Path(run)
+    data = json.loads((run / "config.json").read_text())
+    data["windows"] = tuple(data.get("windows", DEFAULT_WINDOWS))
+    cfg = TrainConfig(**data)
+    cnn = SliceCNN(cfg.backbone)
+    cnn.load_state_dict(torch.load(run / "cnn_final.pt", map_location="cpu"))
+    seq = SequenceModel(cnn.feature_dim, hidden=cfg.seq_hidden, cell=cfg.seq_cell)
+    seq.load_state_dict(torch.load(run / "sequence_final.pt", map_location="cpu"))
+    return cfg, cnn.eval(), seq.eval()
+
+
+def reselect_operating_points(run: str | Path) -> tuple[dict, dict]:
+    """Choose the operating points again on a finished run's validation series (same split).
+
+    For when the selection rule changes after training: the models are not touched.
+    """
+    cfg, cnn, seq = load_run(run)
+    torch.set_num_threads(cfg.threads)
+    cache = load_cache(cfg.cache_dir or Path(run) / "cache")
+    _, val_idx = patient_split([_Rec(p) for p in cache.patient_keys], cfg.val_fraction, cfg.seed)
+    emb, logits = extract(cnn, cache, series_idx=val_idx)
+    return validate(seq, emb, logits, cache, val_idx)
+
+
 def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Callable[[int, int], None] | None = None) -> dict:
     """Run both stages, export, and write the model card. Returns a summary dict."""
     torch.set_num_threads(cfg.threads)
@@ -272,18 +320,7 @@ def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Call
     seq, seq_hist = train_sequence(cfg, emb, logits, cache, train_idx, val_idx, progress)
     torch.save(seq.state_dict(), run / "sequence_final.pt")
 
-    y_val = np.stack([cache.labels[cache.series_slice(i)].max(0) for i in val_idx])
-    p_seq, p_cnn = series_probs(seq, emb, logits, cache, val_idx)
-    study_seq = np.stack([p.max(0) for p in p_seq])
-    study_cnn = np.stack([p.max(0) for p in p_cnn])
-    ops = choose_operating_points(y_val, study_seq)
-    val_metrics = {
-        "n_series": len(val_idx),
-        "study_auc_sequence": {c: M.roc_auc(y_val[:, k], study_seq[:, k]) for k, c in enumerate(CLASSES)},
-        "study_auc_cnn": {c: M.roc_auc(y_val[:, k], study_cnn[:, k]) for k, c in enumerate(CLASSES)},
-        "study_rsna_log_loss_sequence": M.rsna_log_loss(y_val, study_seq),
-        "study_rsna_log_loss_cnn": M.rsna_log_loss(y_val, study_cnn),
-    }
+    ops, val_metrics = validate(seq, emb, logits, cache, val_idx)
     export_dir = Path(cfg.export_dir) if cfg.export_dir else run / "triton"
     exp = export_repository(cnn, seq, cfg.size, export_dir)
     wall = time.monotonic() - t_start
