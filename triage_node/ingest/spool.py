@@ -106,16 +106,25 @@ class Spool:
         The bytes go to a temporary file in the target directory, which is fsynced,
         renamed over the final name (``os.replace``, atomic on POSIX) and followed by
         an fsync of the directory, so after a crash the file is either complete or
-        absent, never half-written.
+        absent, never half-written. Same as `stage` followed by `publish`.
         """
-        path = self.path_for(study_uid, series_uid, sop_uid, version)
-        self._makedirs(path.parent)
+        self.path_for(study_uid, series_uid, sop_uid, version)  # validate before any I/O
+        return self.publish(self.stage(study_uid, series_uid, data), sop_uid, version)
+
+    def stage(self, study_uid: str, series_uid: str, data: bytes) -> Path:
+        """First half of `write`: the bytes in a fsynced temporary file in the series folder.
+
+        The caller then `publish`-es it under its final name or `discard`-s it. A
+        crash leaves only a temporary file, removed by `remove_stale_temp_files`.
+        """
+        folder = self.path_for(study_uid, series_uid, "1").parent
+        self._makedirs(folder)
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=path.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
         except FileNotFoundError:  # the folder was removed behind the cache's back
             self._known_dirs.clear()
-            self._makedirs(path.parent)
-            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=path.parent)
+            self._makedirs(folder)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
         try:
             # mkstemp creates the file with mode 0600 (FILE_MODE): no chmod needed.
             view = memoryview(data)
@@ -128,13 +137,22 @@ class Spool:
             _unlink_quietly(Path(tmp_name))
             raise
         os.close(fd)
+        return Path(tmp_name)
+
+    def publish(self, staged: Path, sop_uid: str, version: int = 1) -> Path:
+        """Second half of `write`: rename a staged file to its final name, fsync the folder."""
+        path = staged.parent / self.path_for("1", "1", sop_uid, version).name
         try:
-            os.replace(tmp_name, path)
+            os.replace(staged, path)
         except BaseException:
-            _unlink_quietly(Path(tmp_name))
+            _unlink_quietly(staged)
             raise
         _fsync_dir(path.parent)
         return path
+
+    def discard(self, staged: Path) -> None:
+        """Drop a staged file that will not be published."""
+        _unlink_quietly(staged)
 
     def remove(self, path: Path) -> None:
         """Delete a spooled file (only paths inside the spool) and fsync its folder."""

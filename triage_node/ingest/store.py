@@ -536,6 +536,12 @@ class InstanceStore:
     def _spool_and_record_once(
         self, header: _Header, data: bytes, digest: str, calling_ae: str, source: str, actor: str
     ) -> StoreOutcome:
+        # The bytes go to a fsynced temporary file in the I/O pool at once, while this
+        # thread looks up earlier versions and stages the rows; the file gets its final
+        # name (rename + directory fsync) once the version is known, and the rows are
+        # committed only after that.
+        staging = self._io.submit(self.spool.stage, header.study_uid, header.series_uid, data)
+        staged: Path | None = None
         written: Path | None = None
         committed = False
         try:
@@ -545,24 +551,17 @@ class InstanceStore:
                 if same:
                     return self._duplicate(session, header, same[0], actor, source)
                 version = max((int(row[0]) for row in rows), default=0) + 1
-                future = self._io.submit(
-                    self.spool.write,
-                    header.study_uid, header.series_uid, header.sop_uid, data, version,
+                path = self.spool.path_for(
+                    header.study_uid, header.series_uid, header.sop_uid, version
                 )
+                series_id = self._stage_rows(session, header, data, digest, version,
+                                             path, calling_ae, source, actor)
+                session.flush()
                 try:
-                    path = self.spool.path_for(
-                        header.study_uid, header.series_uid, header.sop_uid, version
-                    )
-                    series_id = self._stage_rows(session, header, data, digest, version,
-                                                 path, calling_ae, source, actor)
-                    session.flush()
-                finally:
-                    try:
-                        written = future.result()
-                    except OSError as exc:
-                        raise _Refused(
-                            OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}"
-                        ) from None
+                    staged = staging.result()
+                    written = self.spool.publish(staged, header.sop_uid, version)
+                except OSError as exc:
+                    raise _Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
                 # The file is durable (fsynced, renamed, directory fsynced): commit.
                 session.commit()
                 committed = True
@@ -573,6 +572,14 @@ class InstanceStore:
                 DATABASE_UNAVAILABLE, f"database write failed: {type(exc).__name__}"
             ) from None
         finally:
+            if staged is None:
+                # Not yet collected (duplicate or an early failure): wait, then drop it.
+                try:
+                    staged = staging.result()
+                except OSError:
+                    staged = None
+                if staged is not None and written is None:
+                    self.spool.discard(staged)
             if written is not None and not committed:
                 self._discard_unreferenced(written)
         # Only after the commit: a rolled-back insert must not be cached.
