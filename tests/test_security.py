@@ -204,3 +204,23 @@ def test_the_database_refuses_update_delete_and_truncate_of_audit_rows(
                 session.commit()
     finally:
         engine.dispose()
+
+
+def test_the_embedded_sqlite_database_is_private(tmp_path: Path) -> None:
+    """The SQLite file (and its WAL) holds study rows and the audit trail: 0600, as the spool."""
+    from tests.ingest_support import ct_dataset, part10
+    from triage_node.ingest.store import InstanceStore
+
+    settings = load_settings(data_dir=tmp_path / "data", min_free_disk_mb=1)
+    schema.upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        store = InstanceStore(settings, make_sessionmaker(engine))
+        assert store.store(part10(ct_dataset("1.2.3", "1.2.3.4", 0)), calling_ae="A", peer="127.0.0.1",
+                           source="dimse").stored
+        files = sorted((tmp_path / "data").glob("triage.db*"))
+        assert [f.name for f in files][:1] == ["triage.db"]
+        assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {
+            f.name: oct(0o600) for f in files}
+    finally:
+        engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,8 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if "///" in url:
+                _private_file(Path(path))
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -34,6 +37,20 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _private_file(path: Path) -> None:
+    """Create the SQLite file 0600 (or make it so): it holds study rows and the audit trail.
+
+    SQLite gives its -wal and -shm files the database file's permissions.
+    """
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except OSError:  # a file owned by another user: leave it to the operator
+        pass
+    finally:
+        os.close(fd)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
