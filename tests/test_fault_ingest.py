@@ -8,7 +8,8 @@ For each fault the SCU sends one series and the test counts what was acknowledge
   the series with one job;
 - PostgreSQL restarted during ingest: the SCU sees failure statuses (0xA701) or a
   broken association while the database is away, never a success for an instance
-  that has no row; re-sending the failed ones completes the series.
+  that has no row; refusals the audit table could not take at the time are audited
+  once it is back; re-sending the failed ones completes the series.
 
 Covered elsewhere, by reference: disk below the watermark (0xA700, then the
 association refused: ``tests/test_ingest_scp.py::test_watermark_answers_a700_and_refuses_new_associations``
@@ -36,7 +37,7 @@ from sqlalchemy import func, select
 from tests.ingest_support import ct_dataset
 from tests.node_process import AET, NodeProcess, fault_counts, record_fault
 from tests.servers import PostgresServer, wait_until
-from triage_node.db.models import Instance, Job, JobState
+from triage_node.db.models import AuditEvent, Instance, Job, JobState
 from triage_node.ingest.store import DATABASE_UNAVAILABLE, SUCCESS
 
 N = 60
@@ -183,16 +184,21 @@ def test_postgresql_restarted_during_ingest_never_acknowledges_a_missing_row(
         assert acknowledged <= set(rows), f"acknowledged without a row: {sorted(acknowledged - set(rows))}"
         _check_on_disk(node, rows, acknowledged)
         assert node.alive
-        # The refusals are in the log: the audit table was unreachable at the time.
-        refused_logged = node.log_text().count('"status": "0xA701"')
-        assert refused_logged >= sum(s == DATABASE_UNAVAILABLE for s in failed.values())
+        refused = sum(s == DATABASE_UNAVAILABLE for s in failed.values())
+        assert node.log_text().count('"status": "0xA701"') >= refused
 
         retry = _resend(node, datasets, acknowledged)
         assert set(retry.answers.values()) == {SUCCESS}
         assert len(_rows(node)) == N
+        # Refusals the audit table could not take at the time were written once it was back.
+        with node.session_factory() as session:
+            audited = session.scalars(select(AuditEvent).where(AuditEvent.action == "instance.rejected")).all()
+        audited = [e for e in audited if e.detail["status"] == "0xA701"]
+        assert len(audited) == refused
+        assert {e.sop_uid for e in audited} <= set(failed)
         record_fault("postgresql_restart_during_ingest", fault_counts(
             node.session_factory, acknowledged=len(acknowledged), refused=len(failed),
-            refused_0xA701=sum(s == DATABASE_UNAVAILABLE for s in failed.values()),
+            refused_0xA701=refused, audited_0xA701=len(audited),
             no_answer=sum(s is None for s in failed.values()), resent=len(retry.answers)))
     finally:
         node.close()

@@ -98,6 +98,8 @@ _UPDATE_SERIES = {
     (new, expected): _series_update(new, expected) for new in (True, False) for expected in (True, False)
 }
 _INSERT_RETRIES = 3
+#: Refusals kept in memory while the database is away (then written, oldest first).
+_DEFERRED_AUDIT_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
@@ -429,6 +431,10 @@ class InstanceStore:
         self.on_stored = on_stored
         self.spool = Spool(settings.spool_dir)
         self._series_ids: dict[str, int] = {}
+        # Refusals that could not be audited (database away), written once it is back.
+        self._deferred_audit: list[dict[str, Any]] = []
+        self._deferred_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._sop_locks = [threading.Lock() for _ in range(64)]
         # File writes run here, overlapping the SQL work of the same instance.
         self._io = ThreadPoolExecutor(
@@ -496,6 +502,8 @@ class InstanceStore:
             outcome = self._spool_and_record(header, data, calling_ae, peer, source, actor)
         except _Refused as refused:
             outcome = self._refuse(header, refused, actor, source)
+        if self._deferred_audit:
+            self._flush_deferred_audit()
         if outcome.stored and not outcome.duplicate and self.on_stored is not None:
             try:
                 self.on_stored(outcome.series_uid)
@@ -771,6 +779,27 @@ class InstanceStore:
         if not referenced:
             self.spool.remove(path)
 
+    def _flush_deferred_audit(self) -> None:
+        """Write the refusals that could not be audited while the database was away."""
+        if not self._flush_lock.acquire(blocking=False):
+            return  # another thread is writing them
+        try:
+            with self._deferred_lock:
+                rows = list(self._deferred_audit)
+            if not rows:
+                return
+            try:
+                with transaction(self.session_factory) as session:
+                    for row in rows:
+                        audit.record(session, **row)
+            except SQLAlchemyError:
+                return
+            with self._deferred_lock:
+                del self._deferred_audit[: len(rows)]
+            log.info("deferred audit rows written", rows=len(rows))
+        finally:
+            self._flush_lock.release()
+
     def _refuse(
         self, header: _Header | None, refused: _Refused, actor: str, source: str
     ) -> StoreOutcome:
@@ -781,22 +810,27 @@ class InstanceStore:
             sop_uid=header.sop_uid if header else None,
             source=source,
         )
+        row: dict[str, Any] = dict(
+            action="instance.rejected",
+            actor=actor,
+            outcome="failed",
+            study_uid=header.study_uid if header else None,
+            series_uid=header.series_uid if header else None,
+            sop_uid=header.sop_uid if header else None,
+            status=f"0x{refused.status:04X}",
+            reason=refused.reason,
+            source=source,
+        )
         try:
             with transaction(self.session_factory) as session:
-                audit.record(
-                    session,
-                    "instance.rejected",
-                    actor=actor,
-                    outcome="failed",
-                    study_uid=header.study_uid if header else None,
-                    series_uid=header.series_uid if header else None,
-                    sop_uid=header.sop_uid if header else None,
-                    status=f"0x{refused.status:04X}",
-                    reason=refused.reason,
-                    source=source,
-                )
+                audit.record(session, **row)
         except SQLAlchemyError:
-            log.error("audit row for a refused instance could not be written")
+            with self._deferred_lock:
+                if len(self._deferred_audit) < _DEFERRED_AUDIT_LIMIT:
+                    self._deferred_audit.append(
+                        {**row, "deferred": True, "refused_at": datetime.now(UTC).isoformat()}
+                    )
+            log.error("audit row for a refused instance deferred: database unavailable")
         return StoreOutcome(
             status=refused.status,
             study_uid=header.study_uid if header else None,
