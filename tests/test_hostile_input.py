@@ -229,3 +229,30 @@ def test_stow_bodies_that_are_not_multipart_get_4xx(node: NodeProcess) -> None:
                               headers={"Authorization": f"Bearer {token}", "Content-Type": content_type})
         assert 400 <= response.status_code < 500, (content_type, response.status_code)
     assert node.alive
+
+
+@pytest.mark.parametrize("payload", [
+    b"",
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    bytes(range(256)) * 16,
+    # A-ASSOCIATE-RQ (PS3.8 9.3.2) declaring a 4 GiB PDU, then a few bytes.
+    b"\x01\x00\xff\xff\xff\xfe" + b"\x00" * 64,
+    # P-DATA-TF before any association.
+    b"\x04\x00\x00\x00\x00\x10" + b"\x00\x00\x00\x0c\x01\x03" + b"\x00" * 10,
+], ids=["empty", "http", "noise", "associate_rq_4gb", "p_data_first"])
+def test_garbage_on_the_dicom_port_does_not_stop_the_listener(node: NodeProcess, payload: bytes) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", node.dicom_port), timeout=10) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        try:
+            while sock.recv(65536):
+                pass
+        except OSError:
+            pass
+    assoc = _scu().associate("127.0.0.1", node.dicom_port, ae_title=AET)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert node.alive
