@@ -72,3 +72,23 @@ def test_remove_refuses_paths_outside_the_spool(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         spool.remove(outside)
     assert outside.exists()
+
+
+def test_stage_then_publish_or_discard(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    staged = spool.stage(STUDY, SERIES, b"payload")
+    assert staged.parent == tmp_path / STUDY / SERIES and staged.name.startswith(".incoming-")
+    final = spool.publish(staged, SOP, version=3)
+    assert final.name == f"{SOP}.v3.dcm" and final.read_bytes() == b"payload"
+    assert not staged.exists()
+    dropped = spool.stage(STUDY, SERIES, b"other")
+    spool.discard(dropped)
+    assert sorted(p.name for p in final.parent.iterdir()) == [final.name]
+
+
+def test_stale_temporary_files_are_removed_at_start(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    kept = spool.write(STUDY, SERIES, SOP, b"kept")
+    spool.stage(STUDY, SERIES, b"interrupted")  # as if the process died before publish
+    assert Spool(tmp_path).remove_stale_temp_files() == 1
+    assert [p.name for p in kept.parent.iterdir()] == [kept.name]
