@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from triage_node.config import DEFAULT_MODEL_REPOSITORY
+from triage_node.config import DEFAULT_MODEL_CARD, DEFAULT_MODEL_REPOSITORY
 
 triton_app = typer.Typer(help="Local Triton Inference Server (from the nvidia-pytriton wheel).",
                          no_args_is_help=True)
@@ -66,6 +66,27 @@ def serve(
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+@triton_app.command("check")
+def check(
+    repository: Path = typer.Option(
+        DEFAULT_MODEL_REPOSITORY, "--repository", "-r", help="Triton model repository to check."
+    ),
+    card_path: Path = typer.Option(
+        DEFAULT_MODEL_CARD, "--card", help="model_card.json the worker will compare against."
+    ),
+) -> None:
+    """Validate the repository: configs parse, names match folders, ONNX and card agree."""
+    from worker.inference.triton_check import check_repository
+    from worker.model.card import load_model_card
+
+    report = check_repository(repository, load_model_card(card_path))
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}", err=True)
+    if not report.ok:
+        raise typer.Exit(1)
+    typer.echo(f"ok: {', '.join(report.models)} match {card_path.name}")
 
 
 def register(app: typer.Typer) -> None:
