@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import SecondaryCaptureImageStorage
 import structlog
 from sqlalchemy import func, select
 
@@ -232,12 +233,6 @@ def test_job_left_running_by_a_vanished_worker_is_sent_again(tmp_path: Path, mod
         ctx.close()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="worker/pipeline/overlay.py patient_orientation() writes two-letter values such as 'PF' "
-           "for a tilted gantry, which highdicom's SCImage refuses (PatientOrientationValuesBiped "
-           "takes single letters); owner: reports engineer. Remove this mark when fixed.",
-)
 def test_tilted_gantry_study_is_reported(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
     settings, ctx = _setup(tmp_path, model_dirs["positive"], f"sqlite:///{tmp_path / 't.db'}")
     try:
@@ -245,7 +240,13 @@ def test_tilted_gantry_study_is_reported(tmp_path: Path, model_dirs: dict[str, P
                                  write_ct_series(tmp_path / "in", bleed=True, tilt_deg=18.5))
         outcome = run_job(ctx, job_id, 1)
         assert outcome.ran and outcome.positive
+        oblique = []
         for path in sorted(Path(outcome.output_dir).glob("*.dcm")):
             assert dciodvfy(path).ok, path
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if ds.SOPClassUID == SecondaryCaptureImageStorage:
+                oblique.append(ds.PatientOrientation[1])
+        # 18.5 degrees of tilt: the column direction is oblique (two letters, PS3.3 C.7.6.1.1.1)
+        assert oblique and all(len(value) == 2 for value in oblique), oblique
     finally:
         ctx.close()

@@ -284,6 +284,7 @@ def build_overlays(
         pixel_spacing = (
             (float(spacing[0]) / scale, float(spacing[1]) / scale) if spacing is not None else None
         )
+        row_dir, col_dir = patient_orientation(ref)
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ref,
             pixel_array=pixels,
@@ -296,11 +297,14 @@ def build_overlays(
             instance_number=n + 1,
             manufacturer=MANUFACTURER,
             pixel_spacing=pixel_spacing,
-            patient_orientation=patient_orientation(ref),
+            # highdicom takes one letter per direction; oblique (tilted gantry) directions
+            # need several (PS3.3 C.7.6.1.1.1), so the full values are set just below.
+            patient_orientation=(row_dir[0], col_dir[0]),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[contributing_equipment(card)],
             series_description=_series_description(synthetic),
         )
+        sc.PatientOrientation = [row_dir, col_dir]
         _derived_image_attributes(sc, ref, name, heat is not None)
         sc.ImageComments = overlay_comment(name, i, float(study_probs[c]))
         images.append(sc)
