@@ -32,10 +32,11 @@ def test_demo_triages_and_delivers_every_study(tmp_path: Path) -> None:
     assert "Worklist, most urgent first" in text
     assert text.count(" done ") == 3, text
     assert "Received by the local PACS" in text
-    received = sorted(out.glob("*.dcm"))
+    received = sorted(out.rglob("*.dcm"))
     modalities = [pydicom.dcmread(p, stop_before_pixels=True).Modality for p in received]
     assert modalities.count("SR") == 3
-    pngs = sorted(out.glob("*.png"))
+    pngs = sorted(out.rglob("*.png"))
+    assert len(list(out.glob("*/SR.json"))) == 3
     assert len(pngs) == modalities.count("OT") >= 3
     for path in received[:4] + [p for p, m in zip(received, modalities) if m == "SR"][:1]:
         assert dciodvfy(path).ok, path

@@ -275,22 +275,30 @@ def _all_done(session_factory: Any, n_studies: int) -> bool:
 
 
 def export_received(pacs: LocalPACS, out: Path) -> list[Path]:
-    """Copy what the PACS received to ``out`` (.dcm) and render PNGs of the images."""
-    from worker.pipeline.overlay import to_png
-    from worker.pipeline.sr import summary
+    """Copy what the PACS received to ``out/<accession>_<study>/`` and render PNGs.
 
-    out.mkdir(parents=True, exist_ok=True)
+    Per study: ``SR.dcm`` with ``SR.json`` (its findings, from
+    :func:`worker.pipeline.sr.summary`) and ``overlay_<n>_<class>.dcm`` with a ``.png``
+    render of each overlay image.
+    """
+    from worker.pipeline.overlay import to_png
+    from worker.pipeline.sr import overlay_class, summary
+
     written = []
     for sop_uid, path in sorted(pacs.received.items()):
         ds: Dataset = pydicom.dcmread(path)
-        stem = f"{ds.get('Modality', 'OT')}_{ds.get('SeriesNumber', 0)}_{ds.get('InstanceNumber', 0):>03}_{sop_uid[-8:]}"
-        target = out / f"{stem}.dcm"
+        folder = out / f"{ds.get('AccessionNumber') or 'study'}_{str(ds.StudyInstanceUID)[-6:]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if ds.get("Modality") == "SR":
+            stem = "SR" if not (folder / "SR.dcm").exists() else f"SR_{sop_uid[-6:]}"
+            (folder / f"{stem}.json").write_text(json.dumps(summary(ds), indent=2, default=str) + "\n")
+        else:
+            stem = f"overlay_{int(ds.get('InstanceNumber', 0)):02d}_{overlay_class(ds) or 'image'}"
+        target = folder / f"{stem}.dcm"
         shutil.copyfile(path, target)
         written.append(target)
-        if ds.get("Modality") == "SR":
-            (out / f"{stem}.json").write_text(json.dumps(summary(ds), indent=2, default=str) + "\n")
-        elif "PixelData" in ds:
-            png = out / f"{stem}.png"
+        if ds.get("Modality") != "SR" and "PixelData" in ds:
+            png = folder / f"{stem}.png"
             to_png(ds, str(png))
             written.append(png)
     return written
