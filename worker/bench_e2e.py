@@ -255,12 +255,22 @@ def _bench_backend(backend: str, studies: list[tuple[str, list[Path]]], repeats:
             triton.stop()
 
 
-def ms_per_slice(card: Any, model_repository: Path, batch: int = 8, threads: int = 2, rounds: int = 5) -> dict[str, Any]:
+def ms_per_slice(card: Any, model_repository: Path, batch: int = 8, threads: int = 2, rounds: int = 15) -> dict[str, Any]:
     """Slice CNN ms per slice, PyTorch eager vs ONNX Runtime, same architecture and input size.
 
     The PyTorch network is the card's backbone freshly built (timing does not depend on
-    the weights); ONNX Runtime runs the served file.
+    the weights); ONNX Runtime runs the served file. Median over ``rounds`` batches after
+    one warm-up batch, so that a burst of other work on the machine does not decide it.
     """
+
+    def median_ms(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) / batch * 1000
     import torch
 
     from worker.inference.onnx_backend import OnnxBackend
@@ -271,19 +281,11 @@ def ms_per_slice(card: Any, model_repository: Path, batch: int = 8, threads: int
     net = SliceCNN(card.backbone).eval()
     with torch.inference_mode():
         xt = torch.from_numpy(x)
-        net(xt)
-        t = time.perf_counter()
-        for _ in range(rounds):
-            net(xt)
-        eager = (time.perf_counter() - t) / (rounds * batch) * 1000
+        eager = median_ms(lambda: net(xt))
     backend = OnnxBackend(model_repository, threads=threads)
-    backend.slice_fn(x)
-    t = time.perf_counter()
-    for _ in range(rounds):
-        backend.slice_fn(x)
-    ort = (time.perf_counter() - t) / (rounds * batch) * 1000
+    ort = median_ms(lambda: backend.slice_fn(x))
     backend.close()
-    return {"pytorch_eager_ms": round(eager, 1), "onnxruntime_ms": round(ort, 1), "batch": batch,
+    return {"pytorch_eager_ms": round(eager, 2), "onnxruntime_ms": round(ort, 2), "batch": batch,
             "threads": threads, "input_size": card.input_size, "backbone": card.backbone,
             "speedup": round(eager / ort, 2)}
 
