@@ -177,7 +177,7 @@ def test_worker_refuses_to_start_on_a_model_mismatch(tmp_path: Path, model_card:
 def test_filesystem_consumer_skips_message_files_still_being_written(tmp_path: Path) -> None:
     import fcntl
 
-    from worker.celery_app import message_file_complete
+    from triage_node.fs_broker import message_file_complete
 
     path = tmp_path / "1_x.routine.msg"
     path.write_bytes(b"")
@@ -244,7 +244,7 @@ def test_triton_down_during_a_job_is_retried_with_backoff_until_it_is_back(
 def test_filesystem_exchange_table_created_by_another_process_does_not_crash_binding(tmp_path: Path) -> None:
     from kombu import Connection
 
-    from worker.celery_app import PriorityFilesystemTransport
+    from triage_node.fs_broker import PriorityFilesystemTransport
 
     folders = {name: tmp_path / name for name in ("queue", "processed", "control")}
     for folder in folders.values():

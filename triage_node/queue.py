@@ -98,6 +98,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "store_processed": False,
             "polling_interval": 0.1,
         }
+        # Both sides use the safe transport: the stock one can lose a message that a
+        # consumer takes while its producer is still writing it (triage_node/fs_broker.py).
+        config["broker_transport"] = "triage_node.fs_broker:PriorityFilesystemTransport"
         config["worker_pool_restarts"] = False
     elif broker.startswith(("redis://", "rediss://")):
         config["broker_transport_options"] = {
