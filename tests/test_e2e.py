@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pydicom
@@ -26,6 +28,7 @@ from triage_node.config import load_settings
 from triage_node.db import schema
 from triage_node.db.models import AuditEvent, Job, JobState, OutboxItem, OutboxState, Result
 from triage_node.db.session import make_engine, make_sessionmaker
+from triage_node.notify.webhook import verify_signature
 
 TRIAGE_NODE = str(Path(sys.executable).parent / "triage-node")
 NODE_AE = "TRIAGE_NODE"
@@ -142,6 +145,9 @@ def test_study_from_storescu_comes_back_to_orthanc_as_sr_and_overlays(
     if backend == "triton":
         extra["TRIAGE_TRITON_URL"] = triton_server(model[0]).grpc_url
     database_url = request.getfixturevalue("postgres_db") if database == "postgresql" else None
+    hook = WebhookReceiver()
+    extra["TRIAGE_WEBHOOK_URLS"] = json.dumps([hook.url])
+    extra["TRIAGE_SECRET_KEY"] = "e2e-webhook-secret"
     site = Site(tmp_path, model, redis_url, orthanc, database_url, **extra)
     try:
         site.start_all()
@@ -166,8 +172,44 @@ def test_study_from_storescu_comes_back_to_orthanc_as_sr_and_overlays(
         for path in sorted(Path(result.output_dir).glob("*.dcm")):
             check = dciodvfy(path)
             assert check.ok, f"{path.name}: {check.errors}"
+        # The worker announced the positive finding: one signed webhook, audited.
+        site.wait(lambda: len(hook.requests) >= 1, "webhook for the positive result")
+        (request_,) = hook.requests
+        headers, body = request_["headers"], request_["body"]
+        assert headers["X-Triage-Event"] == "ich.positive"
+        assert verify_signature("e2e-webhook-secret", headers["X-Triage-Timestamp"], body,
+                                headers["X-Triage-Signature"])
+        assert json.loads(body)["study_uid"] == study_uid
     finally:
         site.stop()
+        hook.close()
+
+
+class WebhookReceiver:
+    """A real HTTP endpoint that records POSTs (the hospital's notification service)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                requests.append({"headers": dict(self.headers), "body": body})
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def test_orthanc_down_then_up_gets_each_object_exactly_once(

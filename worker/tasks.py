@@ -11,6 +11,11 @@
     periodically by the worker's embedded beat and right after each job.
 ``worker.requeue_stale()``
     Sends again jobs left ``running`` by a vanished worker; run every minute by beat.
+``worker.notify_job(job_id)``
+    Webhooks and the HL7 priority update for a positive result or a failed job
+    (:func:`triage_node.notify.notify_job`), sent by the triage task after its result
+    (or failure) is committed, on the ``stat`` queue so a slow receiver never holds up
+    triage itself.
 """
 
 from __future__ import annotations
@@ -40,9 +45,17 @@ class TriageTask(Task):
 
         if args:
             try:
-                mark_failed(get_context(), int(args[0]), int(args[1]) if len(args) > 1 else None, exc)
+                ctx = get_context()
+                mark_failed(ctx, int(args[0]), int(args[1]) if len(args) > 1 else None, exc)
+                send_notifications(ctx.settings, int(args[0]))
             except Exception as err:  # noqa: BLE001 - the failure is already being reported
                 log.error("job.mark_failed_error", error=repr(err))
+
+
+def send_notifications(settings: Any, job_id: int) -> None:
+    """Queue the notification task when a receiver is configured (webhook or RIS)."""
+    if settings.webhook_urls or settings.hl7_host:
+        notify_job.apply_async(args=[job_id], queue="stat")
 
 
 @app.task(
@@ -69,6 +82,8 @@ def triage_job(self: Task, job_id: int, version: int) -> dict[str, Any]:
         raise
     summary = outcome.as_dict()
     if outcome.ran:
+        if outcome.positive:
+            send_notifications(ctx.settings, int(job_id))
         summary["delivery"] = deliver_for_job(ctx, int(job_id))
     return summary
 
@@ -79,6 +94,22 @@ def deliver_due() -> dict[str, Any]:
     from worker.pipeline.run import deliver_pending, get_context
 
     return deliver_pending(get_context())
+
+
+@app.task(name="worker.notify_job", acks_late=True, ignore_result=True)
+def notify_job(job_id: int) -> dict[str, Any]:
+    """Send the webhooks and the HL7 update of one job; every send is audited."""
+    from triage_node.notify import notify_job as send
+    from worker.pipeline.run import get_context
+
+    ctx = get_context()
+    report = send(ctx.settings, ctx.session_factory, int(job_id))
+    return {
+        "event": report.event,
+        "webhooks": [w.delivered for w in report.webhooks],
+        "hl7_ack": report.hl7_ack,
+        "hl7_error": report.hl7_error,
+    }
 
 
 @app.task(name="worker.requeue_stale", ignore_result=True)
