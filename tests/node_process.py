@@ -137,9 +137,10 @@ class WorkerProcess:
     as when the machine or container dies (not only a pool process).
     """
 
-    def __init__(self, env_settings: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env_settings: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.env_settings = env_settings
         self.log_path = log_path
+        self.args = args  # extra ``triage-node worker`` options, e.g. ("--no-beat",)
         self.process: subprocess.Popen | None = None
 
     def start(self) -> WorkerProcess:
@@ -149,7 +150,7 @@ class WorkerProcess:
         env.update(self.env_settings)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [TRIAGE_NODE, "worker", "--concurrency", "1"], env=env, stdout=log,
+                [TRIAGE_NODE, "worker", "--concurrency", "1", *self.args], env=env, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
         wait_until(lambda: bool(self.pool_children()), "worker pool process", timeout=60,
