@@ -65,6 +65,19 @@ def test_healthz_is_open(server):
     assert response.status_code == 200 and response.json()["status"] == "ok"
 
 
+def test_openapi_docs_need_no_internet(server):
+    """The /docs page and its assets come from the node itself, not from a CDN."""
+    import re
+
+    page = httpx.get(server.url + "/docs")
+    assert page.status_code == 200
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert sources and not [s for s in sources if s.startswith(("http://", "https://", "//"))]
+    for source in sources:
+        assert httpx.get(server.url + source).status_code == 200, source
+    assert httpx.get(server.url + "/openapi.json").json()["info"]["title"] == "ICH triage node"
+
+
 @pytest.mark.parametrize("path", ["/api/probe/viewer", "/api/no-such-route", "/dicomweb/studies",
                                   "/dicomweb"])
 def test_no_anonymous_access_to_api_or_dicomweb_even_in_development(server, settings, path):

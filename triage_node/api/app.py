@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -95,7 +96,9 @@ def create_app(
             settings, session_factory,
             on_stored=tracker.instance_stored if tracker is not None else None,
         )
-    app = FastAPI(
+    # FastAPIOffline serves the Swagger UI and ReDoc assets itself: hospital networks
+    # often have no internet, and the stock /docs page loads them from a CDN.
+    app = FastAPIOffline(
         title="ICH triage node",
         version=__version__,
         description="Worklist, audit and DICOMweb (STOW-RS, QIDO-RS, WADO-RS) of the triage node. "
