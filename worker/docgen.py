@@ -228,11 +228,66 @@ def fill_blocks(text: str, blocks: dict[str, str]) -> str:
     return text
 
 
+def _bench(name: str) -> dict | None:
+    path = DOCS_DIR / "bench" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def readme_blocks() -> dict[str, str]:
+    """The README's benchmark table, from the JSON files the benchmark commands write."""
+    rows: list[tuple[str, ...]] = []
+    ingest, e2e, load = _bench("ingest"), _bench("e2e"), _bench("load")
+    if ingest:
+        r, when = ingest["results"], ingest["date"][:16].replace("T", " ")
+        node = r["triage-node"]["images_per_s"]
+        peers = ", ".join(
+            f"{k} {v['images_per_s']:.0f}/s" for k, v in r.items() if not k.startswith("triage-node")
+        )
+        rows.append((
+            "`triage-node bench ingest`",
+            f"{ingest['images']} slices {ingest['size']} by storescu: this node {node:.0f} images/s "
+            "(fsync + database row before each response)",
+            peers,
+            when,
+        ))
+    if e2e:
+        b, t, when = e2e["backends"], e2e["targets"], e2e["when_utc"][:16].replace("T", " ")
+        ours = "; ".join(
+            f"{k}: p50 {v['single']['p50_s']:.2f} s, p95 {v['single']['p95_s']:.2f} s "
+            f"({v['together']['studies']} together: p95 {v['together']['p95_s']:.2f} s)"
+            for k, v in b.items()
+        )
+        enqueue = f"; last image -> job queued p95 {t['enqueue_p95_s']} s" if "enqueue_p95_s" in t else ""
+        ms = e2e["ms_per_slice"]
+        rows.append((
+            "`triage-node bench e2e`",
+            f"one {e2e['study']['slices']}-slice {e2e['study']['rows']}x{e2e['study']['rows']} study, "
+            f"last image acknowledged -> SR accepted by the PACS: {ours}{enqueue}",
+            f"Triton / in-process p50 x{t.get('triton_over_onnx_p50', '-')}; slice CNN "
+            f"PyTorch eager {ms['pytorch_eager_ms']} ms/slice vs ONNX Runtime {ms['onnxruntime_ms']}",
+            when,
+        ))
+    if load:
+        u, rss = load["under_load"], load["rss_mb"]
+        rows.append((
+            "`triage-node bench load`",
+            f"{load['setup']['associations']} associations for {load['setup']['minutes']} min: "
+            f"{load['images']} images, {len(load['failures'])} failure statuses, C-STORE p95 "
+            f"{u['image']['p95_ms']:.0f} ms, study p95 {u['study']['p95_ms'] / 1000:.1f} s",
+            f"one study at a time: C-STORE p95 {load['single_study']['image']['p95_ms']:.0f} ms; "
+            f"RSS {rss['start']:.0f} -> {rss['end']:.0f} MB",
+            load["date"][:16].replace("T", " "),
+        ))
+    return {"bench-table": _table(("command", "our path", "side by side", "run (UTC)"), rows)}
+
+
 def generated_documents() -> dict[Path, str]:
     conformance = DOCS_DIR / "CONFORMANCE.md"
+    readme = REPO_ROOT / "README.md"
     return {
         DOCS_DIR / "CONFIGURATION.md": render_configuration(),
         conformance: fill_blocks(conformance.read_text(), conformance_blocks()),
+        readme: fill_blocks(readme.read_text(), readme_blocks()),
     }
 
 
