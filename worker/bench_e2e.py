@@ -218,11 +218,15 @@ class _Site:
 
 
 def _bench_backend(backend: str, studies: list[tuple[str, list[Path]]], repeats: int, together: int,
-                   model_repository: Path, model_card: Path, progress: Progress) -> dict[str, Any]:
+                   model_repository: Path, model_card: Path, progress: Progress,
+                   triton_url: str | None = None) -> dict[str, Any]:
     from worker.inference.triton_server import TritonServer
 
-    triton = TritonServer(model_repository).start() if backend == "triton" else None
-    site = _Site(backend, model_repository, model_card, triton.grpc_url if triton else None)
+    # An external server (the official image on a GPU) when ``triton_url`` is given,
+    # else the local wheel's server on CPU.
+    local = backend == "triton" and not triton_url
+    triton = TritonServer(model_repository).start() if local else None
+    site = _Site(backend, model_repository, model_card, triton.grpc_url if triton else triton_url)
     try:
         site.start()
         errors: dict[str, str] = {}
@@ -328,8 +332,13 @@ def run_e2e_benchmark(
     model_repository: Path | None = None,
     model_card: Path | None = None,
     progress: Progress = None,
+    triton_url: str | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the result as a JSON-ready dict."""
+    """Run the benchmark; returns the result as a JSON-ready dict.
+
+    ``triton_url`` (gRPC ``host:port``): measure the ``triton`` backend against that server
+    (e.g. the official image serving ``deploy/triton/models-gpu``) instead of a local one.
+    """
     from worker.model.card import load_model_card
 
     settings = load_settings(model_repository=model_repository, model_card=model_card)
@@ -339,7 +348,8 @@ def run_e2e_benchmark(
         if progress:
             progress(f"{len(studies)} studies of {slices} slices written")
         results = {
-            b: _bench_backend(b, studies, repeats, together, settings.model_repository, settings.model_card, progress)
+            b: _bench_backend(b, studies, repeats, together, settings.model_repository, settings.model_card, progress,
+                              triton_url)
             for b in backends
         }
     out: dict[str, Any] = {
@@ -441,6 +451,7 @@ def run_scale_benchmark(
     studies: int = 6,
     backend: str = "onnx",
     progress: Progress = None,
+    triton_url: str | None = None,
 ) -> dict[str, Any]:
     """Throughput with 1, 2, ... ``triage-node worker`` processes on one node.
 
@@ -456,9 +467,10 @@ def run_scale_benchmark(
         needed = max(workers) + studies
         all_studies, slices = make_studies(Path(tmp), needed)
         for n in workers:
-            triton = TritonServer(settings.model_repository).start() if backend == "triton" else None
+            local = backend == "triton" and not triton_url
+            triton = TritonServer(settings.model_repository).start() if local else None
             site = _Site(backend, settings.model_repository, settings.model_card,
-                         triton.grpc_url if triton else None, workers=n)
+                         triton.grpc_url if triton else triton_url, workers=n)
             try:
                 site.start()
                 warm = all_studies[:n]
@@ -514,6 +526,9 @@ def register(bench_app: Any) -> None:
                                     help="Comma-separated worker counts, e.g. 1,2: measure throughput per "
                                          "count instead (first backend, --studies sent together; "
                                          "writes docs/bench/scale.json)."),
+        triton_url: str = typer.Option("", "--triton-url",
+                                       help="gRPC host:port of a running Triton (e.g. on a GPU) for the "
+                                            "triton backend; default: start the local wheel's server (CPU)."),
     ) -> None:
         """Last image acknowledged -> SR accepted by the PACS, ONNX Runtime and Triton side by side."""
         import signal
@@ -535,13 +550,15 @@ def register(bench_app: Any) -> None:
             if not counts or min(counts) < 1:
                 typer.echo(f"--workers: {workers!r} is not a list of counts >= 1", err=True)
                 raise typer.Exit(2)
-            scale = run_scale_benchmark(workers=counts, studies=together, backend=names[0], progress=progress)
+            scale = run_scale_benchmark(workers=counts, studies=together, backend=names[0], progress=progress,
+                                        triton_url=triton_url or None)
             if write:
                 SCALE_JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
                 SCALE_JSON_PATH.write_text(json.dumps(scale, indent=2) + "\n")
             typer.echo(json.dumps(scale, indent=2))
             return
-        result = run_e2e_benchmark(together=together, repeats=repeats, backends=names, progress=progress)
+        result = run_e2e_benchmark(together=together, repeats=repeats, backends=names, progress=progress,
+                                   triton_url=triton_url or None)
         if write:
             JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
             JSON_PATH.write_text(json.dumps(result, indent=2) + "\n")
