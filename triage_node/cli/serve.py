@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import threading
 from pathlib import Path
@@ -20,26 +19,17 @@ from triage_node.ingest.store import InstanceStore
 from triage_node.queue import make_client
 from triage_node.reconcile import Reconciler
 from triage_node.routing import with_routing
+from triage_node.studies.completeness import CompletenessTracker
 from triage_node.logs import get_logger
 
 log = get_logger(__name__)
-
-
-def _completeness(settings: Settings, session_factory: Any) -> Any | None:
-    """The completeness tracker (``triage_node.studies``), when that part is installed."""
-    if importlib.util.find_spec("triage_node.studies.completeness") is None:
-        log.warning("completeness tracker not available; series will not be completed")
-        return None
-    from triage_node.studies.completeness import CompletenessTracker
-
-    return CompletenessTracker(settings, session_factory)
 
 
 class _ApiServer:
     """uvicorn running ``triage_node.api.app.create_app`` in a thread of this process."""
 
     def __init__(self, settings: Settings, session_factory: Any, store: InstanceStore,
-                 tracker: Any | None) -> None:
+                 tracker: CompletenessTracker) -> None:
         import uvicorn
 
         from triage_node.api.app import create_app
@@ -88,19 +78,19 @@ def serve(
         raise typer.Exit(2) from None
     session_factory = make_sessionmaker(engine)
 
-    tracker = _completeness(settings, session_factory)
+    tracker = CompletenessTracker(settings, session_factory)
     store = InstanceStore(
         settings,
         session_factory,
         on_stored=with_routing(
-            settings, session_factory, tracker.instance_stored if tracker else None
+            settings, session_factory, tracker.instance_stored
         ),
     )
     stale = store.spool.remove_stale_temp_files()
     if stale:
         log.warning("removed temporary files left by an interrupted write", count=stale)
     scp = StorageSCP(
-        settings, store, association_finished=tracker.association_finished if tracker else None
+        settings, store, association_finished=tracker.association_finished
     )
     stop = threading.Event()
 
@@ -123,11 +113,10 @@ def serve(
                 err=True,
             )
             raise typer.Exit(2) from None
-        if tracker is not None:
-            tracker.run_in_thread()
+        tracker.run_in_thread()
         # Jobs lost by the broker (Redis restarted) or by a SIGKILLed worker.
         reconciler = Reconciler(session_factory, make_client(settings)).run_in_thread()
-        if not no_api and importlib.util.find_spec("triage_node.api.app") is not None:
+        if not no_api:
             api = _ApiServer(settings, session_factory, store, tracker).start()
             log.info("HTTP API started", host=settings.http_host, port=settings.http_port)
         log.info("node ready", data_dir=str(settings.data_dir.resolve()))
@@ -138,8 +127,7 @@ def serve(
         if api is not None:
             api.stop()
         scp.stop()
-        if tracker is not None:
-            tracker.stop()
+        tracker.stop()
         if reconciler is not None:
             reconciler.stop()
         engine.dispose()
