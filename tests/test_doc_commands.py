@@ -20,6 +20,8 @@ workers), ``train`` / ``evaluate`` / ``export`` / ``bench`` / ``demo`` (minutes 
 rewrites docs/CONFIGURATION.md and docs/CONFORMANCE.md in the working tree, which would
 change the files under test (tests/test_docs_generated.py checks those against the code
 instead).
+
+Also: every ``tests/test_x.py::test_y`` the docs cite as evidence still exists.
 """
 
 from __future__ import annotations
@@ -250,3 +252,17 @@ def test_safe_commands_run_in_a_scratch_data_dir(app: typer.Typer, scratch: Path
             _run(app, list(command.argv), str(command))
             ran += 1
     assert ran >= 10, f"only {ran} doc commands were safe to run"
+
+
+def test_tests_cited_by_the_docs_exist() -> None:
+    """A runbook line such as ``tests/test_x.py::test_y`` names a test that is still there."""
+    cited = set()
+    for path in DOCS:
+        cited |= set(re.findall(r"(tests/test_\w+\.py)::(test_\w+)", path.read_text(encoding="utf-8")))
+    assert len(cited) >= 5, "the runbook should cite the tests that show its claims"
+    for file, name in sorted(cited):
+        source = ROOT / file
+        assert source.is_file(), f"{file} (cited in the docs) does not exist"
+        assert re.search(rf"^(async )?def {name}\(", source.read_text(encoding="utf-8"), re.M), (
+            f"{file}::{name} (cited in the docs) does not exist"
+        )
