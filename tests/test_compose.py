@@ -67,7 +67,9 @@ def test_production_values_pass_validation(compose):
 
 def test_model_repository_and_mounts_exist(compose):
     triton = compose["services"]["triton"]
-    assert any(v.startswith("./deploy/triton/models:/models") for v in triton["volumes"])
+    assert any(v.startswith("./deploy/triton:/repo") for v in triton["volumes"])
+    assert "--model-repository=/repo/models-gpu" in triton["command"]
+    assert (REPO_ROOT / "deploy" / "triton" / "models-gpu").is_dir()
     assert (REPO_ROOT / "deploy" / "triton" / "models").is_dir()
     for name, service in compose["services"].items():
         for volume in service.get("volumes", []):
@@ -97,15 +99,22 @@ def test_commands_are_real_cli_commands(compose):
 
     app = build_app()
     runner = CliRunner()
-    for name in ("migrate", "node", "worker"):
+    for name in ("migrate", "node", "worker", "worker-extra"):
         argv = compose["services"][name]["command"]
         assert argv[0] == "triage-node"
         result = runner.invoke(app, [*argv[1:], "--help"])
         assert result.exit_code == 0, f"{name}: {argv}: {result.output}"
 
 
+def test_only_the_node_is_published_beyond_this_host(compose):
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            if name != "node":
+                assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every address"
+
+
 def test_ports_do_not_collide(compose):
     published = [
-        p.split(":")[0] for s in compose["services"].values() for p in s.get("ports", [])
+        p.rsplit(":", 1)[0] for s in compose["services"].values() for p in s.get("ports", [])
     ]
     assert len(published) == len(set(published))
