@@ -301,3 +301,34 @@ def reconcile_queued_jobs(
 
 def _delta(value: timedelta | float) -> timedelta:
     return value if isinstance(value, timedelta) else timedelta(seconds=float(value))
+
+
+def retry_failed_jobs(
+    session_factory: sessionmaker[Session],
+    client: Celery,
+    *,
+    actor: str,
+    job_ids: Iterable[int] | None = None,
+) -> list[EnqueueOutcome]:
+    """Put jobs that failed for good back on the queue, at the same version.
+
+    A job fails for good after its retries ran out (an inference backend or database
+    that stayed down); once the cause is fixed an operator sends it again. Only
+    ``failed`` jobs are touched; each is audited (``job.retried``) and then sent like
+    a new job (the worker runs a failed job of the same version again).
+    """
+    with transaction(session_factory) as session:
+        query = select(Job).where(Job.state == JobState.failed)
+        if job_ids is not None:
+            query = query.where(Job.id.in_(list(job_ids)))
+        jobs = session.scalars(query.order_by(Job.id)).all()
+        for job in jobs:
+            audit.record(
+                session, "job.retried", actor=actor, job_id=job.id,
+                study_uid=_study_uid(session, job), series_uid=_series_uid(session, job),
+                version=job.version, previous_error=(job.error or "")[:500],
+            )
+            job.state = JobState.queued
+            job.error = None
+        ids = [job.id for job in jobs]
+    return JobEnqueuer(session_factory, client)(ids)

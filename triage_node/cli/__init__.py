@@ -20,7 +20,9 @@ def build_app() -> typer.Typer:
     """Attach every command to the app (once) and return it."""
     global _built
     if not _built:
-        from triage_node.cli import audit, basic, bench, db, reconcile, serve, studies, synth, token  # noqa: F401  (registers commands)
+        from triage_node.cli import (  # noqa: F401  (registers commands)
+            audit, basic, bench, db, jobs, reconcile, serve, studies, synth, token,
+        )
 
         for ep in entry_points(group="triage_node.cli"):
             ep.load()(app)
