@@ -223,7 +223,7 @@ def _seconds(a: datetime | None, b: datetime | None) -> float | None:
 
 def collect_rows(settings: Any, session_factory: Any, truths: dict[str, Any]) -> list[dict[str, Any]]:
     """The worklist in priority order, with each study's result and stage timings."""
-    from triage_node.db.models import Job, Result, Study, WorklistEntry
+    from triage_node.db.models import Job, Result, Study
     from triage_node.worklist.queries import WorklistFilter, list_worklist
 
     rows = []

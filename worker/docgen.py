@@ -139,7 +139,7 @@ _RJ_REASON = {
 
 
 def _status_rows() -> list[tuple[str, ...]]:
-    from triage_node.ingest import store
+    from triage_node.ingest import header as store
 
     rows = []
     for name, value in vars(store).items():

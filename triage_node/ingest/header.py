@@ -1,0 +1,286 @@
+"""Reading what the node needs of a received object's header, and refusing bad ones.
+
+Only the header is parsed (pixels are never decoded or re-encoded); the checks here turn
+malformed input into the Storage Service Class statuses of PS3.4 Annex B.2.3 (Table
+B.2-1), raised as :class:`_Refused` for :class:`triage_node.ingest.store.InstanceStore`
+to answer and audit.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.status import Status
+
+from triage_node.ingest.spool import InvalidUID, validate_uid
+
+# -- Storage Service Class statuses (PS3.4 Table B.2-1) ----------------------------
+SUCCESS = int(Status.SUCCESS)  # 0x0000
+#: Refused: Out of Resources (A700-A7FF). Free disk below the watermark.
+OUT_OF_RESOURCES = 0xA700
+#: Also "Refused: Out of Resources": the database could not record the instance.
+DATABASE_UNAVAILABLE = 0xA701
+#: Error: Data Set does not match SOP Class (A900-A9FF).
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+#: Error: Cannot understand (C000-CFFF). The header cannot be parsed.
+CANNOT_UNDERSTAND = 0xC000
+#: Error: Cannot understand, a UID is not a UID (PS3.5 9.1) and cannot become a path.
+INVALID_UID = 0xC001
+
+
+class _Refused(Exception):
+    """Internal: a validation step refuses the object with a status and a reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Header:
+    """The parts of a header the node records (parsed once, before pixels)."""
+
+    ds: Dataset
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    dataset_offset: int
+
+
+def dataset_offset(data: bytes, meta: Dataset | None) -> int:
+    """Byte offset where the data set starts, after preamble and file meta (PS3.10 7.1).
+
+    Uses FileMetaInformationGroupLength (0002,0000), whose element is 12 bytes long in
+    Explicit VR Little Endian; 0 when the file has no preamble or group length.
+    """
+    if data[128:132] != b"DICM" or meta is None:
+        return 0
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if group_length is None:
+        return 0
+    offset = 132 + 12 + int(group_length)
+    return offset if offset <= len(data) else 0
+
+
+def slice_position(ds: Dataset) -> float | None:
+    """Position of an image along its slice normal, in mm.
+
+    The normal is the cross product of the row and column direction cosines of
+    ImageOrientationPatient (PS3.3 C.7.6.2.1.1); the position is the projection of
+    ImagePositionPatient on it. None when either attribute is missing or malformed.
+    """
+    try:
+        o = [float(v) for v in ds.ImageOrientationPatient]
+        p = [float(v) for v in ds.ImagePositionPatient]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(o) != 6 or len(p) != 3:
+        return None
+    # Plain floats: for 3-vectors this is several times faster than numpy.
+    n = (o[1] * o[5] - o[2] * o[4], o[2] * o[3] - o[0] * o[5], o[0] * o[4] - o[1] * o[3])
+    norm = math.sqrt(n[0] ** 2 + n[1] ** 2 + n[2] ** 2)
+    if not math.isfinite(norm) or norm == 0:
+        return None
+    value = (p[0] * n[0] + p[1] * n[1] + p[2] * n[2]) / norm
+    return value if math.isfinite(value) else None
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    text = text.strip()
+    return text[:limit] if text else None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _requested_priority(ds: Dataset) -> str | None:
+    """RequestedProcedurePriority (0040,1003), top level or in RequestAttributesSequence."""
+    value = _text(ds, "RequestedProcedurePriority", 16)
+    if value:
+        return value
+    for item in ds.get("RequestAttributesSequence") or []:
+        value = _text(item, "RequestedProcedurePriority", 16)
+        if value:
+            return value
+    return None
+
+
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _pixel_data_complete(data: bytes, position: int, implicit: bool) -> bool:
+    """Check that Pixel Data (7FE0,0010), when present, is not cut short.
+
+    pydicom reads a truncated value without complaint, so the element header at
+    ``position`` (where the header parse stopped) is checked by hand: a defined
+    length must fit in the file; an undefined length (encapsulated, PS3.5 A.4)
+    needs the Sequence Delimitation Item after it.
+    """
+    if data[position : position + 4] != _PIXEL_DATA_TAG:
+        return True  # no pixel data, or not at the top level
+    if implicit:
+        header, length = 8, int.from_bytes(data[position + 4 : position + 8], "little")
+    else:
+        header, length = 12, int.from_bytes(data[position + 8 : position + 12], "little")
+    if length == 0xFFFFFFFF:
+        return data.rfind(_SEQUENCE_DELIMITER, position + header) != -1
+    return position + header + length <= len(data)
+
+
+def _meta_group_length_consistent(data: bytes, meta: Dataset | None) -> bool:
+    """Check FileMetaInformationGroupLength (0002,0000) against the group 0002 elements.
+
+    The File Meta Information is always Explicit VR Little Endian (PS3.10 7.1); a group
+    length that points past the elements (or past the file) would make other readers
+    start the data set at the wrong byte.
+    """
+    if data[128:132] != b"DICM" or meta is None or meta.get("FileMetaInformationGroupLength") is None:
+        return True
+    position = 132
+    while position + 8 <= len(data):
+        group, _elem = struct.unpack_from("<HH", data, position)
+        if group != 0x0002:
+            break
+        vr = data[position + 4 : position + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            if position + 12 > len(data):
+                return True
+            position += 12 + struct.unpack_from("<I", data, position + 8)[0]
+        else:
+            position += 8 + struct.unpack_from("<H", data, position + 6)[0]
+    if position + 8 > len(data):
+        return True  # cut inside the file meta: the missing UIDs refuse it
+    return 132 + 12 + int(meta.FileMetaInformationGroupLength) == position
+
+
+def _native_pixel_data_problem(ds: Dataset, data: bytes, position: int, implicit: bool) -> str | None:
+    """Why native Pixel Data (7FE0,0010) does not fit the image attributes, or None.
+
+    PS3.5 8.1.1: native pixel data holds Rows x Columns x SamplesPerPixel x
+    NumberOfFrames cells of BitsAllocated bits, padded to an even length. A value of
+    another length (or image attributes that are not numbers) cannot be decoded later.
+    """
+    if data[position : position + 4] != _PIXEL_DATA_TAG:
+        return None
+    offset = 4 if implicit else 8
+    length = int.from_bytes(data[position + offset : position + offset + 4], "little")
+    try:
+        cells = 1
+        for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated"):
+            value = int(ds[keyword].value)
+            if value <= 0:
+                raise ValueError(keyword)
+            cells *= value
+        frames = int(ds.get("NumberOfFrames") or 1)
+        if frames <= 0:
+            raise ValueError("NumberOfFrames")
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"image attributes missing or not positive integers: {exc}"
+    expected = (cells * frames + 7) // 8
+    expected += expected % 2
+    if length != expected:
+        return f"Pixel Data is {length} bytes, the image attributes need {expected}"
+    return None
+
+
+def parse_header(data: bytes) -> _Header:
+    """Parse the header of a Part 10 file (stops before Pixel Data; nothing is decoded).
+
+    Raises
+    ------
+    _Refused
+        0xC000 when the file cannot be parsed, 0xC001 when a UID is invalid,
+        0xA900 when a required UID is missing.
+    """
+    try:
+        fp = BytesIO(data)
+        ds = dcmread(fp, stop_before_pixels=True)
+        # Touch every element now so that a malformed value fails here, not later.
+        for _elem in ds.iterall():
+            pass
+        stopped_at = fp.tell()
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
+            NotImplementedError, AttributeError, IndexError, BytesLengthException,
+            struct.error, OverflowError) as exc:
+        raise _Refused(CANNOT_UNDERSTAND, f"header cannot be parsed: {type(exc).__name__}") from None
+    except RecursionError:
+        raise _Refused(CANNOT_UNDERSTAND, "header cannot be parsed: sequences nested too deep") from None
+    meta = getattr(ds, "file_meta", None)
+    transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not transfer_syntax:
+        raise _Refused(CANNOT_UNDERSTAND, "file meta has no TransferSyntaxUID")
+    if not _meta_group_length_consistent(data, meta):
+        raise _Refused(CANNOT_UNDERSTAND, "FileMetaInformationGroupLength does not match the file meta")
+    if transfer_syntax != DeflatedExplicitVRLittleEndian and not _pixel_data_complete(
+        data, stopped_at, implicit=transfer_syntax == ImplicitVRLittleEndian
+    ):
+        raise _Refused(CANNOT_UNDERSTAND, "pixel data is truncated")
+    # De-identified files may carry the SOP class only in the file meta (DESIGN.md).
+    sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    uids: dict[str, str] = {}
+    for keyword, value in (
+        ("StudyInstanceUID", ds.get("StudyInstanceUID")),
+        ("SeriesInstanceUID", ds.get("SeriesInstanceUID")),
+        ("SOPInstanceUID", ds.get("SOPInstanceUID")),
+        ("SOPClassUID", sop_class),
+    ):
+        if value is None or str(value).strip("\x00 ") == "":
+            raise _Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing")
+        try:
+            uids[keyword] = validate_uid(str(value), keyword)
+        except InvalidUID as exc:
+            raise _Refused(INVALID_UID, str(exc)) from None
+    try:
+        transfer_syntax = validate_uid(str(transfer_syntax), "TransferSyntaxUID")
+    except InvalidUID as exc:
+        raise _Refused(INVALID_UID, str(exc)) from None
+    from triage_node.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES  # scp imports this module
+
+    if transfer_syntax not in ACCEPTED_TRANSFER_SYNTAXES:
+        raise _Refused(CANNOT_UNDERSTAND, f"transfer syntax {transfer_syntax} is not accepted")
+    if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        problem = _native_pixel_data_problem(
+            ds, data, stopped_at, implicit=transfer_syntax == ImplicitVRLittleEndian
+        )
+        if problem:
+            raise _Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, problem)
+    return _Header(
+        ds=ds,
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax=transfer_syntax,
+        dataset_offset=dataset_offset(data, meta),
+    )
