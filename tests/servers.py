@@ -160,6 +160,12 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def _spawn(argv: Sequence[str], log_path: Path, **popen: object) -> subprocess.Popen:
+    """Start a server process with stdout and stderr appended to ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **popen)
+
+
 def _terminate(process: subprocess.Popen | None, timeout: float = 15.0) -> None:
     """SIGTERM, then SIGKILL after ``timeout`` seconds; always reaps the process."""
     if process is None or process.poll() is not None:
@@ -358,25 +364,20 @@ class RedisServer:
     def start(self) -> RedisServer:
         if self.process is not None and self.process.poll() is None:
             return self
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
-        try:
-            self.process = subprocess.Popen(
-                [
-                    self.binary,
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--dir", str(self.root),
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--daemonize", "no",
-                    "--protected-mode", "yes",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.root,
-            )
-        finally:
-            log.close()
+        self.process = _spawn(
+            [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", str(self.root),
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--protected-mode", "yes",
+            ],
+            self.log_path,
+            cwd=self.root,
+        )
         wait_until(self.ping, "redis-server", timeout=30, process=self.process, log=self.log_path)
         return self
 
@@ -496,16 +497,11 @@ class OrthancServer:
     def start(self) -> OrthancServer:
         if self.process is not None and self.process.poll() is None:
             return self
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
-        try:
-            self.process = subprocess.Popen(
-                [self.binary, str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.root,
-            )
-        finally:
-            log.close()
+        self.process = _spawn(
+            [self.binary, str(self.config_path)],
+            self.log_path,
+            cwd=self.root,
+        )
         wait_until(self._ready, "Orthanc", timeout=60, process=self.process, log=self.log_path)
         return self
 
@@ -596,25 +592,20 @@ class StoreSCP:
     def start(self) -> StoreSCP:
         if self.process is not None and self.process.poll() is None:
             return self
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
-        try:
-            self.process = subprocess.Popen(
-                [
-                    self.binary,
-                    "-aet", self.aet,
-                    "+xa",
-                    "-pm",
-                    "-dhl",
-                    "-od", str(self.folder),
-                    *self.extra_args,
-                    str(self.port),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=DCMTK_ENV,
-            )
-        finally:
-            log.close()
+        self.process = _spawn(
+            [
+                self.binary,
+                "-aet", self.aet,
+                "+xa",
+                "-pm",
+                "-dhl",
+                "-od", str(self.folder),
+                *self.extra_args,
+                str(self.port),
+            ],
+            self.log_path,
+            env=DCMTK_ENV,
+        )
         wait_until(
             lambda: echoscu(self.host, self.port, self.aet, timeout=3),
             "storescp",
