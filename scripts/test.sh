@@ -5,19 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# pip, quiet: on failure everything it said; on success only its real warnings (not the
-# "Location ... is ignored" lines some machines' extra-index settings produce).
-pip_install() {
-    local log
-    log="$(mktemp)"
-    if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
-        cat "$log" >&2
-        rm -f "$log"
-        return 1
-    fi
-    grep -v "is ignored: it is neither a file nor a directory" "$log" || true
-    rm -f "$log"
-}
+# shellcheck source=scripts/pip_install.sh
+source scripts/pip_install.sh
 
 APT_PACKAGES=(postgresql redis-server orthanc orthanc-dicomweb dcmtk dicom3tools chromium)
 SUDO=()
