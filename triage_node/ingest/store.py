@@ -139,6 +139,21 @@ class StoreOutcome:
     def ok(self) -> bool:
         return self.status == SUCCESS
 
+    @classmethod
+    def success(cls, header: _Header, *, version: int, path: Path, duplicate: bool) -> StoreOutcome:
+        """The object is on disk and in the database (new, or identical to a stored one)."""
+        return cls(
+            status=SUCCESS,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            stored=True,
+            duplicate=duplicate,
+            version=version,
+            sop_class_uid=header.sop_class_uid,
+            path=path,
+        )
+
 
 def _insert_ignore(session: Session, model: type, **values: Any) -> None:
     """INSERT ... ON CONFLICT DO NOTHING on the model's unique UID column."""
@@ -350,17 +365,7 @@ class InstanceStore:
             source=source,
             bytes=len(data),
         )
-        return StoreOutcome(
-            status=SUCCESS,
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            sop_uid=header.sop_uid,
-            stored=True,
-            duplicate=False,
-            version=version,
-            sop_class_uid=header.sop_class_uid,
-            path=written,
-        )
+        return StoreOutcome.success(header, version=version, path=written, duplicate=False)
 
     def _stage_rows(
         self,
@@ -501,17 +506,7 @@ class InstanceStore:
         )
         session.commit()
         log.debug("duplicate instance", sop_uid=header.sop_uid, version=version, source=source)
-        return StoreOutcome(
-            status=SUCCESS,
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            sop_uid=header.sop_uid,
-            stored=True,
-            duplicate=True,
-            version=version,
-            sop_class_uid=header.sop_class_uid,
-            path=Path(path),
-        )
+        return StoreOutcome.success(header, version=version, path=Path(path), duplicate=True)
 
     def _discard_unreferenced(self, path: Path) -> None:
         """Remove a spooled file whose row did not commit, unless a row references it."""
