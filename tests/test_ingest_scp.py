@@ -38,7 +38,7 @@ from tests.ingest_support import (
 )
 from tests.servers import DCMTK_ENV, echoscu, require_binary, storescu
 from triage_node.db.models import AuditEvent, Instance, Series
-from triage_node.ingest.handlers import (
+from triage_node.ingest.admission import (
     ASSOCIATE_RJ_CALLED_AE,
     ASSOCIATE_RJ_CALLING_AE,
     ASSOCIATE_RJ_LOCAL_LIMIT,

@@ -163,7 +163,7 @@ def conformance_blocks() -> dict[str, str]:
     )
     from pynetdicom import AllStoragePresentationContexts
 
-    from triage_node.ingest import handlers
+    from triage_node.ingest import admission
     from triage_node.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES, TRIAGED_SOP_CLASSES
     from worker.pipeline.sr import CODES
 
@@ -174,7 +174,7 @@ def conformance_blocks() -> dict[str, str]:
         if str(cx.abstract_syntax) not in TRIAGED_SOP_CLASSES
     ]
     rejects = []
-    for name, value in vars(handlers).items():
+    for name, value in vars(admission).items():
         if name.startswith("ASSOCIATE_RJ_"):
             result, source, reason = value
             rejects.append(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import socket
 import statistics
 import tempfile
 import time
@@ -73,6 +74,11 @@ class _NodeTarget:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN of the bare SCP: TCP_NODELAY, as the node sets it."""
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _discard(event: Any) -> int:
     """C-STORE handler of the bare SCP: take the bytes, answer success."""
     event.encoded_dataset()
@@ -92,7 +98,6 @@ class _MinimalPynetdicom:
         from pynetdicom import AE, evt
 
         from triage_node.config import UnknownStorageClassPolicy
-        from triage_node.ingest.handlers import handle_conn_open
         from triage_node.ingest.scp import MAX_PDU_SIZE, storage_contexts
 
         self.port = free_port()
@@ -101,7 +106,7 @@ class _MinimalPynetdicom:
         self.ae.maximum_pdu_size = MAX_PDU_SIZE
         self._handlers = [
             (evt.EVT_C_STORE, _discard),
-            (evt.EVT_CONN_OPEN, handle_conn_open),
+            (evt.EVT_CONN_OPEN, _nodelay),
         ]
 
     def start(self) -> _MinimalPynetdicom:

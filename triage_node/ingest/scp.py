@@ -1,20 +1,23 @@
-"""The storage SCP: a pynetdicom AE configured from Settings (PS3.4 Annex A and B).
+"""The storage SCP: the node's DICOM listener, configured from Settings (PS3.4 Annex A and B).
 
 Accepts C-ECHO, and C-STORE for every storage SOP class pynetdicom knows (or only
 CT Image Storage and Enhanced CT Image Storage when
 ``settings.unknown_storage_class`` is ``reject``), in the uncompressed, deflated,
 JPEG Lossless, JPEG 2000 and RLE transfer syntaxes. Objects are stored as received;
-pixel data is never decoded on this side.
+pixel data is never decoded on this side. Each connection runs in its own thread
+(`triage_node.ingest.association`); pynetdicom encodes and negotiates, the data phase
+is ours (why: `triage_node.ingest.upper_layer`).
 """
 
 from __future__ import annotations
 
+import socketserver
+import threading
 from collections.abc import Callable
 
-from pynetdicom import AE, AllStoragePresentationContexts, build_context
+from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
-from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -28,7 +31,8 @@ from pydicom.uid import (
 
 from triage_node.config import Settings, UnknownStorageClassPolicy
 from triage_node.ingest.access import AccessPolicy
-from triage_node.ingest.handlers import SeenSeries, event_handlers
+from triage_node.ingest.admission import Admission
+from triage_node.ingest.association import Listener
 from triage_node.ingest.store import InstanceStore
 from triage_node.ingest.tls import server_ssl_context
 from triage_node.logs import get_logger
@@ -68,6 +72,12 @@ def storage_contexts(policy: UnknownStorageClassPolicy) -> list[PresentationCont
     return contexts
 
 
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+
 class StorageSCP:
     """The node's DICOM listener.
 
@@ -80,7 +90,8 @@ class StorageSCP:
         Where received objects go.
     association_finished : callable, optional
         Called with the list of SeriesInstanceUIDs stored on an association when it
-        is released or aborted (``CompletenessTracker.association_finished``).
+        is released or aborted, or its connection is lost
+        (``CompletenessTracker.association_finished``).
     nodelay : bool
         Set TCP_NODELAY on accepted sockets (on by default; off only to measure it).
     """
@@ -94,21 +105,19 @@ class StorageSCP:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.association_finished = association_finished
-        self.nodelay = nodelay
-        self.policy = AccessPolicy(settings.allowed_callers)
-        self.seen = SeenSeries()
-        self.ae = self._build_ae()
-        self.server: ThreadedAssociationServer | None = None
-
-    def _build_ae(self) -> AE:
-        ae = AE(ae_title=self.settings.ae_title)
-        ae.supported_contexts = storage_contexts(self.settings.unknown_storage_class)
-        ae.maximum_associations = self.settings.max_associations
-        ae.maximum_pdu_size = MAX_PDU_SIZE
-        # The called AE title is checked in handle_requested (with the caller).
-        ae.require_called_aet = False
-        return ae
+        self.admission = Admission(
+            AccessPolicy(settings.allowed_callers), settings.ae_title, store, settings.max_associations
+        )
+        self.listener = Listener(
+            store=store,
+            admission=self.admission,
+            contexts=storage_contexts(settings.unknown_storage_class),
+            max_pdu=MAX_PDU_SIZE,
+            nodelay=nodelay,
+            association_finished=association_finished,
+        )
+        self.server: _Server | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -119,37 +128,39 @@ class StorageSCP:
 
     def start(self) -> StorageSCP:
         """Bind and serve in background threads (one per association)."""
-        handlers = event_handlers(
-            self.store,
-            self.policy,
-            self.settings.ae_title,
-            self.seen,
-            self.association_finished,
-            nodelay=self.nodelay,
+        self.listener.ssl_context = server_ssl_context(self.settings)
+        listener = self.listener
+
+        class _Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                listener.serve(self.request, str(self.client_address[0]))
+
+        self.server = _Server((self.settings.dicom_host, self.settings.dicom_port), _Handler)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="dicom-listener", daemon=True
         )
-        ssl_context = server_ssl_context(self.settings)
-        self.server = self.ae.start_server(
-            (self.settings.dicom_host, self.settings.dicom_port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=ssl_context,
-        )
+        self._thread.start()
+        tls = listener.ssl_context is not None
         log.info(
             "DICOM listener started",
             ae_title=self.settings.ae_title,
             host=self.settings.dicom_host,
             port=self.port,
-            tls=ssl_context is not None,
-            client_certificates=ssl_context is not None and self.settings.tls_ca is not None,
+            tls=tls,
+            client_certificates=tls and self.settings.tls_ca is not None,
         )
         return self
 
     def stop(self) -> None:
-        """Stop accepting, let open associations end, and close the socket."""
+        """Stop accepting, close the listening socket and disconnect open associations."""
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()
             self.server = None
-        self.ae.shutdown()
+        self.listener.disconnect_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
 
     def __enter__(self) -> StorageSCP:
         return self.start()

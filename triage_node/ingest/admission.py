@@ -1,0 +1,113 @@
+"""Who may open an association (PS3.8 7.1.1, 9.3.4).
+
+Checked once the A-ASSOCIATE-RQ is read, in this order: the called AE title, the
+caller (calling AE title and source address against the allow-list), the spool's
+free-disk watermark and the cap on concurrent associations. A refused caller gets an
+A-ASSOCIATE-RJ with the matching reason, after an audit row is committed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from triage_node.db import audit
+from triage_node.db.session import transaction
+from triage_node.ingest.access import AccessPolicy
+from triage_node.ingest.store import InstanceStore
+from triage_node.logs import get_logger
+
+__all__ = [
+    "ASSOCIATE_RJ_CALLED_AE",
+    "ASSOCIATE_RJ_CALLING_AE",
+    "ASSOCIATE_RJ_LOCAL_LIMIT",
+    "Admission",
+]
+
+log = get_logger(__name__)
+
+# A-ASSOCIATE-RJ (result, source, reason/diag.), PS3.8 9.3.4, Table 9-21.
+#: rejected-permanent, DICOM UL service-user, calling-AE-title-not-recognized
+ASSOCIATE_RJ_CALLING_AE = (0x01, 0x01, 0x03)
+#: rejected-permanent, DICOM UL service-user, called-AE-title-not-recognized
+ASSOCIATE_RJ_CALLED_AE = (0x01, 0x01, 0x07)
+#: rejected-transient, DICOM UL service-provider (presentation), local-limit-exceeded
+ASSOCIATE_RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+
+class Admission:
+    """Admission control, and the count of open associations it admitted.
+
+    Parameters
+    ----------
+    policy : AccessPolicy
+        The calling AE + address allow-list.
+    ae_title : str
+        The node's own (called) AE title.
+    store : InstanceStore
+        For the watermark and the audit rows.
+    max_associations : int
+        Associations open at once; one more is refused (transient, local limit).
+    """
+
+    def __init__(
+        self, policy: AccessPolicy, ae_title: str, store: InstanceStore, max_associations: int
+    ) -> None:
+        self.policy = policy
+        self.ae_title = ae_title
+        self.store = store
+        self.max_associations = max_associations
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def open_count(self) -> int:
+        with self._lock:
+            return self._open
+
+    def check(self, calling_ae: str, called_ae: str, peer: str) -> tuple[int, int, int] | None:
+        """None to accept (the association then counts as open), else the A-ASSOCIATE-RJ fields.
+
+        An accepted association must be given back with ``release()``.
+        """
+        reject: tuple[int, int, int] | None = None
+        why = ""
+        if called_ae != self.ae_title:
+            reject, why = ASSOCIATE_RJ_CALLED_AE, "called AE title not recognised"
+        elif not self.policy.allows(calling_ae, peer):
+            reject, why = ASSOCIATE_RJ_CALLING_AE, "calling AE title not recognised"
+        elif self.store.below_watermark():
+            reject, why = ASSOCIATE_RJ_LOCAL_LIMIT, "free disk below the watermark"
+        else:
+            with self._lock:
+                if self._open < self.max_associations:
+                    self._open += 1
+                    return None
+            reject, why = ASSOCIATE_RJ_LOCAL_LIMIT, "too many associations open"
+        log.warning("association rejected", reason=why, called_ae=called_ae)
+        self._audit_rejection(calling_ae, peer, called_ae, why, reject)
+        return reject
+
+    def release(self) -> None:
+        with self._lock:
+            self._open -= 1
+
+    def _audit_rejection(
+        self, calling_ae: str, peer: str, called: str, why: str, reject: tuple[int, int, int]
+    ) -> None:
+        """Audit row ``association.rejected``, committed before the A-ASSOCIATE-RJ goes out."""
+        try:
+            with transaction(self.store.session_factory) as session:
+                audit.record(
+                    session,
+                    "association.rejected",
+                    actor=f"ae:{calling_ae}@{peer}"[:64],
+                    outcome="failed",
+                    reason=why,
+                    called_ae=called[:16],
+                    result=reject[0],
+                    source=reject[1],
+                    diagnostic=reject[2],
+                )
+        except SQLAlchemyError:
+            log.error("audit row for a rejected association could not be written")

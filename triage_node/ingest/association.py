@@ -1,0 +1,216 @@
+"""One storage association, in the thread that accepted its connection (PS3.8 9.1).
+
+Admission (A-ASSOCIATE-RJ with its reason and an audit row), then the data phase:
+each complete C-STORE goes to ``InstanceStore.store`` and its status goes back as
+the C-STORE-RSP before the next PDU is read; C-ECHO is answered; A-RELEASE-RQ gets
+A-RELEASE-RP; anything unexpected gets an A-ABORT. However the association ends,
+the series it stored are reported once (the completeness fast path).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+from pynetdicom.presentation import PresentationContext
+
+from triage_node.ingest import upper_layer as ul
+from triage_node.ingest.admission import Admission
+from triage_node.ingest.header import CANNOT_UNDERSTAND, SUCCESS
+from triage_node.ingest.store import InstanceStore
+from triage_node.logs import get_logger
+
+__all__ = ["ASSOCIATION_REQUEST_TIMEOUT_S", "IDLE_TIMEOUT_S", "Listener", "StorageAssociation"]
+
+log = get_logger(__name__)
+
+#: ARTIM: how long a new connection may take to send its A-ASSOCIATE-RQ (PS3.8 9.1.5).
+ASSOCIATION_REQUEST_TIMEOUT_S = 30.0
+#: An established association silent for this long is aborted.
+IDLE_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Listener:
+    """What every association of one listener shares."""
+
+    store: InstanceStore
+    admission: Admission
+    contexts: list[PresentationContext]
+    max_pdu: int
+    ssl_context: ssl.SSLContext | None = None
+    nodelay: bool = True
+    association_finished: Callable[[list[str]], object] | None = None
+    _open: set[StorageAssociation] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def serve(self, sock: socket.socket, peer: str) -> None:
+        """Run one association to its end (called in the connection's own thread)."""
+        association = StorageAssociation(sock, peer, self)
+        with self._lock:
+            self._open.add(association)
+        try:
+            association.run()
+        finally:
+            with self._lock:
+                self._open.discard(association)
+
+    def disconnect_all(self) -> None:
+        """Shut down every open connection (at stop): each ends as a lost connection.
+
+        An object whose response had not gone out is stored or not, never half: the
+        sender sends it again, and a duplicate is idempotent.
+        """
+        with self._lock:
+            open_now = list(self._open)
+        for association in open_now:
+            association.disconnect()
+
+
+@dataclass(eq=False)
+class StorageAssociation:
+    """A connection from accept to close.
+
+    ``run`` never raises: every way an association can end is logged, and the
+    connection is closed.
+    """
+
+    sock: socket.socket
+    peer: str
+    listener: Listener
+    calling_ae: str = "?"
+    series: set[str] = field(default_factory=set)
+    admitted: bool = False
+
+    def run(self) -> None:
+        with structlog.contextvars.bound_contextvars(peer=self.peer):
+            ending = "closed"
+            try:
+                ending = self._run()
+            except ul.Abort as abort:
+                log.warning("association aborted by the node", reason=str(abort))
+                self._send(ul.abort_pdu(abort.reason))
+                ending = "aborted by the node"
+            except ul.PeerClosed as closed:
+                ending = f"connection lost ({closed})"
+            except Exception:  # noqa: BLE001 - one association never takes the listener down
+                log.exception("association failed")
+                self._send(ul.abort_pdu(0x00))
+                ending = "failed"
+            finally:
+                self._close()
+                if self.admitted:
+                    self.listener.admission.release()
+                self._report(ending)
+
+    def _run(self) -> str:
+        if self.listener.nodelay:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.listener.ssl_context is not None:
+            try:
+                self.sock = self.listener.ssl_context.wrap_socket(self.sock, server_side=True)
+            except (OSError, ValueError) as exc:
+                log.warning("TLS handshake failed", error=str(exc))
+                return "TLS handshake failed"
+        self.sock.settimeout(ASSOCIATION_REQUEST_TIMEOUT_S)
+        pdu_type, body, header = ul.read_pdu(self.sock)
+        if pdu_type != ul.ASSOCIATE_RQ:
+            raise ul.Abort(ul.ABORT_UNEXPECTED_PDU, f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
+        negotiated = ul.negotiate(header + bytes(body), self.listener.contexts)
+        self.calling_ae = negotiated.calling_ae
+        with structlog.contextvars.bound_contextvars(calling_ae=self.calling_ae):
+            reject = self.listener.admission.check(negotiated.calling_ae, negotiated.called_ae, self.peer)
+            if reject is not None:
+                self._send(ul.reject_pdu(*reject))
+                return "rejected"
+            self.admitted = True
+            self.sock.sendall(ul.accept_pdu(negotiated, self.listener.max_pdu))
+            log.debug("association accepted", contexts=len(negotiated.contexts))
+            self.sock.settimeout(IDLE_TIMEOUT_S)
+            return self._data_phase(negotiated)
+
+    def _data_phase(self, negotiated: ul.Negotiated) -> str:
+        assembler = ul.MessageAssembler(negotiated.contexts)
+        while True:
+            try:
+                pdu_type, body, _ = ul.read_pdu(self.sock)
+            except ul.PeerClosed as closed:
+                if "timed out" in str(closed):
+                    raise ul.Abort(0x00, f"no PDU for {IDLE_TIMEOUT_S:.0f} s") from None
+                raise
+            if pdu_type == ul.P_DATA:
+                for message in assembler.feed(body):
+                    status = self._serve(message, negotiated)
+                    self.sock.sendall(ul.response_pdus(message, status, negotiated.peer_max_pdu))
+            elif pdu_type == ul.RELEASE_RQ:
+                self.sock.sendall(ul.release_rp_pdu())
+                return "released"
+            elif pdu_type == ul.ABORT:
+                return "aborted by the peer"
+            else:
+                raise ul.Abort(ul.ABORT_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02X}")
+
+    def _serve(self, message: ul.Message, negotiated: ul.Negotiated) -> int:
+        field_ = int(message.command.get("CommandField", 0))
+        if field_ == ul.C_ECHO_RQ_FIELD:
+            log.debug("C-ECHO")
+            return SUCCESS
+        if field_ != ul.C_STORE_RQ_FIELD or message.dataset is None:
+            raise ul.Abort(ul.ABORT_INVALID_PARAMETER, f"DIMSE command 0x{field_:04X} is not supported")
+        context = negotiated.contexts[message.context_id]
+        sop_class = str(message.command.get("AffectedSOPClassUID", "") or "")
+        sop_instance = str(message.command.get("AffectedSOPInstanceUID", "") or "")
+        data = ul.part10(message.dataset, sop_class, sop_instance, str(context.transfer_syntax[0]))
+        try:
+            outcome = self.listener.store.store(
+                data,
+                calling_ae=self.calling_ae,
+                peer=self.peer,
+                source="dimse",
+                expected_sop_class=str(context.abstract_syntax),
+                expected_sop_instance=sop_instance or None,
+            )
+        except Exception:  # noqa: BLE001 - a failure status, and the association goes on
+            log.exception("C-STORE failed unexpectedly")
+            return CANNOT_UNDERSTAND
+        if outcome.stored and outcome.series_uid:
+            self.series.add(outcome.series_uid)
+        return outcome.status
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass  # the peer is gone; nothing left to tell it
+
+    def disconnect(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _report(self, ending: str) -> None:
+        """Tell completeness which series arrived, however the association ended."""
+        callback = self.listener.association_finished
+        if not self.series:
+            log.debug("association ended", ending=ending, calling_ae=self.calling_ae, peer=self.peer)
+            return
+        log.info("association finished", ending=ending, series=len(self.series),
+                 calling_ae=self.calling_ae, peer=self.peer)
+        if callback is None:
+            return
+        try:
+            callback(sorted(self.series))
+        except Exception:  # noqa: BLE001 - the objects are stored; only log
+            log.exception("association_finished failed")

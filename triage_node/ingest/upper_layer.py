@@ -1,0 +1,312 @@
+"""The acceptor side of the DICOM Upper Layer (PS3.8) for one association.
+
+pynetdicom encodes and decodes the PDUs, the presentation-context negotiation and
+the DIMSE command sets; this module only moves them over a blocking socket. Why not
+pynetdicom's own ``Association``: its reactor threads poll queues with 1 ms sleeps
+and hand each PDU through several queues, which on a 2-core box caps a C-STORE
+receiver that writes nothing at about half of DCMTK ``storescp``
+(``docs/BENCHMARKS.md``), before any durable write. Here the association's own
+thread reads a PDU, and a complete C-STORE goes straight to the store and back as a
+response, with no queue or sleep in between.
+
+Everything that is not the data phase of a storage association (TLS, admission,
+which contexts are supported) stays with the caller (``triage_node.ingest.scp``).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import create_file_meta, decode, encode_file_meta
+from pynetdicom.pdu import (
+    A_ABORT_RQ,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP,
+    P_DATA_TF,
+)
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+__all__ = [
+    "ABORT_INVALID_PARAMETER",
+    "ABORT_UNEXPECTED_PDU",
+    "ABORT_UNRECOGNISED_PDU",
+    "Abort",
+    "Message",
+    "MessageAssembler",
+    "Negotiated",
+    "PeerClosed",
+    "accept_pdu",
+    "abort_pdu",
+    "negotiate",
+    "part10",
+    "read_pdu",
+    "reject_pdu",
+    "release_rp_pdu",
+    "response_pdus",
+]
+
+# PDU types, PS3.8 Table 9-1.
+ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
+P_DATA, RELEASE_RQ, RELEASE_RP, ABORT = 0x04, 0x05, 0x06, 0x07
+_KNOWN_PDU_TYPES = {ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA, RELEASE_RQ, RELEASE_RP, ABORT}
+
+# A-ABORT reasons from the service provider (source 0x02), PS3.8 Table 9-26.
+ABORT_UNRECOGNISED_PDU = 0x01
+ABORT_UNEXPECTED_PDU = 0x02
+ABORT_INVALID_PARAMETER = 0x06
+
+#: Largest PDU read from a peer. Ours is announced as ``max_pdu``; a peer may send
+#: less, never more, but a generous cap still turns a 4 GiB length field into an
+#: A-ABORT instead of an allocation.
+PDU_READ_CAP = 16 * 1024 * 1024
+
+# DIMSE command fields, PS3.7 Annex E.
+C_STORE_RQ_FIELD, C_ECHO_RQ_FIELD = 0x0001, 0x0030
+_NO_DATASET = 0x0101
+
+_HEADER = struct.Struct(">BxI")
+_PDV_HEADER = struct.Struct(">IBB")
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection (or it failed) between or inside PDUs."""
+
+
+class Abort(Exception):
+    """The association must end with an A-ABORT (service provider) with this reason."""
+
+    def __init__(self, reason: int, why: str) -> None:
+        super().__init__(why)
+        self.reason = reason
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        try:
+            n = sock.recv_into(view[got:], size - got)
+        except (TimeoutError, OSError) as exc:
+            raise PeerClosed(str(exc) or type(exc).__name__) from None
+        if n == 0:
+            raise PeerClosed("connection closed by the peer")
+        got += n
+    return buffer
+
+
+def read_pdu(sock: socket.socket, cap: int = PDU_READ_CAP) -> tuple[int, bytearray, bytes]:
+    """Read one PDU: (type, body, the 6-byte header)."""
+    header = bytes(_recv_exactly(sock, 6))
+    pdu_type, length = _HEADER.unpack(header)
+    if pdu_type not in _KNOWN_PDU_TYPES:
+        raise Abort(ABORT_UNRECOGNISED_PDU, f"unrecognised PDU type 0x{pdu_type:02X}")
+    if length > cap:
+        raise Abort(ABORT_INVALID_PARAMETER, f"PDU of {length} bytes is over the {cap}-byte cap")
+    return pdu_type, _recv_exactly(sock, length), header
+
+
+@dataclass
+class Negotiated:
+    """The outcome of A-ASSOCIATE-RQ negotiation, and what the data phase needs of it."""
+
+    calling_ae: str
+    called_ae: str
+    peer_max_pdu: int
+    #: Accepted presentation contexts by id.
+    contexts: dict[int, PresentationContext]
+    results: list[PresentationContext]
+    roles: list[SCP_SCU_RoleSelectionNegotiation] = field(default_factory=list)
+
+
+def negotiate(rq_bytes: bytes, supported: Sequence[PresentationContext]) -> Negotiated:
+    """Decode an A-ASSOCIATE-RQ and negotiate its presentation contexts (PS3.8 9.3.2, PS3.7 D.3.3)."""
+    pdu = A_ASSOCIATE_RQ()
+    try:
+        pdu.decode(rq_bytes)
+        primitive = pdu.to_primitive()
+    except Exception as exc:  # noqa: BLE001 - any malformed request is an abort
+        raise Abort(ABORT_INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ: {exc}") from None
+    peer_max = 0
+    rq_roles: dict[UID, tuple[bool | None, bool | None]] = {}
+    for item in primitive.user_information:
+        if isinstance(item, MaximumLengthNotification):
+            peer_max = int(item.maximum_length_received or 0)
+        elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
+            rq_roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
+    results, roles = negotiate_as_acceptor(
+        primitive.presentation_context_definition_list, list(supported), rq_roles or None
+    )
+    return Negotiated(
+        calling_ae=str(primitive.calling_ae_title).strip(),
+        called_ae=str(primitive.called_ae_title).strip(),
+        peer_max_pdu=peer_max,
+        contexts={int(cx.context_id): cx for cx in results if cx.result == 0x00},  # type: ignore[arg-type]
+        results=results,
+        roles=roles,
+    )
+
+
+def accept_pdu(negotiated: Negotiated, max_pdu: int) -> bytes:
+    """The encoded A-ASSOCIATE-AC (PS3.8 9.3.3)."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = UID("1.2.840.10008.3.1.1.1")
+    primitive.calling_ae_title = negotiated.calling_ae or "ANY-SCU"
+    primitive.called_ae_title = negotiated.called_ae or "ANY-SCP"
+    primitive.result = 0x00
+    primitive.result_source = 0x01
+    primitive.presentation_context_definition_results_list = negotiated.results
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    primitive.user_information = [max_length, implementation, version, *negotiated.roles]
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
+    """The encoded A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
+    primitive = A_ASSOCIATE()
+    primitive.result = result
+    primitive.result_source = source
+    primitive.diagnostic = diagnostic
+    pdu = A_ASSOCIATE_RJ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def abort_pdu(reason: int) -> bytes:
+    """The encoded A-ABORT from the service provider (PS3.8 9.3.8)."""
+    pdu = A_ABORT_RQ()
+    pdu.source = 0x02
+    pdu.reason_diagnostic = reason
+    return pdu.encode()
+
+
+def release_rp_pdu() -> bytes:
+    return A_RELEASE_RP().encode()
+
+
+@dataclass
+class Message:
+    """One complete DIMSE request: its context, decoded command set and raw data set."""
+
+    context_id: int
+    command: Dataset
+    dataset: bytes | None
+
+
+class MessageAssembler:
+    """Reassembles DIMSE messages from the PDVs of P-DATA-TF PDUs (PS3.8 9.3.5, Annex E).
+
+    The data set stays the bytes that came off the wire: fragments are joined once,
+    when the last one arrives, and never decoded here.
+    """
+
+    def __init__(self, contexts: dict[int, PresentationContext]) -> None:
+        self.contexts = contexts
+        self._command: list[bytes] = []
+        self._data: list[memoryview] = []
+        self._context_id: int | None = None
+        self._header: Dataset | None = None
+
+    def feed(self, body: bytearray) -> Iterator[Message]:
+        view = memoryview(body)
+        offset = 0
+        while offset < len(view):
+            if len(view) - offset < 6:
+                raise Abort(ABORT_INVALID_PARAMETER, "truncated PDV item")
+            length, context_id, control = _PDV_HEADER.unpack_from(view, offset)
+            if length < 2 or offset + 4 + length > len(view):
+                raise Abort(ABORT_INVALID_PARAMETER, "PDV item length outside the PDU")
+            if context_id not in self.contexts:
+                raise Abort(ABORT_INVALID_PARAMETER, f"PDV on presentation context {context_id}, not accepted")
+            if self._context_id is not None and context_id != self._context_id:
+                raise Abort(ABORT_INVALID_PARAMETER, "PDV on another context in the middle of a message")
+            self._context_id = context_id
+            fragment = view[offset + 6 : offset + 4 + length]
+            offset += 4 + length
+            message = self._fragment(context_id, control, fragment)
+            if message is not None:
+                yield message
+
+    def _fragment(self, context_id: int, control: int, fragment: memoryview) -> Message | None:
+        is_command, is_last = bool(control & 0x01), bool(control & 0x02)
+        if is_command:
+            if self._header is not None:
+                raise Abort(ABORT_INVALID_PARAMETER, "command fragment inside a data set")
+            self._command.append(bytes(fragment))
+            if not is_last:
+                return None
+            try:
+                self._header = decode(BytesIO(b"".join(self._command)), True, True)
+            except Exception as exc:  # noqa: BLE001 - undecodable command set
+                raise Abort(ABORT_INVALID_PARAMETER, f"undecodable command set: {exc}") from None
+            self._command = []
+            if int(self._header.get("CommandDataSetType", _NO_DATASET)) == _NO_DATASET:
+                return self._complete(None)
+            return None
+        if self._header is None:
+            raise Abort(ABORT_INVALID_PARAMETER, "data set fragment before its command set")
+        self._data.append(fragment)
+        return self._complete(b"".join(self._data)) if is_last else None
+
+    def _complete(self, dataset: bytes | None) -> Message:
+        assert self._header is not None and self._context_id is not None
+        message = Message(self._context_id, self._header, dataset)
+        self._header, self._context_id, self._data = None, None, []
+        return message
+
+
+def part10(dataset: bytes, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, file meta (PS3.10 7.1) and the data set bytes as received."""
+    meta = create_file_meta(
+        sop_class_uid=UID(sop_class_uid),
+        sop_instance_uid=UID(sop_instance_uid),
+        transfer_syntax=UID(transfer_syntax),
+    )
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), dataset))
+
+
+def response_pdus(message: Message, status: int, peer_max_pdu: int) -> bytes:
+    """The encoded C-STORE-RSP or C-ECHO-RSP for ``message`` (PS3.7 9.3.1.2, 9.3.5.2)."""
+    command = message.command
+    if int(command.CommandField) == C_STORE_RQ_FIELD:
+        primitive: C_STORE | C_ECHO = C_STORE()
+        primitive.AffectedSOPInstanceUID = command.get("AffectedSOPInstanceUID")
+        response = C_STORE_RSP()
+    else:
+        primitive = C_ECHO()
+        response = C_ECHO_RSP()
+    primitive.MessageIDBeingRespondedTo = int(command.MessageID)
+    primitive.AffectedSOPClassUID = command.get("AffectedSOPClassUID")
+    primitive.Status = status
+    response.primitive_to_message(primitive)
+    chunks = []
+    for p_data in response.encode_msg(message.context_id, peer_max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(p_data)
+        chunks.append(pdu.encode())
+    return b"".join(chunks)
