@@ -314,3 +314,28 @@ def test_aborted_association_still_reports_its_series() -> None:
         assert assoc.send_c_store(ct_dataset(study, series, 0)).Status == SUCCESS
         assoc.abort()
         assert wait_for(lambda: node.finished) == [[series]]
+
+
+def test_a_silent_association_is_aborted_and_keeps_what_it_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from triage_node.ingest import association
+
+    monkeypatch.setattr(association, "IDLE_TIMEOUT_S", 0.5)
+    study, series = generate_uid(), generate_uid()
+    with running_node() as node:
+        assoc = scu().associate("127.0.0.1", node.port, ae_title=AET)
+        assert assoc.send_c_store(ct_dataset(study, series, 0)).Status == SUCCESS
+        assert wait_for(lambda: assoc.is_aborted)
+        assert wait_for(lambda: node.finished) == [[series]]
+        assert len(instance_rows(node)) == 1
+        assert node.scp.admission.open_count() == 0
+
+
+def test_stop_disconnects_open_associations() -> None:
+    with running_node() as node:
+        assoc = scu().associate("127.0.0.1", node.port, ae_title=AET)
+        assert assoc.is_established
+        node.scp.stop()
+        assert wait_for(lambda: not assoc.is_established)
+        assert node.scp.admission.open_count() == 0

@@ -52,7 +52,8 @@ def test_uids_are_checked_before_anything_touches_the_disk(tmp_path: Path) -> No
     spool = Spool(tmp_path / "spool")
     with pytest.raises(InvalidUID):
         spool.write(STUDY, "../../../etc", SOP, b"x")
-    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [".incoming"]
+    assert list(spool.incoming.iterdir()) == []
     assert not (tmp_path / "etc").exists()
 
 
@@ -61,8 +62,8 @@ def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
 
     with pytest.raises(TypeError):
         spool.write(STUDY, SERIES, SOP, object(), version=1)  # type: ignore[arg-type]
-    folder = tmp_path / STUDY / SERIES
-    assert list(folder.iterdir()) == []
+    assert list(spool.incoming.iterdir()) == []
+    assert not (tmp_path / STUDY).exists()
 
 
 def test_remove_refuses_paths_outside_the_spool(tmp_path: Path) -> None:
@@ -76,19 +77,21 @@ def test_remove_refuses_paths_outside_the_spool(tmp_path: Path) -> None:
 
 def test_stage_then_publish_or_discard(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    staged = spool.stage(STUDY, SERIES, b"payload")
-    assert staged.parent == tmp_path / STUDY / SERIES and staged.name.startswith(".incoming-")
-    final = spool.publish(staged, SOP, version=3)
-    assert final.name == f"{SOP}.v3.dcm" and final.read_bytes() == b"payload"
+    staged = spool.stage(b"payload")
+    assert staged.parent == tmp_path / ".incoming" and staged.name.startswith(".incoming-")
+    assert staged.stat().st_mode & 0o777 == 0o600
+    final = spool.publish(staged, STUDY, SERIES, SOP, version=3)
+    assert final == tmp_path / STUDY / SERIES / f"{SOP}.v3.dcm" and final.read_bytes() == b"payload"
     assert not staged.exists()
-    dropped = spool.stage(STUDY, SERIES, b"other")
+    dropped = spool.stage(b"other")
     spool.discard(dropped)
     assert sorted(p.name for p in final.parent.iterdir()) == [final.name]
+    assert list(spool.incoming.iterdir()) == []
 
 
 def test_stale_temporary_files_are_removed_at_start(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     kept = spool.write(STUDY, SERIES, SOP, b"kept")
-    spool.stage(STUDY, SERIES, b"interrupted")  # as if the process died before publish
+    spool.stage(b"interrupted")  # as if the process died before publish
     assert Spool(tmp_path).remove_stale_temp_files() == 1
     assert [p.name for p in kept.parent.iterdir()] == [kept.name]

@@ -241,7 +241,8 @@ def readme_blocks() -> dict[str, str]:
         r, when = ingest["results"], ingest["date"][:16].replace("T", " ")
         node = r["triage-node"]["images_per_s"]
         peers = ", ".join(
-            f"{k} {v['images_per_s']:.0f}/s" for k, v in r.items() if not k.startswith("triage-node")
+            f"{k} {v['images_per_s']:.0f}/s" for k, v in r.items()
+            if k != "triage-node" and not k.startswith("triage-node, ")
         )
         rows.append((
             "`triage-node bench ingest`",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,6 +59,16 @@ class Listener:
         finally:
             with self._lock:
                 self._open.discard(association)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no association is open (True), or ``timeout`` seconds (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._open:
+                    return True
+            time.sleep(0.02)
+        return False
 
     def disconnect_all(self) -> None:
         """Shut down every open connection (at stop): each ends as a lost connection.
@@ -138,10 +149,8 @@ class StorageAssociation:
         while True:
             try:
                 pdu_type, body, _ = ul.read_pdu(self.sock)
-            except ul.PeerClosed as closed:
-                if "timed out" in str(closed):
-                    raise ul.Abort(0x00, f"no PDU for {IDLE_TIMEOUT_S:.0f} s") from None
-                raise
+            except ul.PeerSilent:
+                raise ul.Abort(0x00, f"no PDU for {IDLE_TIMEOUT_S:.0f} s") from None
             if pdu_type == ul.P_DATA:
                 for message in assembler.feed(body):
                     status = self._serve(message, negotiated)

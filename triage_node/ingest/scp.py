@@ -158,6 +158,10 @@ class StorageSCP:
             self.server.server_close()
             self.server = None
         self.listener.disconnect_all()
+        # An object being stored when its connection went is finished (stored, or
+        # not at all) before the caller closes the database.
+        if not self.listener.wait_idle(timeout=10.0):
+            log.warning("associations still open after stop")
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None

@@ -4,6 +4,7 @@ Layout (PS3.10 Part 10 files exactly as received)::
 
     <spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm       version 1
     <spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.v2.dcm    version 2, ...
+    <spool>/.incoming/.incoming-*.tmp                                          being received
 
 UIDs become path components only after `validate_uid`, so ``../`` or any character
 other than digits and dots never reaches the file system.
@@ -25,6 +26,7 @@ __all__ = ["InvalidUID", "Spool", "validate_uid"]
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 UID_MAX_LENGTH = 64
 
+INCOMING_DIR = ".incoming"
 TEMP_PREFIX = ".incoming-"
 TEMP_SUFFIX = ".tmp"
 FILE_MODE = 0o600
@@ -79,6 +81,9 @@ class Spool:
         self.root = Path(root).resolve()
         self._known_dirs: set[Path] = set()
         self._makedirs(self.root)
+        #: Where bytes wait, fsynced, until their object has a name (not a UID: never a study).
+        self.incoming = self.root / INCOMING_DIR
+        self._makedirs(self.incoming)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str, version: int = 1) -> Path:
         """Path of one object; every UID is validated first.
@@ -109,22 +114,22 @@ class Spool:
         absent, never half-written. Same as `stage` followed by `publish`.
         """
         self.path_for(study_uid, series_uid, sop_uid, version)  # validate before any I/O
-        return self.publish(self.stage(study_uid, series_uid, data), sop_uid, version)
+        return self.publish(self.stage(data), study_uid, series_uid, sop_uid, version)
 
-    def stage(self, study_uid: str, series_uid: str, data: bytes) -> Path:
-        """First half of `write`: the bytes in a fsynced temporary file in the series folder.
+    def stage(self, data: bytes) -> Path:
+        """First half of `write`: the bytes in a fsynced temporary file in ``.incoming``.
 
-        The caller then `publish`-es it under its final name or `discard`-s it. A
-        crash leaves only a temporary file, removed by `remove_stale_temp_files`.
+        Needs nothing from the object, so it can start the moment the bytes arrive,
+        while the header is still being parsed. The caller then `publish`-es it under
+        its final name or `discard`-s it. A crash leaves only a temporary file,
+        removed by `remove_stale_temp_files`.
         """
-        folder = self.path_for(study_uid, series_uid, "1").parent
-        self._makedirs(folder)
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=self.incoming)
         except FileNotFoundError:  # the folder was removed behind the cache's back
             self._known_dirs.clear()
-            self._makedirs(folder)
-            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+            self._makedirs(self.incoming)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=self.incoming)
         try:
             # mkstemp creates the file with mode 0600 (FILE_MODE): no chmod needed.
             view = memoryview(data)
@@ -139,10 +144,18 @@ class Spool:
         os.close(fd)
         return Path(tmp_name)
 
-    def publish(self, staged: Path, sop_uid: str, version: int = 1) -> Path:
-        """Second half of `write`: rename a staged file to its final name, fsync the folder."""
-        path = staged.parent / self.path_for("1", "1", sop_uid, version).name
+    def publish(
+        self, staged: Path, study_uid: str, series_uid: str, sop_uid: str, version: int = 1
+    ) -> Path:
+        """Second half of `write`: rename a staged file to its final name, fsync that folder.
+
+        The rename moves one entry between two folders of the same file system in one
+        journalled step; the fsync of the destination folder makes it durable. (Should
+        the old entry come back after a crash, it is a temporary file, removed at start.)
+        """
+        path = self.path_for(study_uid, series_uid, sop_uid, version)
         try:
+            self._makedirs(path.parent)
             os.replace(staged, path)
         except BaseException:
             _unlink_quietly(staged)

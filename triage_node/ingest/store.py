@@ -4,13 +4,17 @@ Both doors call it: the DIMSE C-STORE handler (``source="dimse"``) and the STOW-
 endpoint (``source="stow"``). For each Part 10 file it
 
 1. checks the free-disk watermark (0xA700 below it),
-2. parses only the header (no pixel decoding; the bytes are never re-encoded),
-3. checks the UIDs (0xC000-range when they cannot become paths, 0xA900 when they
-   are missing or do not match what the transfer announced),
-4. spools the bytes durably (`triage_node.ingest.spool.Spool.write`),
-5. commits Study/Series/Instance rows and an audit row in one short transaction
+2. starts writing the bytes to a fsynced temporary file, and hashing the data set,
+   in the I/O pool (`triage_node.ingest.spool.Spool.stage`),
+3. meanwhile parses only the header (no pixel decoding; the bytes are never
+   re-encoded) and checks the UIDs (0xC000-range when they cannot become paths,
+   0xA900 when they are missing or do not match what the transfer announced),
+4. stages the Study/Series/Instance rows and an audit row,
+5. renames the file to its final name and fsyncs its folder
+   (`triage_node.ingest.spool.Spool.publish`), then commits the rows
    (0xA701 when that fails: never success without the row),
 6. and only then returns success and calls ``on_stored(series_uid)``.
+A refused object's temporary file is deleted.
 
 Status codes are those of the Storage Service Class, PS3.4 Annex B.2.3, Table B.2-1.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,10 +79,11 @@ SOURCES = ("dimse", "stow")
 
 # Statements built once (SQLAlchemy then reuses their compiled form): per-instance
 # work is a few executes with parameters, not statement construction.
-_SELECT_VERSIONS = select(Instance.version, Instance.sha256, Instance.path).where(
-    Instance.sop_uid == bindparam("sop_uid")
+_INSTANCES = Instance.__table__
+_SELECT_VERSIONS = select(_INSTANCES.c.version, _INSTANCES.c.sha256, _INSTANCES.c.path).where(
+    _INSTANCES.c.sop_uid == bindparam("sop_uid")
 )
-_INSERT_INSTANCE = Instance.__table__.insert()
+_INSERT_INSTANCE = _INSTANCES.insert()
 
 
 def _series_update(new_instance: bool, with_expected: bool) -> Any:
@@ -153,6 +158,22 @@ class StoreOutcome:
             sop_class_uid=header.sop_class_uid,
             path=path,
         )
+
+
+def _digest_after_meta(data: bytes) -> tuple[int, str]:
+    """(offset, SHA-256) of the data set after the file meta, found from the raw bytes.
+
+    The digest covers the data set only: the same object sent by two peers has
+    different file meta (PS3.10 7.1, Implementation Class UID etc.). Runs in the I/O
+    pool while the header is parsed (hashlib releases the GIL); the caller checks
+    the offset against the parsed header's.
+    """
+    offset = 0
+    if data[128:132] == b"DICM" and data[132:138] == b"\x02\x00\x00\x00UL":
+        offset = 144 + int.from_bytes(data[140:144], "little")
+        if offset > len(data):
+            offset = 0
+    return offset, hashlib.sha256(memoryview(data)[offset:]).hexdigest()
 
 
 def _insert_ignore(session: Session, model: type, **values: Any) -> None:
@@ -249,19 +270,31 @@ class InstanceStore:
                     OUT_OF_RESOURCES,
                     f"free disk below {self.settings.min_free_disk_mb} MiB on the spool",
                 )
-            header = parse_header(data)
-            remember_identifiers(header.ds)
-            if expected_sop_class and header.sop_class_uid != expected_sop_class.strip("\x00 "):
-                raise _Refused(
-                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                    "SOPClassUID differs from the presentation context's abstract syntax",
-                )
-            if expected_sop_instance and header.sop_uid != expected_sop_instance.strip("\x00 "):
-                raise _Refused(
-                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                    "SOPInstanceUID differs from the request's Affected SOP Instance UID",
-                )
-            outcome = self._spool_and_record(header, data, calling_ae, peer, source, actor)
+            # The bytes go to disk at once, in the I/O pool, while this thread parses
+            # the header and stages the rows: the write and its fsync are off the
+            # critical path. A refused object's file is dropped.
+            staging = self._io.submit(self.spool.stage, data)
+            hashing = self._io.submit(_digest_after_meta, data)
+            try:
+                header = parse_header(data)
+                remember_identifiers(header.ds)
+                if expected_sop_class and header.sop_class_uid != expected_sop_class.strip("\x00 "):
+                    raise _Refused(
+                        DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                        "SOPClassUID differs from the presentation context's abstract syntax",
+                    )
+                if expected_sop_instance and header.sop_uid != expected_sop_instance.strip("\x00 "):
+                    raise _Refused(
+                        DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                        "SOPInstanceUID differs from the request's Affected SOP Instance UID",
+                    )
+            except BaseException:
+                self._drop_staged(staging)
+                raise
+            offset, digest = hashing.result()
+            if offset != header.dataset_offset:  # a file meta the quick look misread
+                digest = hashlib.sha256(memoryview(data)[header.dataset_offset :]).hexdigest()
+            outcome = self._spool_and_record(header, data, digest, staging, calling_ae, source, actor)
         except _Refused as refused:
             outcome = self._refuse(header, refused, actor, source)
         if self._deferred_audit:
@@ -278,45 +311,47 @@ class InstanceStore:
         return self._sop_locks[hash(sop_uid) % len(self._sop_locks)]
 
     def _spool_and_record(
-        self, header: _Header, data: bytes, calling_ae: str, peer: str, source: str, actor: str
+        self, header: _Header, data: bytes, digest: str, staging: Future[Path], calling_ae: str,
+        source: str, actor: str,
     ) -> StoreOutcome:
         """Spool and record one object under its SOP Instance UID's lock.
 
         The lock (striped by UID) keeps two associations sending the same SOP Instance
         UID at once from choosing the same version file. Within one session: read the
-        known versions; then write the file in the I/O pool while the rows are staged
-        (the fsyncs overlap the SQL work); commit only once the file is durable.
+        known versions and stage the rows while the file is being written (``staging``);
+        then give the file its final name, and commit only once it is durable.
+        Each attempt consumes its staged file (published or dropped).
         """
-        # The digest covers the dataset only: the same object sent by two peers has
-        # different file meta (PS3.10 7.1, Implementation Class UID etc.).
-        digest = hashlib.sha256(memoryview(data)[header.dataset_offset :]).hexdigest()
+        current: Future[Path] | None = staging
         with self._lock_for(header.sop_uid):
             for attempt in range(_INSERT_RETRIES):
+                if current is None:
+                    current = self._io.submit(self.spool.stage, data)
                 try:
                     return self._spool_and_record_once(
-                        header, data, digest, calling_ae, source, actor
+                        header, data, digest, current, calling_ae, source, actor
                     )
                 except IntegrityError:
                     # A row appeared under us (another process, or a study/series race
                     # on PostgreSQL): read again.
                     if attempt + 1 == _INSERT_RETRIES:
                         raise _Refused(DATABASE_UNAVAILABLE, "instance row conflicts") from None
+                finally:
+                    current = None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _spool_and_record_once(
-        self, header: _Header, data: bytes, digest: str, calling_ae: str, source: str, actor: str
+        self, header: _Header, data: bytes, digest: str, staging: Future[Path], calling_ae: str,
+        source: str, actor: str,
     ) -> StoreOutcome:
-        # The bytes go to a fsynced temporary file in the I/O pool at once, while this
-        # thread looks up earlier versions and stages the rows; the file gets its final
-        # name (rename + directory fsync) once the version is known, and the rows are
-        # committed only after that.
-        staging = self._io.submit(self.spool.stage, header.study_uid, header.series_uid, data)
+        # The file gets its final name (rename + directory fsync) once the version is
+        # known, and the rows are committed only after that.
         staged: Path | None = None
         written: Path | None = None
         committed = False
         try:
             with self.session_factory() as session:
-                rows = session.execute(_SELECT_VERSIONS, {"sop_uid": header.sop_uid}).all()
+                rows = session.connection().execute(_SELECT_VERSIONS, {"sop_uid": header.sop_uid}).all()
                 same = [row for row in rows if row[1] == digest]
                 if same:
                     return self._duplicate(session, header, same[0], actor, source)
@@ -329,7 +364,9 @@ class InstanceStore:
                 session.flush()
                 try:
                     staged = staging.result()
-                    written = self.spool.publish(staged, header.sop_uid, version)
+                    written = self.spool.publish(
+                        staged, header.study_uid, header.series_uid, header.sop_uid, version
+                    )
                 except OSError as exc:
                     raise _Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
                 # The file is durable (fsynced, renamed, directory fsynced): commit.
@@ -415,7 +452,7 @@ class InstanceStore:
                 "received_at": now,
             },
         )
-        audit.record(
+        audit.record_now(
             session,
             "instance.stored" if version == 1 else "instance.new_version",
             actor=actor,
@@ -493,7 +530,7 @@ class InstanceStore:
         self, session: Session, header: _Header, row: Any, actor: str, source: str
     ) -> StoreOutcome:
         version, digest, path = int(row[0]), str(row[1]), str(row[2])
-        audit.record(
+        audit.record_now(
             session,
             "instance.duplicate",
             actor=actor,
@@ -507,6 +544,13 @@ class InstanceStore:
         session.commit()
         log.debug("duplicate instance", sop_uid=header.sop_uid, version=version, source=source)
         return StoreOutcome.success(header, version=version, path=Path(path), duplicate=True)
+
+    def _drop_staged(self, staging: Future[Path]) -> None:
+        """Wait for a staged file that will not be published, and delete it."""
+        try:
+            self.spool.discard(staging.result())
+        except OSError:
+            pass  # the write itself failed: nothing was left behind
 
     def _discard_unreferenced(self, path: Path) -> None:
         """Remove a spooled file whose row did not commit, unless a row references it."""

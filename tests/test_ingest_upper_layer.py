@@ -1,0 +1,167 @@
+"""The listener's upper layer against pynetdicom's own encoders and decoders (PS3.7, PS3.8, PS3.10)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from io import BytesIO
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1
+from pynetdicom import build_context
+from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, P_DATA_TF
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.sop_class import Verification
+
+from triage_node.ingest import upper_layer as ul
+
+SOP_INSTANCES = ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345"]
+
+
+def _command(**values: object) -> Dataset:
+    ds = Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ul.decode(BytesIO(encode(ds, True, True)), True, True)
+
+
+def _pynetdicom_response(message: ul.Message, status: int, max_pdu: int) -> bytes:
+    command = message.command
+    if command.CommandField == ul.C_STORE_RQ_FIELD:
+        primitive = C_STORE()
+        primitive.AffectedSOPInstanceUID = command.get("AffectedSOPInstanceUID")
+        response = C_STORE_RSP()
+    else:
+        primitive = C_ECHO()
+        response = C_ECHO_RSP()
+    primitive.MessageIDBeingRespondedTo = command.MessageID
+    primitive.AffectedSOPClassUID = command.get("AffectedSOPClassUID")
+    primitive.Status = status
+    response.primitive_to_message(primitive)
+    out = b""
+    for p_data in response.encode_msg(message.context_id, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(p_data)
+        out += pdu.encode()
+    return out
+
+
+@pytest.mark.parametrize("sop_instance", SOP_INSTANCES)
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC000])
+@pytest.mark.parametrize("max_pdu", [0, 16382, 64])
+def test_c_store_response_is_pynetdicoms_encoding(sop_instance: str, status: int, max_pdu: int) -> None:
+    command = _command(CommandField=0x0001, MessageID=7, AffectedSOPClassUID=CTImageStorage,
+                       AffectedSOPInstanceUID=sop_instance, Priority=0, CommandDataSetType=0x0000)
+    message = ul.Message(3, command, b"")
+    assert ul.response_pdus(message, status, max_pdu) == _pynetdicom_response(message, status, max_pdu)
+
+
+def test_c_echo_response_is_pynetdicoms_encoding() -> None:
+    command = _command(CommandField=0x0030, MessageID=65535, AffectedSOPClassUID=Verification,
+                       CommandDataSetType=0x0101)
+    message = ul.Message(1, command, None)
+    assert ul.response_pdus(message, 0, 16382) == _pynetdicom_response(message, 0, 16382)
+
+
+@pytest.mark.parametrize("sop_instance", SOP_INSTANCES)
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, JPEGLosslessSV1])
+def test_file_meta_is_pydicoms_encoding(sop_instance: str, transfer_syntax: str) -> None:
+    expected_meta = encode_file_meta(create_file_meta(
+        sop_class_uid=CTImageStorage, sop_instance_uid=sop_instance, transfer_syntax=transfer_syntax))
+    data = ul.part10(b"DATASET", CTImageStorage, sop_instance, transfer_syntax)
+    assert data == b"\x00" * 128 + b"DICM" + expected_meta + b"DATASET"
+
+
+def test_part10_reads_back_with_pydicom() -> None:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientID = CTImageStorage, "1.2.3", "X"
+    ds.set_original_encoding(False, True)
+    raw = encode(ds, False, True)
+    read = dcmread(BytesIO(ul.part10(raw, CTImageStorage, "1.2.3", ExplicitVRLittleEndian)))
+    assert read.file_meta.MediaStorageSOPInstanceUID == "1.2.3"
+    assert read.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert read.PatientID == "X"
+
+
+def _rq(contexts: list, max_pdu: int = 16382) -> bytes:
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "MODALITY"
+    primitive.called_ae_title = "TRIAGE_NODE"
+    primitive.presentation_context_definition_list = contexts
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    primitive.user_information = [length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def test_negotiation_accepts_supported_contexts_and_refuses_the_rest() -> None:
+    ct = build_context(CTImageStorage, [JPEGLosslessSV1, ExplicitVRLittleEndian])
+    ct.context_id = 1
+    other = build_context("1.2.3.4.5", [ExplicitVRLittleEndian])
+    other.context_id = 3
+    supported = [build_context(CTImageStorage, [ExplicitVRLittleEndian])]
+    negotiated = ul.negotiate(_rq([ct, other], max_pdu=32768), supported)
+    assert (negotiated.calling_ae, negotiated.called_ae, negotiated.peer_max_pdu) == (
+        "MODALITY", "TRIAGE_NODE", 32768)
+    assert list(negotiated.contexts) == [1]
+    assert negotiated.contexts[1].transfer_syntax[0] == ExplicitVRLittleEndian
+    ac = A_ASSOCIATE_AC()
+    ac.decode(ul.accept_pdu(negotiated, 1 << 20))
+    results = {cx.context_id: cx.result for cx in ac.to_primitive().presentation_context_definition_results_list}
+    assert results == {1: 0x00, 3: 0x03}  # 3: abstract syntax not supported
+
+
+def test_reject_pdu_carries_the_reason() -> None:
+    rj = A_ASSOCIATE_RJ()
+    rj.decode(ul.reject_pdu(0x01, 0x01, 0x07))
+    assert (rj.result, rj.source, rj.reason_diagnostic) == (0x01, 0x01, 0x07)
+
+
+def _pdv(context_id: int, control: int, fragment: bytes) -> bytes:
+    return struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment
+
+
+def test_assembler_joins_fragments_across_pdus() -> None:
+    contexts = {1: build_context(CTImageStorage)}
+    command = encode(_command(CommandField=1, MessageID=1, AffectedSOPClassUID=CTImageStorage,
+                              AffectedSOPInstanceUID="1.2.3", Priority=0, CommandDataSetType=0), True, True)
+    assembler = ul.MessageAssembler(contexts)
+    first = bytearray(_pdv(1, 0x01, command[:10]) + _pdv(1, 0x03, command[10:]) + _pdv(1, 0x00, b"AB"))
+    assert list(assembler.feed(first)) == []
+    [message] = list(assembler.feed(bytearray(_pdv(1, 0x00, b"CD") + _pdv(1, 0x02, b"EF"))))
+    assert message.dataset == b"ABCDEF" and message.context_id == 1
+    assert message.command.AffectedSOPInstanceUID == "1.2.3"
+
+
+@pytest.mark.parametrize("body, why", [
+    (_pdv(9, 0x03, b"x" * 8), "not accepted"),
+    (_pdv(1, 0x02, b"data"), "before its command set"),
+    (b"\x00\x00\x00\x40\x01\x03", "outside the PDU"),
+    (b"\x00\x00", "truncated"),
+])
+def test_assembler_aborts_on_malformed_pdvs(body: bytes, why: str) -> None:
+    assembler = ul.MessageAssembler({1: build_context(CTImageStorage)})
+    with pytest.raises(ul.Abort, match=why):
+        list(assembler.feed(bytearray(body)))
+
+
+def test_read_pdu_caps_the_length_and_rejects_unknown_types() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"\x01\x00\xff\xff\xff\xfe")
+        with pytest.raises(ul.Abort, match="cap"):
+            ul.read_pdu(b)
+        a.sendall(b"\x09\x00\x00\x00\x00\x00")
+        with pytest.raises(ul.Abort, match="unrecognised"):
+            ul.read_pdu(b)
+        a.close()
+        with pytest.raises(ul.PeerClosed):
+            ul.read_pdu(b)
