@@ -213,6 +213,29 @@ def test_below_the_free_disk_watermark_nothing_is_written(database_url: str, tmp
         env.engine.dispose()
 
 
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_a_failed_spool_write_is_out_of_resources_and_leaves_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A full disk on the write (ENOSPC) or a failing one on the fsync (EIO)."""
+    import errno
+    import os
+
+    real = getattr(os, failing)
+
+    def fail_in_incoming(fd: int, *args: object) -> object:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).parent.name == ".incoming":
+            raise OSError(errno.ENOSPC if failing == "write" else errno.EIO, "simulated")
+        return real(fd, *args)
+
+    monkeypatch.setattr(os, failing, fail_in_incoming)
+    outcome = env.put(part10(ct_dataset(generate_uid(), generate_uid(), 0)))
+    assert outcome.status == OUT_OF_RESOURCES and not outcome.stored
+    assert env.spooled() == [] and env.instances() == []
+    assert "spool write failed" in env.audit("instance.rejected")[0].detail["reason"]
+    assert env.stored == []
+
+
 def _break_instance_inserts(env: Env) -> None:
     with env.engine.begin() as conn:
         if env.engine.dialect.name == "sqlite":

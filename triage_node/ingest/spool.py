@@ -12,10 +12,11 @@ other than digits and dots never reaches the file system.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 __all__ = ["InvalidUID", "Spool", "validate_uid"]
@@ -80,6 +81,8 @@ class Spool:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).resolve()
         self._known_dirs: set[Path] = set()
+        self._temp_prefix = f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+        self._temp_names = itertools.count()  # next() is atomic in CPython
         self._makedirs(self.root)
         #: Where bytes wait, fsynced, until their object has a name (not a UID: never a study).
         self.incoming = self.root / INCOMING_DIR
@@ -119,30 +122,53 @@ class Spool:
     def stage(self, data: bytes) -> Path:
         """First half of `write`: the bytes in a fsynced temporary file in ``.incoming``.
 
-        Needs nothing from the object, so it can start the moment the bytes arrive,
-        while the header is still being parsed. The caller then `publish`-es it under
-        its final name or `discard`-s it. A crash leaves only a temporary file,
-        removed by `remove_stale_temp_files`.
+        Needs nothing from the object, so it can start the moment the bytes arrive.
+        The caller then `publish`-es it under its final name or `discard`-s it. A crash
+        leaves only a temporary file, removed by `remove_stale_temp_files`.
         """
+        fd, path = self.write_temp(data)
+        return self.sync_temp(fd, path)
+
+    def write_temp(self, data: bytes) -> tuple[int, Path]:
+        """`stage` without the fsync: the bytes in a new temporary file, left open.
+
+        Finish with `sync_temp` (possibly in another thread, so that the fsync runs
+        while the caller works on).
+        """
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        while True:
+            # A name unique to this Spool object (cheaper than tempfile.mkstemp, whose
+            # Python-level work would wait for the GIL in an I/O thread).
+            path = self.incoming / f"{self._temp_prefix}{next(self._temp_names)}{TEMP_SUFFIX}"
+            try:
+                fd = os.open(path, flags, FILE_MODE)
+                break
+            except FileExistsError:  # left by an earlier process with the same name: next
+                continue
+            except FileNotFoundError:  # the folder was removed behind the cache's back
+                self._known_dirs.clear()
+                self._makedirs(self.incoming)
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=self.incoming)
-        except FileNotFoundError:  # the folder was removed behind the cache's back
-            self._known_dirs.clear()
-            self._makedirs(self.incoming)
-            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=self.incoming)
-        try:
-            # mkstemp creates the file with mode 0600 (FILE_MODE): no chmod needed.
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        return fd, path
+
+    def sync_temp(self, fd: int, path: Path) -> Path:
+        """fsync and close a file from `write_temp`; on failure it is deleted."""
+        try:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(Path(tmp_name))
+            _unlink_quietly(path)
             raise
         os.close(fd)
-        return Path(tmp_name)
+        return path
 
     def publish(
         self, staged: Path, study_uid: str, series_uid: str, sop_uid: str, version: int = 1

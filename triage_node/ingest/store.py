@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -270,11 +271,18 @@ class InstanceStore:
                     OUT_OF_RESOURCES,
                     f"free disk below {self.settings.min_free_disk_mb} MiB on the spool",
                 )
-            # The bytes go to disk at once, in the I/O pool, while this thread parses
-            # the header and stages the rows: the write and its fsync are off the
-            # critical path. A refused object's file is dropped.
-            staging = self._io.submit(self.spool.stage, data)
+            # The bytes go to a temporary file at once (a page-cache copy), and its
+            # fsync and the digest run in the I/O pool while this thread parses the
+            # header and stages the rows. A refused object's file is dropped.
+            try:
+                fd, temp = self.spool.write_temp(data)
+            except OSError as exc:
+                raise _Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
+            staging = self._io.submit(self.spool.sync_temp, fd, temp)
             hashing = self._io.submit(_digest_after_meta, data)
+            # Yield the GIL once, so that the fsync and the hashing are under way (they
+            # release it) before the parse, which is pure Python, holds it.
+            time.sleep(0)
             try:
                 header = parse_header(data)
                 remember_identifiers(header.ds)
