@@ -273,7 +273,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         "against pynetdicom's reactor threads, which poll their queues with 1 ms "
         "sleeps. The gap between the node's listener and the node is the price of "
         "durability: three fsyncs (file, directory, database) and the header parse "
-        "per object.",
+        "per object. The node sends each response in one write, so Nagle's algorithm "
+        "has nothing to hold back and the two node rows differ only by the machine's "
+        "noise (TCP_NODELAY did matter for a pynetdicom listener: 30 -> 59 images/s in DESIGN.md); "
+        "on this shared machine the same row varies by up to a factor of two between "
+        "rounds, storescp's most of all, so compare the rounds, not only the medians.",
         "",
         "Raw numbers: `docs/bench/ingest.json`.",
         "",

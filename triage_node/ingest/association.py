@@ -168,8 +168,10 @@ class StorageAssociation:
         if field_ == ul.C_ECHO_RQ_FIELD:
             log.debug("C-ECHO")
             return SUCCESS
-        if field_ != ul.C_STORE_RQ_FIELD or message.dataset is None:
+        if field_ != ul.C_STORE_RQ_FIELD:
             raise ul.Abort(ul.ABORT_INVALID_PARAMETER, f"DIMSE command 0x{field_:04X} is not supported")
+        if message.dataset is None:
+            raise ul.Abort(ul.ABORT_INVALID_PARAMETER, "C-STORE-RQ without a data set")
         context = negotiated.contexts[message.context_id]
         sop_class = str(message.command.get("AffectedSOPClassUID", "") or "")
         sop_instance = str(message.command.get("AffectedSOPInstanceUID", "") or "")
