@@ -339,3 +339,20 @@ def test_stop_disconnects_open_associations() -> None:
         node.scp.stop()
         assert wait_for(lambda: not assoc.is_established)
         assert node.scp.admission.open_count() == 0
+
+
+def test_an_object_over_max_object_mb_aborts_the_association_with_an_audit_row() -> None:
+    study, series = generate_uid(), generate_uid()
+    with running_node(max_object_mb=1) as node:
+        assoc = scu().associate("127.0.0.1", node.port, ae_title=AET)
+        assert assoc.send_c_store(ct_dataset(study, series, 0)).Status == SUCCESS
+        big = ct_dataset(study, series, 1, size=1024)  # 2 MiB of pixel data
+        assoc.send_c_store(big)
+        assert wait_for(lambda: assoc.is_aborted)
+        with node.session_factory() as s:
+            aborted = s.scalars(select(AuditEvent).where(AuditEvent.action == "association.aborted")).one()
+        assert "larger than 1 MiB" in aborted.detail["reason"] and aborted.outcome == "failed"
+        assert len(instance_rows(node)) == 1  # the object before it stays stored
+        again = scu().associate("127.0.0.1", node.port, ae_title=AET)
+        assert again.send_c_store(ct_dataset(study, series, 2)).Status == SUCCESS
+        again.release()

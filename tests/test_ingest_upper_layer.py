@@ -133,7 +133,7 @@ def test_assembler_joins_fragments_across_pdus() -> None:
     contexts = {1: build_context(CTImageStorage)}
     command = encode(_command(CommandField=1, MessageID=1, AffectedSOPClassUID=CTImageStorage,
                               AffectedSOPInstanceUID="1.2.3", Priority=0, CommandDataSetType=0), True, True)
-    assembler = ul.MessageAssembler(contexts)
+    assembler = ul.MessageAssembler(contexts, 1 << 20)
     first = bytearray(_pdv(1, 0x01, command[:10]) + _pdv(1, 0x03, command[10:]) + _pdv(1, 0x00, b"AB"))
     assert list(assembler.feed(first)) == []
     [message] = list(assembler.feed(bytearray(_pdv(1, 0x00, b"CD") + _pdv(1, 0x02, b"EF"))))
@@ -148,7 +148,7 @@ def test_assembler_joins_fragments_across_pdus() -> None:
     (b"\x00\x00", "truncated"),
 ])
 def test_assembler_aborts_on_malformed_pdvs(body: bytes, why: str) -> None:
-    assembler = ul.MessageAssembler({1: build_context(CTImageStorage)})
+    assembler = ul.MessageAssembler({1: build_context(CTImageStorage)}, 1 << 20)
     with pytest.raises(ul.Abort, match=why):
         list(assembler.feed(bytearray(body)))
 
@@ -165,3 +165,15 @@ def test_read_pdu_caps_the_length_and_rejects_unknown_types() -> None:
         a.close()
         with pytest.raises(ul.PeerClosed):
             ul.read_pdu(b)
+
+
+def test_assembler_aborts_a_data_set_over_the_cap_and_resets_between_messages() -> None:
+    contexts = {1: build_context(CTImageStorage)}
+    command = encode(_command(CommandField=1, MessageID=1, AffectedSOPClassUID=CTImageStorage,
+                              AffectedSOPInstanceUID="1.2.3", Priority=0, CommandDataSetType=0), True, True)
+    assembler = ul.MessageAssembler(contexts, max_dataset_bytes=6)
+    [ok] = list(assembler.feed(bytearray(_pdv(1, 0x03, command) + _pdv(1, 0x02, b"ABCDEF"))))
+    assert ok.dataset == b"ABCDEF"
+    with pytest.raises(ul.Abort, match="larger than"):
+        list(assembler.feed(bytearray(_pdv(1, 0x03, command) + _pdv(1, 0x00, b"ABCD")
+                                      + _pdv(1, 0x02, b"EFG"))))

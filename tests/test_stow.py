@@ -253,3 +253,24 @@ def test_patient_identifiers_never_reach_the_log(node, tokens, session_factory):
     output = stream.getvalue()
     assert "stow.done" in output and "series.complete" in output and "job.enqueued" in output
     assert "Quixote" not in output and "Zebulon" not in output and "PID-0001" not in output
+
+
+def test_a_part_over_max_object_mb_gives_413_and_keeps_the_parts_before_it(
+    tmp_path, database_url, session_factory, settings
+):
+    small = load_settings(data_dir=tmp_path, database_url=database_url, min_free_disk_mb=0,
+                          max_object_mb=1)
+    with transaction(session_factory) as session:
+        token = create_token(session, small, "sender", "sender-stow")[1]
+    study, series = generate_uid(), generate_uid()
+    good = part10(ct_dataset(study, series))
+    big = part10(ct_dataset(study, series, instance_number=2, size=1024))  # 2 MiB of pixels
+    with LiveServer(create_app(small, session_factory)) as live:
+        response = post(live, multipart_related([good, big]), token)
+    assert response.status_code == 413, response.text
+    assert "max_object_mb" in response.json()["detail"]
+    with session_factory() as session:
+        assert len(session.scalars(select(Instance)).all()) == 1
+        request_audit = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "stow.request")).one()
+    assert request_audit.outcome == "error"

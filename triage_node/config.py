@@ -170,6 +170,12 @@ class Settings(BaseSettings):
     min_free_disk_mb: int = Field(
         512, ge=0, description="Below this free space the SCP answers 0xA700"
     )
+    max_object_mb: int = Field(
+        1024,
+        ge=1,
+        description="Largest object received (C-STORE data set or STOW-RS part), MiB; a larger "
+        "one ends its association with A-ABORT, or its request with HTTP 413",
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate for DICOM TLS")
     tls_key: Path | None = Field(None, description="PEM private key for DICOM TLS")
     tls_ca: Path | None = Field(

@@ -66,6 +66,8 @@ class _Part:
 class _Collector:
     """python-multipart callbacks that collect finished parts."""
 
+    #: Largest part kept in memory (``max_object_mb``); a larger one ends the request: 413.
+    max_part_bytes: int
     done: list[_Part] = field(default_factory=list)
     ended: bool = False
     _headers: dict[str, str] = field(default_factory=dict)
@@ -79,13 +81,20 @@ class _Collector:
             "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
             "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
             "on_header_end": self._header_end,
-            "on_part_data": lambda d, s, e: self._data.extend(d[s:e]),
+            "on_part_data": self._part_data,
             "on_part_end": self._part_end,
             "on_end": self._end,
         }
 
     def _begin(self) -> None:
         self._headers, self._data = {}, bytearray()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        self._data.extend(data[start:end])
+        if len(self._data) > self.max_part_bytes:
+            raise StowError(
+                413, f"a part is larger than {self.max_part_bytes // 2**20} MiB (max_object_mb)"
+            )
 
     def _header_end(self) -> None:
         self._headers[self._field.decode("latin-1").strip().lower()] = (
@@ -216,7 +225,7 @@ async def _stow(request: Request, principal: Any, target_study: str | None) -> R
     result = StowResult()
     try:
         boundary = check_content_type(request.headers.get("content-type"))
-        collector = _Collector()
+        collector = _Collector(max_part_bytes=store.settings.max_object_mb * 2**20)
         parser = MultipartParser(boundary, collector.callbacks())
         try:
             async for chunk in request.stream():

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 
 import structlog
 from pynetdicom.presentation import PresentationContext
+from sqlalchemy.exc import SQLAlchemyError
 
+from triage_node.db import audit
+from triage_node.db.session import transaction
 from triage_node.ingest import upper_layer as ul
 from triage_node.ingest.admission import Admission
 from triage_node.ingest.header import CANNOT_UNDERSTAND, SUCCESS
@@ -43,6 +46,7 @@ class Listener:
     admission: Admission
     contexts: list[PresentationContext]
     max_pdu: int
+    max_object_bytes: int
     ssl_context: ssl.SSLContext | None = None
     nodelay: bool = True
     association_finished: Callable[[list[str]], object] | None = None
@@ -105,6 +109,7 @@ class StorageAssociation:
             except ul.Abort as abort:
                 log.warning("association aborted by the node", reason=str(abort))
                 self._send(ul.abort_pdu(abort.reason))
+                self._audit_abort(str(abort))
                 ending = "aborted by the node"
             except ul.PeerClosed as closed:
                 ending = f"connection lost ({closed})"
@@ -145,7 +150,7 @@ class StorageAssociation:
             return self._data_phase(negotiated)
 
     def _data_phase(self, negotiated: ul.Negotiated) -> str:
-        assembler = ul.MessageAssembler(negotiated.contexts)
+        assembler = ul.MessageAssembler(negotiated.contexts, self.listener.max_object_bytes)
         while True:
             try:
                 pdu_type, body, _ = ul.read_pdu(self.sock)
@@ -191,6 +196,21 @@ class StorageAssociation:
         if outcome.stored and outcome.series_uid:
             self.series.add(outcome.series_uid)
         return outcome.status
+
+    def _audit_abort(self, why: str) -> None:
+        """Audit row ``association.aborted`` (objects acknowledged before it stay stored)."""
+        try:
+            with transaction(self.listener.store.session_factory) as session:
+                audit.record(
+                    session,
+                    "association.aborted",
+                    actor=f"ae:{self.calling_ae}@{self.peer}"[:64],
+                    outcome="failed",
+                    reason=why[:200],
+                    stored_series=len(self.series),
+                )
+        except SQLAlchemyError:
+            log.error("audit row for an aborted association could not be written")
 
     def _send(self, data: bytes) -> None:
         try:

@@ -113,6 +113,7 @@ class StorageSCP:
             admission=self.admission,
             contexts=storage_contexts(settings.unknown_storage_class),
             max_pdu=MAX_PDU_SIZE,
+            max_object_bytes=settings.max_object_mb * 2**20,
             nodelay=nodelay,
             association_finished=association_finished,
         )

@@ -229,10 +229,12 @@ class MessageAssembler:
     when the last one arrives, and never decoded here.
     """
 
-    def __init__(self, contexts: dict[int, PresentationContext]) -> None:
+    def __init__(self, contexts: dict[int, PresentationContext], max_dataset_bytes: int) -> None:
         self.contexts = contexts
+        self.max_dataset_bytes = max_dataset_bytes
         self._command: list[bytes] = []
         self._data: list[memoryview] = []
+        self._size = 0
         self._context_id: int | None = None
         self._header: Dataset | None = None
 
@@ -274,13 +276,21 @@ class MessageAssembler:
             return None
         if self._header is None:
             raise Abort(ABORT_INVALID_PARAMETER, "data set fragment before its command set")
+        self._size += len(fragment)
+        if self._size > self.max_dataset_bytes:
+            # Held in memory until complete, so a bound per association (PS3.8 allows
+            # the provider to abort; there is no C-STORE status for "too large").
+            raise Abort(
+                ABORT_INVALID_PARAMETER,
+                f"data set larger than {self.max_dataset_bytes // 2**20} MiB (max_object_mb)",
+            )
         self._data.append(fragment)
         return self._complete(b"".join(self._data)) if is_last else None
 
     def _complete(self, dataset: bytes | None) -> Message:
         assert self._header is not None and self._context_id is not None
         message = Message(self._context_id, self._header, dataset)
-        self._header, self._context_id, self._data = None, None, []
+        self._header, self._context_id, self._data, self._size = None, None, [], 0
         return message
 
 
