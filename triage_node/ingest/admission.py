@@ -9,6 +9,7 @@ A-ASSOCIATE-RJ with the matching reason, after an audit row is committed.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -23,6 +24,7 @@ __all__ = [
     "ASSOCIATE_RJ_CALLING_AE",
     "ASSOCIATE_RJ_LOCAL_LIMIT",
     "Admission",
+    "audit_association",
 ]
 
 log = get_logger(__name__)
@@ -34,6 +36,27 @@ ASSOCIATE_RJ_CALLING_AE = (0x01, 0x01, 0x03)
 ASSOCIATE_RJ_CALLED_AE = (0x01, 0x01, 0x07)
 #: rejected-transient, DICOM UL service-provider (presentation), local-limit-exceeded
 ASSOCIATE_RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+
+def audit_association(
+    session_factory: Any, action: str, calling_ae: str, peer: str, reason: str, **detail: Any
+) -> None:
+    """Commit an ``association.*`` audit row now; if the database is away, log that instead.
+
+    The association is refused or ended either way: its outcome never waits on the audit.
+    """
+    try:
+        with transaction(session_factory) as session:
+            audit.record(
+                session,
+                action,
+                actor=f"ae:{calling_ae}@{peer}"[:64],
+                outcome="failed",
+                reason=reason,
+                **detail,
+            )
+    except SQLAlchemyError:
+        log.error("audit row could not be written", action=action)
 
 
 class Admission:
@@ -96,18 +119,7 @@ class Admission:
         self, calling_ae: str, peer: str, called: str, why: str, reject: tuple[int, int, int]
     ) -> None:
         """Audit row ``association.rejected``, committed before the A-ASSOCIATE-RJ goes out."""
-        try:
-            with transaction(self.store.session_factory) as session:
-                audit.record(
-                    session,
-                    "association.rejected",
-                    actor=f"ae:{calling_ae}@{peer}"[:64],
-                    outcome="failed",
-                    reason=why,
-                    called_ae=called[:16],
-                    result=reject[0],
-                    source=reject[1],
-                    diagnostic=reject[2],
-                )
-        except SQLAlchemyError:
-            log.error("audit row for a rejected association could not be written")
+        audit_association(
+            self.store.session_factory, "association.rejected", calling_ae, peer, why,
+            called_ae=called[:16], result=reject[0], source=reject[1], diagnostic=reject[2],
+        )

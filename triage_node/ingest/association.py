@@ -18,12 +18,9 @@ from dataclasses import dataclass, field
 
 import structlog
 from pynetdicom.presentation import PresentationContext
-from sqlalchemy.exc import SQLAlchemyError
 
-from triage_node.db import audit
-from triage_node.db.session import transaction
 from triage_node.ingest import upper_layer as ul
-from triage_node.ingest.admission import Admission
+from triage_node.ingest.admission import Admission, audit_association
 from triage_node.ingest.header import CANNOT_UNDERSTAND, SUCCESS
 from triage_node.ingest.store import InstanceStore
 from triage_node.logs import get_logger
@@ -199,18 +196,10 @@ class StorageAssociation:
 
     def _audit_abort(self, why: str) -> None:
         """Audit row ``association.aborted`` (objects acknowledged before it stay stored)."""
-        try:
-            with transaction(self.listener.store.session_factory) as session:
-                audit.record(
-                    session,
-                    "association.aborted",
-                    actor=f"ae:{self.calling_ae}@{self.peer}"[:64],
-                    outcome="failed",
-                    reason=why[:200],
-                    stored_series=len(self.series),
-                )
-        except SQLAlchemyError:
-            log.error("audit row for an aborted association could not be written")
+        audit_association(
+            self.listener.store.session_factory, "association.aborted", self.calling_ae,
+            self.peer, why[:200], stored_series=len(self.series),
+        )
 
     def _send(self, data: bytes) -> None:
         try:
@@ -219,16 +208,14 @@ class StorageAssociation:
             pass  # the peer is gone; nothing left to tell it
 
     def disconnect(self) -> None:
+        """Shut the connection down in both directions (a blocked read returns at once)."""
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
     def _close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self.disconnect()
         self.sock.close()
 
     def _report(self, ending: str) -> None:

@@ -72,6 +72,16 @@ def dataset_offset(data: bytes, meta: Dataset | None) -> int:
     return offset if offset <= len(data) else 0
 
 
+def dataset_offset_from_bytes(data: bytes) -> int:
+    """`dataset_offset` from the raw bytes, before any parse: the group length element
+    as PS3.10 encodes it, (0002,0000) UL in Explicit VR Little Endian; 0 when it is not
+    there. The parsed header's `dataset_offset` is the one to trust."""
+    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        return 0
+    offset = 132 + 12 + int.from_bytes(data[140:144], "little")
+    return offset if offset <= len(data) else 0
+
+
 def slice_position(ds: Dataset) -> float | None:
     """Position of an image along its slice normal, in mm.
 

@@ -54,6 +54,7 @@ from triage_node.ingest.header import (
     _requested_priority,
     _text,
     dataset_offset,
+    dataset_offset_from_bytes,
     parse_header,
     slice_position,
 )
@@ -169,11 +170,7 @@ def _digest_after_meta(data: bytes) -> tuple[int, str]:
     pool while the header is parsed (hashlib releases the GIL); the caller checks
     the offset against the parsed header's.
     """
-    offset = 0
-    if data[128:132] == b"DICM" and data[132:138] == b"\x02\x00\x00\x00UL":
-        offset = 144 + int.from_bytes(data[140:144], "little")
-        if offset > len(data):
-            offset = 0
+    offset = dataset_offset_from_bytes(data)
     return offset, hashlib.sha256(memoryview(data)[offset:]).hexdigest()
 
 

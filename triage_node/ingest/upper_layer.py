@@ -81,6 +81,7 @@ C_STORE_RQ_FIELD, C_ECHO_RQ_FIELD = 0x0001, 0x0030
 _NO_DATASET = 0x0101
 
 _HEADER = struct.Struct(">BxI")
+_US = struct.Struct("<H")
 _PDV_HEADER = struct.Struct(">IBB")
 
 
@@ -353,7 +354,7 @@ def response_pdus(message: Message, status: int, peer_max_pdu: int) -> bytes:
     sop_class = str(command.get("AffectedSOPClassUID", "") or "")
     if sop_class:
         elements.append(_implicit(0x0002, _ui(sop_class)))
-    us = struct.Struct("<H").pack
+    us = _US.pack
     elements.append(_implicit(0x0100, us(C_STORE_RSP_FIELD if is_store else C_ECHO_RSP_FIELD)))
     elements.append(_implicit(0x0120, us(int(command.MessageID))))
     elements.append(_implicit(0x0800, us(_NO_DATASET)))
