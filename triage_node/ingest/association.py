@@ -105,8 +105,9 @@ class StorageAssociation:
                 ending = self._run()
             except ul.Abort as abort:
                 log.warning("association aborted by the node", reason=str(abort))
-                self._send(ul.abort_pdu(abort.reason))
+                # Audited before the peer hears of it, as a rejection is.
                 self._audit_abort(str(abort))
+                self._send(ul.abort_pdu(abort.reason))
                 ending = "aborted by the node"
             except ul.PeerClosed as closed:
                 ending = f"connection lost ({closed})"
