@@ -7,6 +7,7 @@ file was produced by a real codec.
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 
 from tests.servers import require_binary
 from triage_node.config import Settings, load_settings
@@ -143,6 +146,33 @@ def write_series(
         assert written_ts == transfer_syntax, (written_ts, transfer_syntax)
         paths.append(path)
     return paths
+
+
+def associate_rq(contexts: list, max_pdu: int = 16382, calling: str = "MODALITY",
+                 called: str = "TRIAGE_NODE") -> bytes:
+    """An encoded A-ASSOCIATE-RQ (pynetdicom's encoder), for peers that speak raw PDUs."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    primitive.presentation_context_definition_list = contexts
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    primitive.user_information = [length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def pdv(context_id: int, control: int, fragment: bytes) -> bytes:
+    """One presentation data value item (PS3.8 9.3.5.1): length, context, control header."""
+    return struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment
+
+
+def p_data(*items: bytes) -> bytes:
+    """A P-DATA-TF PDU carrying ``items`` (PS3.8 9.3.5)."""
+    body = b"".join(items)
+    return struct.pack(">BxI", 0x04, len(body)) + body
 
 
 def dataset_bytes(data: bytes) -> bytes:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     JPEG2000,
@@ -22,17 +23,21 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, build_context
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from tests.ingest_support import (
     ALL_TRANSFER_SYNTAXES,
     Node,
+    associate_rq,
     ct_dataset,
     dataset_bytes,
+    p_data,
     part10,
+    pdv,
     running_node,
     write_series,
 )
@@ -74,6 +79,11 @@ def scu(calling: str = "MODALITY", contexts: tuple = (CTImageStorage, MRImageSto
 def rejection(assoc) -> tuple[int, int, int]:
     primitive = assoc.acceptor.primitive
     return (primitive.result, primitive.result_source, primitive.diagnostic)
+
+
+def incoming_files(node: Node) -> list[Path]:
+    """Temporary files of objects being received (``.incoming`` in the spool)."""
+    return sorted((node.settings.spool_dir / ".incoming").iterdir())
 
 
 def instance_rows(node: Node) -> list[Instance]:
@@ -353,6 +363,37 @@ def test_an_object_over_max_object_mb_aborts_the_association_with_an_audit_row()
             aborted = s.scalars(select(AuditEvent).where(AuditEvent.action == "association.aborted")).one()
         assert "larger than 1 MiB" in aborted.detail["reason"] and aborted.outcome == "failed"
         assert len(instance_rows(node)) == 1  # the object before it stays stored
+        # Its first MiB was written as it arrived: the temporary file went with the abort.
+        assert wait_for(lambda: incoming_files(node) == [])
         again = scu().associate("127.0.0.1", node.port, ae_title=AET)
         assert again.send_c_store(ct_dataset(study, series, 2)).Status == SUCCESS
         again.release()
+
+
+def test_a_connection_lost_inside_an_object_leaves_no_temporary_file() -> None:
+    """The data set is written as it arrives; cut short, its file is deleted and nothing is stored."""
+    ds = ct_dataset(generate_uid(), generate_uid(), 0, size=256)
+    data = dataset_bytes(part10(ds))
+    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
+    context.context_id = 1
+    command = encode(_c_store_rq(ds), True, True)
+    with running_node() as node, socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.sendall(associate_rq([context]))
+        assert sock.recv(1)[0] == 0x02  # A-ASSOCIATE-AC
+        sock.sendall(p_data(pdv(1, 0x03, command), pdv(1, 0x00, data[:60_000])))
+        assert len(wait_for(lambda: incoming_files(node))) == 1  # the bytes so far are on disk
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        assert wait_for(lambda: node.scp.admission.open_count() == 0)
+        assert incoming_files(node) == [] and instance_rows(node) == []
+
+
+def _c_store_rq(ds: Dataset) -> Dataset:
+    command = Dataset()
+    command.AffectedSOPClassUID = ds.SOPClassUID
+    command.CommandField = 0x0001
+    command.MessageID = 1
+    command.Priority = 0
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    return command

@@ -14,10 +14,10 @@ from pynetdicom import build_context
 from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, P_DATA_TF
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF
 from pynetdicom.sop_class import Verification
 
+from tests.ingest_support import associate_rq, pdv
 from triage_node.ingest import upper_layer as ul
 
 SOP_INSTANCES = ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345"]
@@ -88,27 +88,13 @@ def test_part10_reads_back_with_pydicom() -> None:
     assert read.PatientID == "X"
 
 
-def _rq(contexts: list, max_pdu: int = 16382) -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "MODALITY"
-    primitive.called_ae_title = "TRIAGE_NODE"
-    primitive.presentation_context_definition_list = contexts
-    length = MaximumLengthNotification()
-    length.maximum_length_received = max_pdu
-    primitive.user_information = [length]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
-
-
 def test_negotiation_accepts_supported_contexts_and_refuses_the_rest() -> None:
     ct = build_context(CTImageStorage, [JPEGLosslessSV1, ExplicitVRLittleEndian])
     ct.context_id = 1
     other = build_context("1.2.3.4.5", [ExplicitVRLittleEndian])
     other.context_id = 3
     supported = [build_context(CTImageStorage, [ExplicitVRLittleEndian])]
-    negotiated = ul.negotiate(_rq([ct, other], max_pdu=32768), supported)
+    negotiated = ul.negotiate(associate_rq([ct, other], max_pdu=32768), supported)
     assert (negotiated.calling_ae, negotiated.called_ae, negotiated.peer_max_pdu) == (
         "MODALITY", "TRIAGE_NODE", 32768)
     assert list(negotiated.contexts) == [1]
@@ -125,25 +111,21 @@ def test_reject_pdu_carries_the_reason() -> None:
     assert (rj.result, rj.source, rj.reason_diagnostic) == (0x01, 0x01, 0x07)
 
 
-def _pdv(context_id: int, control: int, fragment: bytes) -> bytes:
-    return struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment
-
-
 def test_assembler_joins_fragments_across_pdus() -> None:
     contexts = {1: build_context(CTImageStorage)}
     command = encode(_command(CommandField=1, MessageID=1, AffectedSOPClassUID=CTImageStorage,
                               AffectedSOPInstanceUID="1.2.3", Priority=0, CommandDataSetType=0), True, True)
     assembler = ul.MessageAssembler(contexts, 1 << 20)
-    first = bytearray(_pdv(1, 0x01, command[:10]) + _pdv(1, 0x03, command[10:]) + _pdv(1, 0x00, b"AB"))
+    first = bytearray(pdv(1, 0x01, command[:10]) + pdv(1, 0x03, command[10:]) + pdv(1, 0x00, b"AB"))
     assert list(assembler.feed(first)) == []
-    [message] = list(assembler.feed(bytearray(_pdv(1, 0x00, b"CD") + _pdv(1, 0x02, b"EF"))))
+    [message] = list(assembler.feed(bytearray(pdv(1, 0x00, b"CD") + pdv(1, 0x02, b"EF"))))
     assert message.dataset == b"ABCDEF" and message.context_id == 1
     assert message.command.AffectedSOPInstanceUID == "1.2.3"
 
 
 @pytest.mark.parametrize("body, why", [
-    (_pdv(9, 0x03, b"x" * 8), "not accepted"),
-    (_pdv(1, 0x02, b"data"), "before its command set"),
+    (pdv(9, 0x03, b"x" * 8), "not accepted"),
+    (pdv(1, 0x02, b"data"), "before its command set"),
     (b"\x00\x00\x00\x40\x01\x03", "outside the PDU"),
     (b"\x00\x00", "truncated"),
 ])
@@ -172,8 +154,8 @@ def test_assembler_aborts_a_data_set_over_the_cap_and_resets_between_messages() 
     command = encode(_command(CommandField=1, MessageID=1, AffectedSOPClassUID=CTImageStorage,
                               AffectedSOPInstanceUID="1.2.3", Priority=0, CommandDataSetType=0), True, True)
     assembler = ul.MessageAssembler(contexts, max_dataset_bytes=6)
-    [ok] = list(assembler.feed(bytearray(_pdv(1, 0x03, command) + _pdv(1, 0x02, b"ABCDEF"))))
+    [ok] = list(assembler.feed(bytearray(pdv(1, 0x03, command) + pdv(1, 0x02, b"ABCDEF"))))
     assert ok.dataset == b"ABCDEF"
     with pytest.raises(ul.Abort, match="larger than"):
-        list(assembler.feed(bytearray(_pdv(1, 0x03, command) + _pdv(1, 0x00, b"ABCD")
-                                      + _pdv(1, 0x02, b"EFG"))))
+        list(assembler.feed(bytearray(pdv(1, 0x03, command) + pdv(1, 0x00, b"ABCD")
+                                      + pdv(1, 0x02, b"EFG"))))

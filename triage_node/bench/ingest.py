@@ -51,8 +51,21 @@ STORESCP = "DCMTK storescp"
 ORTHANC = "Orthanc"
 
 
+class _Discarded:
+    """An object's fragments, dropped as they arrive."""
+
+    def write(self, fragment: memoryview) -> None:
+        pass
+
+    def result(self) -> _Discarded:
+        return self
+
+    def discard(self) -> None:
+        pass
+
+
 class _DiscardingStore:
-    """Stands in for `InstanceStore`: takes the Part 10 bytes and answers success.
+    """Stands in for `InstanceStore`: takes the data set's fragments and answers success.
 
     With it, the node's listener shows what its association handling alone costs,
     next to pynetdicom's (the MINIMAL row) on the same input.
@@ -64,7 +77,10 @@ class _DiscardingStore:
     def below_watermark(self) -> bool:
         return False
 
-    def store(self, data: bytes, **_context: Any) -> StoreOutcome:
+    def begin(self, **_context: Any) -> _Discarded:
+        return _Discarded()
+
+    def finish(self, _incoming: _Discarded, **_context: Any) -> StoreOutcome:
         return StoreOutcome(status=SUCCESS, study_uid=None, series_uid=None, sop_uid=None,
                             stored=False, duplicate=False, version=0)
 

@@ -1,9 +1,10 @@
 """One storage association, in the thread that accepted its connection (PS3.8 9.1).
 
 Admission (A-ASSOCIATE-RJ with its reason and an audit row), then the data phase:
-each complete C-STORE goes to ``InstanceStore.store`` and its status goes back as
-the C-STORE-RSP before the next PDU is read; C-ECHO is answered; A-RELEASE-RQ gets
-A-RELEASE-RP; anything unexpected gets an A-ABORT. However the association ends,
+each C-STORE data set goes to the store fragment by fragment as it arrives
+(``InstanceStore.begin``), is finished once complete (``InstanceStore.finish``), and
+its status goes back as the C-STORE-RSP before the next PDU is read; C-ECHO is
+answered; A-RELEASE-RQ gets A-RELEASE-RP; anything unexpected gets an A-ABORT. However the association ends,
 the series it stored are reported once (the completeness fast path).
 """
 
@@ -17,11 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
+from pydicom.dataset import Dataset
 from pynetdicom.presentation import PresentationContext
 
 from triage_node.ingest import upper_layer as ul
 from triage_node.ingest.admission import Admission, audit_association
 from triage_node.ingest.header import CANNOT_UNDERSTAND, SUCCESS
+from triage_node.ingest.incoming import IncomingObject
 from triage_node.ingest.store import InstanceStore
 from triage_node.logs import get_logger
 
@@ -148,23 +151,45 @@ class StorageAssociation:
             return self._data_phase(negotiated)
 
     def _data_phase(self, negotiated: ul.Negotiated) -> str:
-        assembler = ul.MessageAssembler(negotiated.contexts, self.listener.max_object_bytes)
-        while True:
-            try:
-                pdu_type, body, _ = ul.read_pdu(self.sock)
-            except ul.PeerSilent:
-                raise ul.Abort(0x00, f"no PDU for {IDLE_TIMEOUT_S:.0f} s") from None
-            if pdu_type == ul.P_DATA:
-                for message in assembler.feed(body):
-                    status = self._serve(message, negotiated)
-                    self.sock.sendall(ul.response_pdus(message, status, negotiated.peer_max_pdu))
-            elif pdu_type == ul.RELEASE_RQ:
-                self.sock.sendall(ul.release_rp_pdu())
-                return "released"
-            elif pdu_type == ul.ABORT:
-                return "aborted by the peer"
-            else:
-                raise ul.Abort(ul.ABORT_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02X}")
+        assembler = ul.MessageAssembler(
+            negotiated.contexts, self.listener.max_object_bytes,
+            open_dataset=lambda context_id, command: self._open_dataset(negotiated, context_id, command),
+        )
+        try:
+            while True:
+                try:
+                    pdu_type, body, _ = ul.read_pdu(self.sock)
+                except ul.PeerSilent:
+                    raise ul.Abort(0x00, f"no PDU for {IDLE_TIMEOUT_S:.0f} s") from None
+                if pdu_type == ul.P_DATA:
+                    for message in assembler.feed(body):
+                        status = self._serve(message, negotiated)
+                        self.sock.sendall(ul.response_pdus(message, status, negotiated.peer_max_pdu))
+                elif pdu_type == ul.RELEASE_RQ:
+                    self.sock.sendall(ul.release_rp_pdu())
+                    return "released"
+                elif pdu_type == ul.ABORT:
+                    return "aborted by the peer"
+                else:
+                    raise ul.Abort(ul.ABORT_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02X}")
+        finally:
+            assembler.close()  # an object cut short leaves no temporary file
+
+    def _open_dataset(
+        self, negotiated: ul.Negotiated, context_id: int, command: Dataset
+    ) -> IncomingObject:
+        """The store's object for a C-STORE data set: written to the spool as it arrives."""
+        field_ = int(command.get("CommandField", 0))
+        if field_ != ul.C_STORE_RQ_FIELD:
+            raise ul.Abort(ul.ABORT_INVALID_PARAMETER, f"DIMSE command 0x{field_:04X} is not supported")
+        prefix = ul.part10_prefix(
+            str(command.get("AffectedSOPClassUID", "") or ""),
+            str(command.get("AffectedSOPInstanceUID", "") or ""),
+            str(negotiated.contexts[context_id].transfer_syntax[0]),
+        )
+        incoming = self.listener.store.begin(hash_from=len(prefix))
+        incoming.write(prefix)
+        return incoming
 
     def _serve(self, message: ul.Message, negotiated: ul.Negotiated) -> int:
         field_ = int(message.command.get("CommandField", 0))
@@ -176,12 +201,10 @@ class StorageAssociation:
         if message.dataset is None:
             raise ul.Abort(ul.ABORT_INVALID_PARAMETER, "C-STORE-RQ without a data set")
         context = negotiated.contexts[message.context_id]
-        sop_class = str(message.command.get("AffectedSOPClassUID", "") or "")
         sop_instance = str(message.command.get("AffectedSOPInstanceUID", "") or "")
-        data = ul.part10(message.dataset, sop_class, sop_instance, str(context.transfer_syntax[0]))
         try:
-            outcome = self.listener.store.store(
-                data,
+            outcome = self.listener.store.finish(
+                message.dataset,
                 calling_ae=self.calling_ae,
                 peer=self.peer,
                 source="dimse",

@@ -19,7 +19,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-__all__ = ["InvalidUID", "Spool", "validate_uid"]
+__all__ = ["InvalidUID", "Spool", "validate_uid", "write_all"]
 
 #: PS3.5 9.1: a UID is dot-separated numeric components, at most 64 characters.
 #: (Leading zeros are not allowed by the standard, but real scanners send them, and
@@ -135,29 +135,32 @@ class Spool:
         Finish with `sync_temp` (possibly in another thread, so that the fsync runs
         while the caller works on).
         """
+        fd, path = self.open_temp()
+        try:
+            write_all(fd, data)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        return fd, path
+
+    def open_temp(self) -> tuple[int, Path]:
+        """A new, empty temporary file in ``.incoming``, open for writing.
+
+        Fill it with `write_all` as the bytes arrive, then `sync_temp` it.
+        """
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         while True:
             # A name unique to this Spool object (cheaper than tempfile.mkstemp, whose
             # Python-level work would wait for the GIL in an I/O thread).
             path = self.incoming / f"{self._temp_prefix}{next(self._temp_names)}{TEMP_SUFFIX}"
             try:
-                fd = os.open(path, flags, FILE_MODE)
-                break
+                return os.open(path, flags, FILE_MODE), path
             except FileExistsError:  # left by an earlier process with the same name: next
                 continue
             except FileNotFoundError:  # the folder was removed behind the cache's back
                 self._known_dirs.clear()
                 self._makedirs(self.incoming)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(path)
-            raise
-        return fd, path
 
     def sync_temp(self, fd: int, path: Path) -> Path:
         """fsync and close a file from `write_temp`; on failure it is deleted."""
@@ -235,6 +238,14 @@ class Spool:
         if len(self._known_dirs) > 10_000:
             self._known_dirs.clear()
         self._known_dirs.add(folder)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _unlink_quietly(path: Path) -> None:

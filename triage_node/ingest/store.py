@@ -1,14 +1,17 @@
 """`InstanceStore`: the one path by which a received object enters the node.
 
-Both doors call it: the DIMSE C-STORE handler (``source="dimse"``) and the STOW-RS
-endpoint (``source="stow"``). For each Part 10 file it
+Both doors call it: the DIMSE listener (``source="dimse"``, fragment by fragment:
+`begin`, `IncomingObject.write`, `finish`) and the STOW-RS endpoint (``source="stow"``,
+the whole file at once: `store`). For each Part 10 object it
 
 1. checks the free-disk watermark (0xA700 below it),
-2. starts writing the bytes to a fsynced temporary file, and hashing the data set,
-   in the I/O pool (`triage_node.ingest.spool.Spool.stage`),
-3. meanwhile parses only the header (no pixel decoding; the bytes are never
-   re-encoded) and checks the UIDs (0xC000-range when they cannot become paths,
-   0xA900 when they are missing or do not match what the transfer announced),
+2. writes the bytes to a temporary file in the spool and hashes the data set as they
+   arrive (`triage_node.ingest.incoming.IncomingObject`), reading the header from the
+   first bytes in the I/O pool while the rest is still coming,
+3. once the object is complete, fsyncs the file in the I/O pool while it checks the
+   header (no pixel decoding; the bytes are never re-encoded) and the UIDs
+   (0xC000-range when they cannot become paths, 0xA900 when they are missing or do not
+   match what the transfer announced),
 4. stages the Study/Series/Instance rows and an audit row,
 5. renames the file to its final name and fsyncs its folder
    (`triage_node.ingest.spool.Spool.publish`), then commits the rows
@@ -21,7 +24,6 @@ Status codes are those of the Storage Service Class, PS3.4 Annex B.2.3, Table B.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +60,7 @@ from triage_node.ingest.header import (
     parse_header,
     slice_position,
 )
+from triage_node.ingest.incoming import IncomingObject
 from triage_node.ingest.spool import Spool
 from triage_node.logs import get_logger, remember_identifiers
 
@@ -162,18 +165,6 @@ class StoreOutcome:
         )
 
 
-def _digest_after_meta(data: bytes) -> tuple[int, str]:
-    """(offset, SHA-256) of the data set after the file meta, found from the raw bytes.
-
-    The digest covers the data set only: the same object sent by two peers has
-    different file meta (PS3.10 7.1, Implementation Class UID etc.). Runs in the I/O
-    pool while the header is parsed (hashlib releases the GIL); the caller checks
-    the offset against the parsed header's.
-    """
-    offset = dataset_offset_from_bytes(data)
-    return offset, hashlib.sha256(memoryview(data)[offset:]).hexdigest()
-
-
 def _insert_ignore(session: Session, model: type, **values: Any) -> None:
     """INSERT ... ON CONFLICT DO NOTHING on the model's unique UID column."""
     dialect = session.get_bind().dialect.name
@@ -258,30 +249,56 @@ class InstanceStore:
         -------
         StoreOutcome
         """
+        incoming = self.begin(hash_from=dataset_offset_from_bytes(data), early_parse=False)
+        incoming.write(data)
+        return self.finish(
+            incoming, calling_ae=calling_ae, peer=peer, source=source,
+            expected_sop_class=expected_sop_class, expected_sop_instance=expected_sop_instance,
+        )
+
+    def begin(self, *, hash_from: int, early_parse: bool = True) -> IncomingObject:
+        """Start receiving an object; `IncomingObject.write` its bytes, then `finish` it.
+
+        Below the free-disk watermark nothing is written and ``finish`` answers 0xA700.
+        An object that will not be finished (its association ended) is
+        `IncomingObject.discard`-ed.
+        """
+        refused = None
+        if self.below_watermark():
+            refused = _Refused(
+                OUT_OF_RESOURCES, f"free disk below {self.settings.min_free_disk_mb} MiB on the spool"
+            )
+        return IncomingObject(self.spool, self._io, hash_from=hash_from, refused=refused,
+                              early_parse=early_parse)
+
+    def finish(
+        self,
+        incoming: IncomingObject,
+        *,
+        calling_ae: str,
+        peer: str,
+        source: str,
+        expected_sop_class: str | None = None,
+        expected_sop_instance: str | None = None,
+    ) -> StoreOutcome:
+        """Make a complete object durable and record it, or refuse it (see `store`)."""
         if source not in SOURCES:
+            incoming.discard()
             raise ValueError(f"source must be one of {SOURCES}")
         actor = f"ae:{calling_ae}@{peer}"[:64] if source == "dimse" else f"stow:{calling_ae}"[:64]
         header: _Header | None = None
         try:
-            if self.below_watermark():
-                raise _Refused(
-                    OUT_OF_RESOURCES,
-                    f"free disk below {self.settings.min_free_disk_mb} MiB on the spool",
-                )
-            # The bytes go to a temporary file at once (a page-cache copy), and its
-            # fsync and the digest run in the I/O pool while this thread parses the
-            # header and stages the rows. A refused object's file is dropped.
-            try:
-                fd, temp = self.spool.write_temp(data)
-            except OSError as exc:
-                raise _Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
-            staging = self._io.submit(self.spool.sync_temp, fd, temp)
-            hashing = self._io.submit(_digest_after_meta, data)
-            # Yield the GIL once, so that the fsync and the hashing are under way (they
-            # release it) before the parse, which is pure Python, holds it.
+            if incoming.refused is not None:
+                raise incoming.refused
+            # The bytes are in the temporary file already: its fsync runs in the I/O
+            # pool while this thread checks the header and stages the rows. A refused
+            # object's file is dropped.
+            staging = self._io.submit(incoming.sync)
+            # Yield the GIL once, so that the fsync is under way (it releases it)
+            # before the checks, which are pure Python, hold it.
             time.sleep(0)
             try:
-                header = parse_header(data)
+                header = incoming.header()
                 remember_identifiers(header.ds)
                 if expected_sop_class and header.sop_class_uid != expected_sop_class.strip("\x00 "):
                     raise _Refused(
@@ -296,12 +313,14 @@ class InstanceStore:
             except BaseException:
                 self._drop_staged(staging)
                 raise
-            offset, digest = hashing.result()
-            if offset != header.dataset_offset:  # a file meta the quick look misread
-                digest = hashlib.sha256(memoryview(data)[header.dataset_offset :]).hexdigest()
-            outcome = self._spool_and_record(header, data, digest, staging, calling_ae, source, actor)
+            digest = incoming.digest(header.dataset_offset)
+            outcome = self._spool_and_record(
+                header, incoming.data(), digest, staging, calling_ae, source, actor
+            )
         except _Refused as refused:
             outcome = self._refuse(header, refused, actor, source)
+        finally:
+            incoming.discard()  # frees the bytes; the file is published or dropped by now
         if self._deferred_audit:
             self._flush_deferred_audit()
         if outcome.stored and not outcome.duplicate and self.on_stored is not None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -46,6 +47,7 @@ __all__ = [
     "ABORT_UNEXPECTED_PDU",
     "ABORT_UNRECOGNISED_PDU",
     "Abort",
+    "DatasetSink",
     "Message",
     "MessageAssembler",
     "Negotiated",
@@ -55,6 +57,7 @@ __all__ = [
     "abort_pdu",
     "negotiate",
     "part10",
+    "part10_prefix",
     "read_pdu",
     "reject_pdu",
     "release_rp_pdu",
@@ -214,27 +217,69 @@ def release_rp_pdu() -> bytes:
     return A_RELEASE_RP().encode()
 
 
+class DatasetSink(Protocol):
+    """Where the fragments of one data set go as they arrive."""
+
+    def write(self, fragment: memoryview) -> None: ...
+
+    def result(self) -> Any:
+        """The complete data set, as `Message.dataset` carries it."""
+
+    def discard(self) -> None:
+        """The message will not complete (the association ended inside it)."""
+
+
+class _Joined:
+    """The default sink: the fragments, joined into bytes once the last one is in."""
+
+    def __init__(self) -> None:
+        self._parts: list[memoryview] = []
+
+    def write(self, fragment: memoryview) -> None:
+        self._parts.append(fragment)
+
+    def result(self) -> bytes:
+        return b"".join(self._parts)
+
+    def discard(self) -> None:
+        self._parts = []
+
+
 @dataclass
 class Message:
-    """One complete DIMSE request: its context, decoded command set and raw data set."""
+    """One complete DIMSE request: its context, decoded command set and data set.
+
+    ``dataset`` is what the data set's sink made of it: the raw bytes by default, or
+    whatever ``open_dataset`` returned (the store's object being received).
+    """
 
     context_id: int
     command: Dataset
-    dataset: bytes | None
+    dataset: Any
+
+
+#: Opens the sink of a data set: (presentation context id, decoded command set) -> sink.
+OpenDataset = Callable[[int, Dataset], DatasetSink]
 
 
 class MessageAssembler:
     """Reassembles DIMSE messages from the PDVs of P-DATA-TF PDUs (PS3.8 9.3.5, Annex E).
 
-    The data set stays the bytes that came off the wire: fragments are joined once,
-    when the last one arrives, and never decoded here.
+    The data set is never decoded here: each fragment goes, as it came off the wire,
+    to the sink that ``open_dataset`` gives for its message (by default the fragments
+    are joined into bytes when the last one arrives). Call `close` when the
+    association ends, so that a message cut short is discarded.
     """
 
-    def __init__(self, contexts: dict[int, PresentationContext], max_dataset_bytes: int) -> None:
+    def __init__(
+        self, contexts: dict[int, PresentationContext], max_dataset_bytes: int,
+        open_dataset: OpenDataset | None = None,
+    ) -> None:
         self.contexts = contexts
         self.max_dataset_bytes = max_dataset_bytes
+        self._open_dataset = open_dataset or (lambda _context_id, _command: _Joined())
         self._command: list[bytes] = []
-        self._data: list[memoryview] = []
+        self._sink: DatasetSink | None = None
         self._size = 0
         self._context_id: int | None = None
         self._header: Dataset | None = None
@@ -259,6 +304,12 @@ class MessageAssembler:
             if message is not None:
                 yield message
 
+    def close(self) -> None:
+        """Discard a message still being assembled (the association is over)."""
+        if self._sink is not None:
+            self._sink.discard()
+        self._header, self._context_id, self._sink, self._size = None, None, None, 0
+
     def _fragment(self, context_id: int, control: int, fragment: memoryview) -> Message | None:
         is_command, is_last = bool(control & 0x01), bool(control & 0x02)
         if is_command:
@@ -279,19 +330,21 @@ class MessageAssembler:
             raise Abort(ABORT_INVALID_PARAMETER, "data set fragment before its command set")
         self._size += len(fragment)
         if self._size > self.max_dataset_bytes:
-            # Held in memory until complete, so a bound per association (PS3.8 allows
-            # the provider to abort; there is no C-STORE status for "too large").
+            # A bound per association, checked as the bytes come (PS3.8 allows the
+            # provider to abort; there is no C-STORE status for "too large").
             raise Abort(
                 ABORT_INVALID_PARAMETER,
                 f"data set larger than {self.max_dataset_bytes // 2**20} MiB (max_object_mb)",
             )
-        self._data.append(fragment)
-        return self._complete(b"".join(self._data)) if is_last else None
+        if self._sink is None:
+            self._sink = self._open_dataset(context_id, self._header)
+        self._sink.write(fragment)
+        return self._complete(self._sink.result()) if is_last else None
 
-    def _complete(self, dataset: bytes | None) -> Message:
+    def _complete(self, dataset: Any) -> Message:
         assert self._header is not None and self._context_id is not None
         message = Message(self._context_id, self._header, dataset)
-        self._header, self._context_id, self._data, self._size = None, None, [], 0
+        self._header, self._context_id, self._sink, self._size = None, None, None, 0
         return message
 
 
@@ -320,7 +373,12 @@ if len(_IMPLEMENTATION_VERSION) % 2:
 
 
 def part10(dataset: bytes, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
-    """Preamble, file meta (PS3.10 7.1) and the data set bytes as received.
+    """Preamble, file meta (PS3.10 7.1) and the data set bytes as received."""
+    return part10_prefix(sop_class_uid, sop_instance_uid, transfer_syntax) + dataset
+
+
+def part10_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble and file meta (PS3.10 7.1) of a received data set: what goes before it.
 
     The meta group is the one pydicom writes for ``pynetdicom.dsutils.create_file_meta``
     (byte for byte, see the tests), encoded here because it is a fixed handful of
@@ -335,7 +393,7 @@ def part10(dataset: bytes, sop_class_uid: str, sop_instance_uid: str, transfer_s
         _explicit(0x0002, 0x0013, b"SH", _IMPLEMENTATION_VERSION),
     ))
     group_length = _explicit(0x0002, 0x0000, b"UL", struct.pack("<I", len(elements)))
-    return b"".join((b"\x00" * 128, b"DICM", group_length, elements, dataset))
+    return b"".join((b"\x00" * 128, b"DICM", group_length, elements))
 
 
 C_STORE_RSP_FIELD, C_ECHO_RSP_FIELD = 0x8001, 0x8030

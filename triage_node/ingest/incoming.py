@@ -1,0 +1,151 @@
+"""An object while it arrives: its bytes go to the spool, and into its digest, at once.
+
+A C-STORE data set comes in fragments (PDVs). Waiting for the last one before
+writing, hashing and parsing would put all of that between the last byte and the
+response. `IncomingObject` instead writes each fragment to a temporary file in the
+spool's ``.incoming`` folder and feeds it to the SHA-256 as it comes, and once the
+first `EARLY_PARSE_BYTES` are in, reads the header in the I/O pool while the pixels
+are still on the wire. What is left when the object is complete is the fsync and
+the checks (`triage_node.ingest.store.InstanceStore.finish`).
+
+Nothing here decides the outcome: a failed write or the watermark is kept as the
+refusal that ``finish`` answers, so the association reads the rest of the message
+and the sender gets a status, not a broken connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import Executor, Future
+from pathlib import Path
+
+from triage_node.ingest.header import (
+    OUT_OF_RESOURCES,
+    HeaderRead,
+    _Header,
+    _Refused,
+    check_header,
+    parse_header,
+    read_header_from_prefix,
+)
+from triage_node.ingest.spool import Spool, write_all
+
+__all__ = ["EARLY_PARSE_BYTES", "IncomingObject"]
+
+#: Bytes after which the header is read while the rest arrives. A CT slice's header
+#: is a few KiB and its Pixel Data follows; a longer header is read at the end.
+EARLY_PARSE_BYTES = 16 * 1024
+
+
+class IncomingObject:
+    """One Part 10 object being received, written to a temporary file as it comes.
+
+    Parameters
+    ----------
+    spool : Spool
+        Where the temporary file is made.
+    pool : Executor
+        Runs the early header read.
+    hash_from : int
+        Offset where the data set starts (after the file meta): the digest covers the
+        data set only, so the same object from two senders hashes the same.
+    refused : _Refused, optional
+        Already refused (the free-disk watermark): nothing is written.
+    early_parse : bool
+        Read the header from the first bytes while the rest arrives (DIMSE); off when
+        the whole object is at hand at once (STOW-RS).
+    """
+
+    def __init__(
+        self, spool: Spool, pool: Executor, *, hash_from: int, refused: _Refused | None = None,
+        early_parse: bool = True,
+    ) -> None:
+        self._spool = spool
+        self._pool = pool
+        self._hash_from = hash_from
+        self._sha = hashlib.sha256()
+        self._chunks: list[bytes | memoryview] = []
+        self._size = 0
+        self._early: Future[HeaderRead | None] | None = None
+        self._early_parse = early_parse
+        self.refused = refused
+        self._fd: int | None = None
+        self._temp: Path | None = None
+        if refused is None:
+            try:
+                self._fd, self._temp = spool.open_temp()
+            except OSError as exc:
+                self._fail(exc)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        """Append the next bytes of the object (to the file, the digest and memory)."""
+        if self.refused is not None:
+            return  # nothing more is kept: the object gets the refusal at the end
+        start = self._size
+        self._size += len(chunk)
+        self._chunks.append(chunk)
+        if self._size > self._hash_from:
+            self._sha.update(chunk[max(0, self._hash_from - start) :])
+        try:
+            assert self._fd is not None
+            write_all(self._fd, chunk)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if self._early_parse and self._early is None and self._size >= EARLY_PARSE_BYTES:
+            self._early = self._pool.submit(read_header_from_prefix, b"".join(self._chunks))
+
+    def data(self) -> bytes:
+        """The whole object as received (preamble, file meta, data set)."""
+        if len(self._chunks) != 1 or not isinstance(self._chunks[0], bytes):
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]  # type: ignore[return-value]
+
+    def sync(self) -> Path:
+        """fsync and close the temporary file (in the I/O pool); OSError deletes it."""
+        assert self._fd is not None and self._temp is not None
+        fd, self._fd = self._fd, None
+        return self._spool.sync_temp(fd, self._temp)
+
+    def header(self) -> _Header:
+        """The checked header: the early read when it stands for the whole, else a full parse.
+
+        Raises `_Refused` as `parse_header` does.
+        """
+        data = self.data()
+        early = self._early.result() if self._early is not None else None
+        return parse_header(data) if early is None else check_header(early, data)
+
+    def digest(self, dataset_offset: int) -> str:
+        """SHA-256 of the data set, which starts at ``dataset_offset`` (from the parsed header)."""
+        if dataset_offset == self._hash_from:
+            return self._sha.hexdigest()
+        # The file meta was not where the quick look put it: hash again from the header's.
+        return hashlib.sha256(memoryview(self.data())[dataset_offset:]).hexdigest()
+
+    def discard(self) -> None:
+        """Drop the object (the association ended inside it, or it was refused)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._temp is not None:
+            self._spool.discard(self._temp)  # gone already once published: a no-op
+        self._chunks = []
+
+    def result(self) -> IncomingObject:
+        """The complete object, for the DIMSE message that carried it."""
+        return self
+
+    def _fail(self, exc: OSError) -> None:
+        self.refused = _Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._temp is not None:
+            self._spool.discard(self._temp)
+        self._chunks = []
