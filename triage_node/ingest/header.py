@@ -224,22 +224,14 @@ def _native_pixel_data_problem(ds: Dataset, data: bytes, position: int, implicit
     return None
 
 
-@dataclass(frozen=True)
-class HeaderRead:
-    """A header read up to Pixel Data (`read_header`), before the checks of `check_header`."""
-
-    ds: Dataset
-    #: Where the parse stopped: the Pixel Data element, or the end of the bytes.
-    stopped_at: int
-
-
-def read_header(data: bytes) -> HeaderRead:
-    """Parse a Part 10 header, stopping before Pixel Data (nothing is decoded).
+def parse_header(data: bytes) -> _Header:
+    """Parse the header of a Part 10 file (stops before Pixel Data; nothing is decoded).
 
     Raises
     ------
     _Refused
-        0xC000 when the bytes cannot be parsed.
+        0xC000 when the file cannot be parsed, 0xC001 when a UID is invalid,
+        0xA900 when a required UID is missing.
     """
     try:
         fp = BytesIO(data)
@@ -254,46 +246,6 @@ def read_header(data: bytes) -> HeaderRead:
         raise _Refused(CANNOT_UNDERSTAND, f"header cannot be parsed: {type(exc).__name__}") from None
     except RecursionError:
         raise _Refused(CANNOT_UNDERSTAND, "header cannot be parsed: sequences nested too deep") from None
-    return HeaderRead(ds, stopped_at)
-
-
-def read_header_from_prefix(prefix: bytes) -> HeaderRead | None:
-    """`read_header` on the first bytes of an object still arriving, or None.
-
-    The result is what `read_header` of the whole object gives only when the parse
-    stopped at a top-level Pixel Data element whose header lies inside ``prefix``:
-    everything before it was read from bytes that will not change. A deflated data
-    set, a parse that ran out of bytes or failed: None, and the whole object is
-    parsed once it is complete.
-    """
-    try:
-        read = read_header(prefix)
-    except Exception:  # noqa: BLE001 - judged again on the whole object
-        return None
-    meta = getattr(read.ds, "file_meta", None)
-    if meta is None or meta.get("TransferSyntaxUID") in (None, DeflatedExplicitVRLittleEndian):
-        return None
-    at = read.stopped_at
-    if prefix[at : at + 4] != _PIXEL_DATA_TAG or at + 12 > len(prefix):
-        return None
-    return read
-
-
-def parse_header(data: bytes) -> _Header:
-    """Parse and check the header of a Part 10 file (stops before Pixel Data).
-
-    Raises
-    ------
-    _Refused
-        0xC000 when the file cannot be parsed, 0xC001 when a UID is invalid,
-        0xA900 when a required UID is missing.
-    """
-    return check_header(read_header(data), data)
-
-
-def check_header(read: HeaderRead, data: bytes) -> _Header:
-    """The checks of `parse_header` on a header already read from ``data`` (the whole object)."""
-    ds, stopped_at = read.ds, read.stopped_at
     meta = getattr(ds, "file_meta", None)
     transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if not transfer_syntax:

@@ -1,12 +1,16 @@
 """An object while it arrives: its bytes go to the spool, and into its digest, at once.
 
 A C-STORE data set comes in fragments (PDVs). Waiting for the last one before
-writing, hashing and parsing would put all of that between the last byte and the
-response. `IncomingObject` instead writes each fragment to a temporary file in the
-spool's ``.incoming`` folder and feeds it to the SHA-256 as it comes, and once the
-first `EARLY_PARSE_BYTES` are in, reads the header in the I/O pool while the pixels
-are still on the wire. What is left when the object is complete is the fsync and
-the checks (`triage_node.ingest.store.InstanceStore.finish`).
+writing and hashing would put both between the last byte and the response.
+`IncomingObject` instead writes each fragment to a temporary file in the spool's
+``.incoming`` folder and feeds it to the SHA-256 as it comes. What is left when the
+object is complete is the fsync, the header checks and the commit
+(`triage_node.ingest.store.InstanceStore.finish`).
+
+(Reading the header from the first fragments while the pixels were still on the
+wire was tried too: on a 2-core machine it only moved the parse from beside the
+fsync, where a core is free, to beside the receive, where none is; no gain in
+``triage-node bench ingest``.)
 
 Nothing here decides the outcome: a failed write or the watermark is kept as the
 refusal that ``finish`` answers, so the association reads the rest of the message
@@ -17,25 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import Executor, Future
 from pathlib import Path
 
-from triage_node.ingest.header import (
-    OUT_OF_RESOURCES,
-    HeaderRead,
-    _Header,
-    _Refused,
-    check_header,
-    parse_header,
-    read_header_from_prefix,
-)
+from triage_node.ingest.header import OUT_OF_RESOURCES, _Header, _Refused, parse_header
 from triage_node.ingest.spool import Spool, write_all
 
-__all__ = ["EARLY_PARSE_BYTES", "IncomingObject"]
-
-#: Bytes after which the header is read while the rest arrives. A CT slice's header
-#: is a few KiB and its Pixel Data follows; a longer header is read at the end.
-EARLY_PARSE_BYTES = 16 * 1024
+__all__ = ["IncomingObject"]
 
 
 class IncomingObject:
@@ -45,30 +36,19 @@ class IncomingObject:
     ----------
     spool : Spool
         Where the temporary file is made.
-    pool : Executor
-        Runs the early header read.
     hash_from : int
         Offset where the data set starts (after the file meta): the digest covers the
         data set only, so the same object from two senders hashes the same.
     refused : _Refused, optional
         Already refused (the free-disk watermark): nothing is written.
-    early_parse : bool
-        Read the header from the first bytes while the rest arrives (DIMSE); off when
-        the whole object is at hand at once (STOW-RS).
     """
 
-    def __init__(
-        self, spool: Spool, pool: Executor, *, hash_from: int, refused: _Refused | None = None,
-        early_parse: bool = True,
-    ) -> None:
+    def __init__(self, spool: Spool, *, hash_from: int, refused: _Refused | None = None) -> None:
         self._spool = spool
-        self._pool = pool
         self._hash_from = hash_from
         self._sha = hashlib.sha256()
         self._chunks: list[bytes | memoryview] = []
         self._size = 0
-        self._early: Future[HeaderRead | None] | None = None
-        self._early_parse = early_parse
         self.refused = refused
         self._fd: int | None = None
         self._temp: Path | None = None
@@ -96,9 +76,6 @@ class IncomingObject:
             write_all(self._fd, chunk)
         except OSError as exc:
             self._fail(exc)
-            return
-        if self._early_parse and self._early is None and self._size >= EARLY_PARSE_BYTES:
-            self._early = self._pool.submit(read_header_from_prefix, b"".join(self._chunks))
 
     def data(self) -> bytes:
         """The whole object as received (preamble, file meta, data set)."""
@@ -113,13 +90,8 @@ class IncomingObject:
         return self._spool.sync_temp(fd, self._temp)
 
     def header(self) -> _Header:
-        """The checked header: the early read when it stands for the whole, else a full parse.
-
-        Raises `_Refused` as `parse_header` does.
-        """
-        data = self.data()
-        early = self._early.result() if self._early is not None else None
-        return parse_header(data) if early is None else check_header(early, data)
+        """The parsed and checked header; raises `_Refused` as `parse_header` does."""
+        return parse_header(self.data())
 
     def digest(self, dataset_offset: int) -> str:
         """SHA-256 of the data set, which starts at ``dataset_offset`` (from the parsed header)."""

@@ -6,8 +6,7 @@ the whole file at once: `store`). For each Part 10 object it
 
 1. checks the free-disk watermark (0xA700 below it),
 2. writes the bytes to a temporary file in the spool and hashes the data set as they
-   arrive (`triage_node.ingest.incoming.IncomingObject`), reading the header from the
-   first bytes in the I/O pool while the rest is still coming,
+   arrive (`triage_node.ingest.incoming.IncomingObject`),
 3. once the object is complete, fsyncs the file in the I/O pool while it checks the
    header (no pixel decoding; the bytes are never re-encoded) and the UIDs
    (0xC000-range when they cannot become paths, 0xA900 when they are missing or do not
@@ -249,14 +248,14 @@ class InstanceStore:
         -------
         StoreOutcome
         """
-        incoming = self.begin(hash_from=dataset_offset_from_bytes(data), early_parse=False)
+        incoming = self.begin(hash_from=dataset_offset_from_bytes(data))
         incoming.write(data)
         return self.finish(
             incoming, calling_ae=calling_ae, peer=peer, source=source,
             expected_sop_class=expected_sop_class, expected_sop_instance=expected_sop_instance,
         )
 
-    def begin(self, *, hash_from: int, early_parse: bool = True) -> IncomingObject:
+    def begin(self, *, hash_from: int) -> IncomingObject:
         """Start receiving an object; `IncomingObject.write` its bytes, then `finish` it.
 
         Below the free-disk watermark nothing is written and ``finish`` answers 0xA700.
@@ -268,8 +267,7 @@ class InstanceStore:
             refused = _Refused(
                 OUT_OF_RESOURCES, f"free disk below {self.settings.min_free_disk_mb} MiB on the spool"
             )
-        return IncomingObject(self.spool, self._io, hash_from=hash_from, refused=refused,
-                              early_parse=early_parse)
+        return IncomingObject(self.spool, hash_from=hash_from, refused=refused)
 
     def finish(
         self,
