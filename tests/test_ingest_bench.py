@@ -26,6 +26,8 @@ def test_small_ingest_benchmark_against_real_receivers() -> None:
     assert result["results"][STORESCP]["fsync_before_response"] is False
     assert result["results"][LISTENER]["fsync_before_response"] is False
     assert result["ratios"]["listener_vs_pynetdicom"] > 0
+    [same_round] = result["ratios"]["node_vs_storescp_per_round"]
+    assert same_round == result["ratios"]["node_vs_storescp_median_of_rounds"] > 0
     section = markdown_table(result)
     assert section.startswith("## Ingest\n") and "| DCMTK storescp | no |" in section
 

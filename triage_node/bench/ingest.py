@@ -187,14 +187,18 @@ def run_ingest_benchmark(
             ORTHANC: OrthancPeer,
         }
         # All receivers run side by side and take turns within each round, so that a
-        # change in the machine's load during the run hits every receiver alike.
+        # change in the machine's load during the run hits every receiver alike; the
+        # order rotates from round to round, so that no receiver always follows the
+        # same one (whose writeback or freed memory it would meet).
         targets: dict[str, Any] = {}
         try:
             for name, factory in factories.items():
                 targets[name] = factory().start()
             seconds: dict[str, list[float]] = {name: [] for name in targets}
+            names = list(targets)
             for r, files in enumerate(sets):
-                for name, target in targets.items():
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    target = targets[name]
                     # Each turn starts with no dirty pages left by the inputs or by the
                     # previous receiver, so that no one's fsyncs wait on another's writeback.
                     os.sync()
@@ -214,9 +218,16 @@ def run_ingest_benchmark(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     node = results[NODE]["images_per_s"]
+    # The same round's rates side by side: the machine's drift between rounds cancels.
+    per_round = [
+        n / s for n, s in zip(results[NODE]["rounds_images_per_s"],
+                              results[STORESCP]["rounds_images_per_s"], strict=True)
+    ]
     ratios = {
         "node_vs_orthanc": round(node / results[ORTHANC]["images_per_s"], 2),
         "node_vs_storescp": round(node / results[STORESCP]["images_per_s"], 2),
+        "node_vs_storescp_per_round": [round(x, 2) for x in per_round],
+        "node_vs_storescp_median_of_rounds": round(statistics.median(per_round), 2),
         "nodelay_speedup": round(node / results[NODE_NO_NODELAY]["images_per_s"], 2),
         "node_vs_pynetdicom_floor": round(node / results[MINIMAL]["images_per_s"], 2),
         "listener_vs_pynetdicom": round(
@@ -241,7 +252,11 @@ def run_ingest_benchmark(
         "ratios": ratios,
         "targets": {
             "at_least_orthanc": ratios["node_vs_orthanc"] >= 1.0,
-            "at_least_half_storescp": ratios["node_vs_storescp"] >= 0.5,
+            # Met only when both the ratio of the medians and the median of the
+            # same-round ratios reach it.
+            "at_least_half_storescp": min(
+                ratios["node_vs_storescp"], ratios["node_vs_storescp_median_of_rounds"]
+            ) >= 0.5,
         },
     }
 
@@ -271,8 +286,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         "",
         f"Ratios: node / Orthanc = {r['node_vs_orthanc']:.2f} "
         f"(target >= 1: {'met' if t['at_least_orthanc'] else 'not met'}), "
-        f"node / storescp = {r['node_vs_storescp']:.2f} "
-        f"(target >= 0.5: {'met' if t['at_least_half_storescp'] else 'not met'}), "
+        f"node / storescp = {r['node_vs_storescp']:.2f} as a ratio of the medians, "
+        f"{r['node_vs_storescp_median_of_rounds']:.2f} as the median of the same-round ratios "
+        f"({', '.join(f'{x:.2f}' for x in r['node_vs_storescp_per_round'])}) "
+        f"(target >= 0.5 on both: {'met' if t['at_least_half_storescp'] else 'not met'}), "
         f"TCP_NODELAY on accepted sockets = x{r['nodelay_speedup']:.2f}, "
         f"node / bare pynetdicom = {r['node_vs_pynetdicom_floor']:.2f}, "
         f"the node's listener / pynetdicom, both discarding = {r['listener_vs_pynetdicom']:.2f}. "
@@ -283,8 +300,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         "",
         "What separates the rows: before each C-STORE response this node parses the "
         "header, fsyncs the file, renames it, fsyncs the directory and commits the "
-        "instance row (SQLite WAL fsync), in that order (the file is written and "
-        "fsynced in parallel with the parsing and the SQL); Orthanc also fsyncs its "
+        "instance row (SQLite WAL fsync), in that order (the file is written and hashed "
+        "as its fragments arrive, and fsynced in parallel with the parsing and the SQL); "
+        "Orthanc also fsyncs its "
         "storage area and index; storescp and the two bytes-discarded rows make "
         "nothing durable. The two bytes-discarded rows compare association handling "
         "alone: the node's own data phase (`triage_node/ingest/upper_layer.py`) "

@@ -50,6 +50,7 @@ def bench_ingest(
     ratios = result["ratios"]
     typer.echo(
         f"node/Orthanc {ratios['node_vs_orthanc']:.2f}  node/storescp {ratios['node_vs_storescp']:.2f}"
+        f" (same-round median {ratios['node_vs_storescp_median_of_rounds']:.2f})"
         f"  TCP_NODELAY x{ratios['nodelay_speedup']:.2f}"
     )
 
