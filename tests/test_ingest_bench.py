@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from triage_node.bench.ingest import (
+    FLOOR,
     LISTENER,
     MINIMAL,
     NODE,
@@ -19,12 +20,14 @@ from triage_node.bench.ingest import (
 
 def test_small_ingest_benchmark_against_real_receivers() -> None:
     result = run_ingest_benchmark(images=10, rounds=1, size=64)
-    assert set(result["results"]) == {NODE, NODE_NO_NODELAY, LISTENER, MINIMAL, STORESCP, ORTHANC}
+    assert set(result["results"]) == {NODE, NODE_NO_NODELAY, LISTENER, FLOOR, MINIMAL, STORESCP, ORTHANC}
     for row in result["results"].values():
         assert row["images_per_s"] > 0 and len(row["rounds_images_per_s"]) == 1
     assert result["results"][NODE]["fsync_before_response"] is True
     assert result["results"][STORESCP]["fsync_before_response"] is False
     assert result["results"][LISTENER]["fsync_before_response"] is False
+    assert result["results"][FLOOR]["fsync_before_response"] is True
+    assert result["ratios"]["node_vs_durable_floor"] > 0
     assert result["ratios"]["listener_vs_pynetdicom"] > 0
     [same_round] = result["ratios"]["node_vs_storescp_per_round"]
     assert same_round == result["ratios"]["node_vs_storescp_median_of_rounds"] > 0
