@@ -6,8 +6,9 @@ pynetdicom's own ``Association``: its reactor threads poll queues with 1 ms slee
 and hand each PDU through several queues, which on a 2-core box caps a C-STORE
 receiver that writes nothing at about half of DCMTK ``storescp``
 (``docs/BENCHMARKS.md``), before any durable write. Here the association's own
-thread reads a PDU, and a complete C-STORE goes straight to the store and back as a
-response, with no queue or sleep in between.
+thread reads a PDU and hands each data-set fragment to its sink at once (the store
+writes it to the spool as it comes); a complete C-STORE goes straight to the store
+and back as a response, with no queue or sleep in between.
 
 Everything that is not the data phase of a storage association (TLS, admission,
 which contexts are supported) stays with the caller (``triage_node.ingest.scp``).
