@@ -4,8 +4,9 @@ Admission (A-ASSOCIATE-RJ with its reason and an audit row), then the data phase
 each C-STORE data set goes to the store fragment by fragment as it arrives
 (``InstanceStore.begin``), is finished once complete (``InstanceStore.finish``), and
 its status goes back as the C-STORE-RSP before the next PDU is read; C-ECHO is
-answered; A-RELEASE-RQ gets A-RELEASE-RP; anything unexpected gets an A-ABORT. However the association ends,
-the series it stored are reported once (the completeness fast path).
+answered; A-RELEASE-RQ gets A-RELEASE-RP; anything unexpected gets an A-ABORT.
+However the association ends, the series it stored are reported once (the
+completeness fast path).
 """
 
 from __future__ import annotations
