@@ -138,6 +138,9 @@ def test_node_sigkilled_during_an_association_keeps_every_acknowledged_instance(
     rows = _rows(node)
     assert acknowledged <= set(rows), f"lost: {sorted(acknowledged - set(rows))}"
     _check_on_disk(node, rows, acknowledged)
+    # The object being received when the node died was never acknowledged: its partial
+    # temporary file (written as the fragments came) is removed at start.
+    assert list((node.settings.spool_dir / ".incoming").iterdir()) == []
     stored_before_resend = len(rows)  # may exceed acknowledged by the instance in flight
 
     retry = _resend(node, datasets, acknowledged)
