@@ -28,6 +28,8 @@ def test_small_ingest_benchmark_against_real_receivers() -> None:
     assert result["results"][LISTENER]["fsync_before_response"] is False
     assert result["results"][FLOOR]["fsync_before_response"] is True
     assert result["ratios"]["node_vs_durable_floor"] > 0
+    assert result["results"][NODE]["cpu_ms_per_image"] > 0  # this process
+    assert result["results"][STORESCP]["cpu_ms_per_image"] >= 0  # storescp's, from /proc
     assert result["ratios"]["listener_vs_pynetdicom"] > 0
     [same_round] = result["ratios"]["node_vs_storescp_per_round"]
     assert same_round == result["ratios"]["node_vs_storescp_median_of_rounds"] > 0
