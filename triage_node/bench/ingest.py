@@ -3,17 +3,19 @@
 Every target receives each round's slices in one association from DCMTK ``storescu``
 (``TCP_NODELAY=1``). This node runs its real listener with its database writes
 (SQLite in a temporary data directory, ``synchronous=FULL``), with and without
-TCP_NODELAY on accepted sockets, and once more with a store that discards the bytes
-(its association handling alone, next to a bare pynetdicom SCP). Each round sends a
-new series (new UIDs), so no target ever sees a duplicate; the median of the rounds
-is reported.
+TCP_NODELAY on accepted sockets, once more with a store that discards the bytes
+(its association handling alone, next to a bare pynetdicom SCP), and once with a
+store that does only the durable writes (the floor of the node's durability order).
+Each round sends a new series (new UIDs), so no target ever sees a duplicate; the
+order of the targets rotates from round to round; the median of the rounds is
+reported, with each receiver's CPU time per image.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
-import itertools
 import shutil
 import socket
 import sqlite3
