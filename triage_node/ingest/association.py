@@ -39,6 +39,11 @@ ASSOCIATION_REQUEST_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 60.0
 
 
+def _unsupported(command_field: int) -> ul.Abort:
+    """The A-ABORT for a DIMSE command other than C-STORE and C-ECHO."""
+    return ul.Abort(ul.ABORT_INVALID_PARAMETER, f"DIMSE command 0x{command_field:04X} is not supported")
+
+
 @dataclass
 class Listener:
     """What every association of one listener shares."""
@@ -182,7 +187,7 @@ class StorageAssociation:
         """The store's object for a C-STORE data set: written to the spool as it arrives."""
         field_ = int(command.get("CommandField", 0))
         if field_ != ul.C_STORE_RQ_FIELD:
-            raise ul.Abort(ul.ABORT_INVALID_PARAMETER, f"DIMSE command 0x{field_:04X} is not supported")
+            raise _unsupported(field_)
         prefix = ul.part10_prefix(
             str(command.get("AffectedSOPClassUID", "") or ""),
             str(command.get("AffectedSOPInstanceUID", "") or ""),
@@ -198,7 +203,7 @@ class StorageAssociation:
             log.debug("C-ECHO")
             return SUCCESS
         if field_ != ul.C_STORE_RQ_FIELD:
-            raise ul.Abort(ul.ABORT_INVALID_PARAMETER, f"DIMSE command 0x{field_:04X} is not supported")
+            raise _unsupported(field_)
         if message.dataset is None:
             raise ul.Abort(ul.ABORT_INVALID_PARAMETER, "C-STORE-RQ without a data set")
         context = negotiated.contexts[message.context_id]

@@ -115,9 +115,4 @@ class IncomingObject:
 
     def _fail(self, exc: OSError) -> None:
         self.refused = _Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._temp is not None:
-            self._spool.discard(self._temp)
-        self._chunks = []
+        self.discard()

@@ -309,6 +309,10 @@ class MessageAssembler:
         """Discard a message still being assembled (the association is over)."""
         if self._sink is not None:
             self._sink.discard()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Ready for the next message's command set."""
         self._header, self._context_id, self._sink, self._size = None, None, None, 0
 
     def _fragment(self, context_id: int, control: int, fragment: memoryview) -> Message | None:
@@ -345,7 +349,7 @@ class MessageAssembler:
     def _complete(self, dataset: Any) -> Message:
         assert self._header is not None and self._context_id is not None
         message = Message(self._context_id, self._header, dataset)
-        self._header, self._context_id, self._sink, self._size = None, None, None, 0
+        self._reset()
         return message
 
 
