@@ -102,11 +102,12 @@ def test_an_already_refused_object_writes_nothing(tmp_path: Path) -> None:
     assert incoming.refused is refusal and _incoming_files(spool) == []
 
 
-def test_the_digest_follows_the_parsed_header_when_the_quick_look_was_wrong(tmp_path: Path) -> None:
+def test_the_digest_starts_at_the_quick_look_or_at_the_offset_given(tmp_path: Path) -> None:
     data = _ct(size=64)
     incoming = IncomingObject(Spool(tmp_path), hash_from=0)  # as for bytes without a readable meta
     incoming.write(data)
     offset = incoming.header().dataset_offset
     assert offset > 0
+    assert incoming.digest() == hashlib.sha256(data).hexdigest()
     assert incoming.digest(offset) == hashlib.sha256(data[offset:]).hexdigest()
     incoming.discard()

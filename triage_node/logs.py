@@ -172,7 +172,11 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # filter_by_level first: a DEBUG call on the per-object path costs a level
+        # check, not the whole chain, when the node logs at INFO or above.
+        processors=[
+            structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

@@ -5,10 +5,10 @@ Both doors call it: the DIMSE listener (``source="dimse"``, fragment by fragment
 the whole file at once: `store`). For each Part 10 object it
 
 1. checks the free-disk watermark (0xA700 below it),
-2. writes the bytes to a temporary file in the spool and hashes the data set as they
-   arrive (`triage_node.ingest.incoming.IncomingObject`),
-3. once the object is complete, fsyncs the file in the I/O pool while it checks the
-   header (no pixel decoding; the bytes are never re-encoded) and the UIDs
+2. writes the bytes to a temporary file in the spool as they arrive
+   (`triage_node.ingest.incoming.IncomingObject`),
+3. once the object is complete, fsyncs the file and hashes the data set in the I/O
+   pool while it checks the header (no pixel decoding; the bytes are never re-encoded) and the UIDs
    (0xC000-range when they cannot become paths, 0xA900 when they are missing or do not
    match what the transfer announced),
 4. stages the Study/Series/Instance rows and an audit row,
@@ -207,9 +207,10 @@ class InstanceStore:
         self._deferred_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._sop_locks = [threading.Lock() for _ in range(64)]
-        # File writes run here, overlapping the SQL work of the same instance.
+        # fsyncs and digests run here (two per object at once), overlapping the
+        # header checks and SQL work of the same object.
         self._io = ThreadPoolExecutor(
-            max_workers=max(2, settings.max_associations), thread_name_prefix="spool"
+            max_workers=2 * max(1, settings.max_associations), thread_name_prefix="spool"
         )
 
     # -- watermark -----------------------------------------------------------------
@@ -288,12 +289,14 @@ class InstanceStore:
         try:
             if incoming.refused is not None:
                 raise incoming.refused
-            # The bytes are in the temporary file already: its fsync runs in the I/O
-            # pool while this thread checks the header and stages the rows. A refused
-            # object's file is dropped.
+            # The bytes are in the temporary file already: its fsync and the digest
+            # run in the I/O pool (neither holds the GIL) while this thread checks the
+            # header and stages the rows. A refused object's file is dropped.
+            data = incoming.data()  # joined here, before the pool reads it
             staging = self._io.submit(incoming.sync)
-            # Yield the GIL once, so that the fsync is under way (it releases it)
-            # before the checks, which are pure Python, hold it.
+            hashing = self._io.submit(incoming.digest)
+            # Yield the GIL once, so that both are under way before the checks,
+            # which are pure Python, hold it.
             time.sleep(0)
             try:
                 header = incoming.header()
@@ -311,10 +314,11 @@ class InstanceStore:
             except BaseException:
                 self._drop_staged(staging)
                 raise
-            digest = incoming.digest(header.dataset_offset)
-            outcome = self._spool_and_record(
-                header, incoming.data(), digest, staging, calling_ae, source, actor
-            )
+            digest = hashing.result()
+            if header.dataset_offset != incoming.hash_from:
+                # The file meta was not where the quick look put it: hash from the header's.
+                digest = incoming.digest(header.dataset_offset)
+            outcome = self._spool_and_record(header, data, digest, staging, calling_ae, source, actor)
         except _Refused as refused:
             outcome = self._refuse(header, refused, actor, source)
         finally:
