@@ -95,3 +95,39 @@ def test_stale_temporary_files_are_removed_at_start(tmp_path: Path) -> None:
     spool.stage(b"interrupted")  # as if the process died before publish
     assert Spool(tmp_path).remove_stale_temp_files() == 1
     assert [p.name for p in kept.parent.iterdir()] == [kept.name]
+
+
+def test_a_staged_file_leaves_the_page_cache_only_after_its_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)  # its folders are made (and fsynced) first
+    calls: list[tuple[str, int]] = []
+    real_fsync, real_fadvise = os.fsync, os.posix_fadvise
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", fd))
+        real_fsync(fd)
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append(("fadvise", advice))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    staged = spool.stage(b"x" * 8192)
+    assert [name for name, _ in calls] == ["fsync", "fadvise"]
+    assert calls[1][1] == os.POSIX_FADV_DONTNEED
+    assert staged.read_bytes() == b"x" * 8192
+
+
+def test_refused_page_cache_advice_does_not_fail_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_args: object) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    spool = Spool(tmp_path)
+    path = spool.write(STUDY, SERIES, SOP, b"data")
+    assert path.read_bytes() == b"data"
+    assert list(spool.incoming.iterdir()) == []

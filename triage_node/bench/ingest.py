@@ -235,7 +235,7 @@ def _receiver_cpu_seconds(target: Any) -> float:
 
 
 def run_ingest_benchmark(
-    images: int = 200, rounds: int = 5, size: int = 512,
+    images: int = 200, rounds: int = 9, size: int = 512,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark and return the results (the ``docs/bench/ingest.json`` content)."""

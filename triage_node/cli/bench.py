@@ -20,7 +20,7 @@ app.add_typer(bench_app, name="bench")
 def bench_ingest(
     as_json: bool = typer.Option(False, "--json", help="Print the JSON result."),
     images: int = typer.Option(200, "--images", min=10, help="Slices per round."),
-    rounds: int = typer.Option(5, "--rounds", min=1, help="Rounds per receiver (median reported)."),
+    rounds: int = typer.Option(9, "--rounds", min=1, help="Rounds per receiver (median reported)."),
     write: bool = typer.Option(
         True, "--write/--no-write",
         help="Write docs/bench/ingest.json and the Ingest section of docs/BENCHMARKS.md.",

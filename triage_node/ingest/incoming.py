@@ -13,9 +13,11 @@ holds the GIL), the header checks and the commit
 side of the transfer, instead of on a core that is idle while the header is parsed.)
 
 (Reading the header from the first fragments while the pixels were still on the
-wire was tried too: on a 2-core machine it only moved the parse from beside the
-fsync, where a core is free, to beside the receive, where none is; no gain in
-``triage-node bench ingest``.)
+wire was tried twice, in the I/O pool and in the receiving thread: on a 2-core
+machine it only moved the parse from beside the fsync, where a core is free, to
+beside the receive, where none is; no gain in A/B runs of ``triage-node bench
+ingest``. Starting the writeback of each fragment as it arrived, so that less was
+left for the fsync, made it slower.)
 
 Nothing here decides the outcome: a failed write or the watermark is kept as the
 refusal that ``finish`` answers, so the association reads the rest of the message

@@ -171,7 +171,7 @@ class Spool:
         all day does not push the worker's memory out with files it reads once. (On
         the 2-core VM of ``docs/BENCHMARKS.md`` writing 512 KiB into new pages takes
         about 1.8 ms, into freed ones 0.15 ms; the worker's later read of a series
-        comes from the disk.)
+        comes from the disk: about 25 ms for 31 such slices instead of 2.)
         """
         try:
             os.fsync(fd)
