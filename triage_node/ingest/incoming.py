@@ -27,7 +27,7 @@ and the sender gets a status, not a broken connection.
 from __future__ import annotations
 
 import hashlib
-import os
+import threading
 from pathlib import Path
 
 from triage_node.ingest.header import OUT_OF_RESOURCES, _Header, _Refused, parse_header
@@ -90,11 +90,20 @@ class IncomingObject:
             self._chunks = [b"".join(self._chunks)]
         return self._chunks[0]  # type: ignore[return-value]
 
-    def sync(self) -> Path:
-        """fsync and close the temporary file (in the I/O pool); OSError deletes it."""
+    def sync(self, started: threading.Event | None = None) -> Path:
+        """fsync the temporary file (in the I/O pool); OSError closes and deletes it.
+
+        ``started`` is set just before the fsync, so that the caller can hand over the
+        GIL until the disk has the request. The file stays open until `discard`.
+        """
         assert self._fd is not None and self._temp is not None
-        fd, self._fd = self._fd, None
-        return self._spool.sync_temp(fd, self._temp)
+        if started is not None:
+            started.set()
+        try:
+            return self._spool.fsync_temp(self._fd, self._temp)
+        except BaseException:
+            self._fd = None  # closed by fsync_temp
+            raise
 
     def header(self) -> _Header:
         """The parsed and checked header; raises `_Refused` as `parse_header` does."""
@@ -112,7 +121,7 @@ class IncomingObject:
     def discard(self) -> None:
         """Drop the object (the association ended inside it, or it was refused)."""
         if self._fd is not None:
-            os.close(self._fd)
+            self._spool.close_temp(self._fd)
             self._fd = None
         if self._temp is not None:
             self._spool.discard(self._temp)  # gone already once published: a no-op

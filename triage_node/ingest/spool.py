@@ -163,15 +163,17 @@ class Spool:
                 self._makedirs(self.incoming)
 
     def sync_temp(self, fd: int, path: Path) -> Path:
-        """fsync and close a file from `write_temp`; on failure it is deleted.
+        """fsync and close a file from `write_temp` (`fsync_temp`, then `close_temp`)."""
+        self.fsync_temp(fd, path)
+        self.close_temp(fd)
+        return path
 
-        Once on disk, the file's pages leave the page cache (``POSIX_FADV_DONTNEED``;
-        they are clean, so nothing is written): the next object's bytes then go into
-        pages the kernel has just freed instead of new ones, and a node that receives
-        all day does not push the worker's memory out with files it reads once. (On
-        the 2-core VM of ``docs/BENCHMARKS.md`` writing 512 KiB into new pages takes
-        about 1.8 ms, into freed ones 0.15 ms; the worker's later read of a series
-        comes from the disk: about 25 ms for 31 such slices instead of 2.)
+    def fsync_temp(self, fd: int, path: Path) -> Path:
+        """fsync a file from `write_temp` and leave it open; on failure it is closed and deleted.
+
+        Close it with `close_temp` once it is published (or `discard`-ed): in a pool
+        thread, each further system call here would wait for the GIL again before the
+        caller hears that the file is durable.
         """
         try:
             os.fsync(fd)
@@ -179,12 +181,24 @@ class Spool:
             os.close(fd)
             _unlink_quietly(path)
             raise
+        return path
+
+    def close_temp(self, fd: int) -> None:
+        """Close a file from `write_temp`; its pages leave the page cache first.
+
+        ``POSIX_FADV_DONTNEED`` on pages that are clean (the file was fsynced) writes
+        nothing: the next object's bytes then go into pages the kernel has just freed
+        instead of new ones, and a node that receives all day does not push the
+        worker's memory out with files it reads once. (On the 2-core VM of
+        ``docs/BENCHMARKS.md`` writing 512 KiB into new pages takes about 1.8 ms, into
+        freed ones 0.15 ms; the worker's later read of a series comes from the disk:
+        about 25 ms for 31 such slices instead of 2.)
+        """
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError:
-            pass  # advice only: the file is durable either way
+            pass  # advice only
         os.close(fd)
-        return path
 
     def publish(
         self, staged: Path, study_uid: str, series_uid: str, sop_uid: str, version: int = 1

@@ -24,7 +24,6 @@ Status codes are those of the Storage Service Class, PS3.4 Annex B.2.3, Table B.
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -293,11 +292,13 @@ class InstanceStore:
             # run in the I/O pool (neither holds the GIL) while this thread checks the
             # header and stages the rows. A refused object's file is dropped.
             data = incoming.data()  # joined here, before the pool reads it
-            staging = self._io.submit(incoming.sync)
+            started = threading.Event()
+            staging = self._io.submit(incoming.sync, started)
             hashing = self._io.submit(incoming.digest)
-            # Yield the GIL once, so that both are under way before the checks,
-            # which are pure Python, hold it.
-            time.sleep(0)
+            # Wait until the fsync is under way: the pool thread needs the GIL to begin
+            # it, and the checks below, pure Python, would hold the GIL until their
+            # first SQL call, leaving the disk idle meanwhile.
+            started.wait()
             try:
                 header = incoming.header()
                 remember_identifiers(header.ds)
