@@ -33,7 +33,16 @@ from pathlib import Path
 from triage_node.ingest.header import OUT_OF_RESOURCES, _Header, _Refused, parse_header
 from triage_node.ingest.spool import Spool, write_all
 
-__all__ = ["IncomingObject"]
+__all__ = ["IncomingObject", "dataset_digest"]
+
+
+def dataset_digest(data: bytes, offset: int) -> str:
+    """SHA-256 (hex) of ``data`` from ``offset``: the data set of a Part 10 object.
+
+    hashlib lets go of the GIL for data this size, so the store runs this in its I/O
+    pool, on the bytes it holds, while the receiving thread parses the header.
+    """
+    return hashlib.sha256(memoryview(data)[offset:]).hexdigest()
 
 
 class IncomingObject:
@@ -110,13 +119,8 @@ class IncomingObject:
         return parse_header(self.data())
 
     def digest(self, dataset_offset: int | None = None) -> str:
-        """SHA-256 of the data set, from ``dataset_offset`` (the parsed header's) or ``hash_from``.
-
-        hashlib lets go of the GIL for data this size, so this runs in the I/O pool
-        while the receiving thread parses the header.
-        """
-        offset = self.hash_from if dataset_offset is None else dataset_offset
-        return hashlib.sha256(memoryview(self.data())[offset:]).hexdigest()
+        """SHA-256 of the data set, from ``dataset_offset`` (the parsed header's) or ``hash_from``."""
+        return dataset_digest(self.data(), self.hash_from if dataset_offset is None else dataset_offset)
 
     def discard(self) -> None:
         """Drop the object (the association ended inside it, or it was refused)."""

@@ -8,9 +8,9 @@ the whole file at once: `store`). For each Part 10 object it
 2. writes the bytes to a temporary file in the spool as they arrive
    (`triage_node.ingest.incoming.IncomingObject`),
 3. once the object is complete, fsyncs the file and hashes the data set in the I/O
-   pool while it checks the header (no pixel decoding; the bytes are never re-encoded) and the UIDs
-   (0xC000-range when they cannot become paths, 0xA900 when they are missing or do not
-   match what the transfer announced),
+   pool while it checks the header (no pixel decoding; the bytes are never
+   re-encoded) and the UIDs (0xC000-range when they cannot become paths, 0xA900
+   when they are missing or do not match what the transfer announced),
 4. stages the Study/Series/Instance rows and an audit row,
 5. renames the file to its final name and fsyncs its folder
    (`triage_node.ingest.spool.Spool.publish`), then commits the rows
@@ -58,7 +58,7 @@ from triage_node.ingest.header import (
     parse_header,
     slice_position,
 )
-from triage_node.ingest.incoming import IncomingObject
+from triage_node.ingest.incoming import IncomingObject, dataset_digest
 from triage_node.ingest.spool import Spool
 from triage_node.logs import get_logger, remember_identifiers
 
@@ -294,7 +294,7 @@ class InstanceStore:
             data = incoming.data()  # joined here, before the pool reads it
             started = threading.Event()
             staging = self._io.submit(incoming.sync, started)
-            hashing = self._io.submit(incoming.digest)
+            hashing = self._io.submit(dataset_digest, data, incoming.hash_from)
             # Wait until the fsync is under way: the pool thread needs the GIL to begin
             # it, and the checks below, pure Python, would hold the GIL until their
             # first SQL call, leaving the disk idle meanwhile.
@@ -318,7 +318,7 @@ class InstanceStore:
             digest = hashing.result()
             if header.dataset_offset != incoming.hash_from:
                 # The file meta was not where the quick look put it: hash from the header's.
-                digest = incoming.digest(header.dataset_offset)
+                digest = dataset_digest(data, header.dataset_offset)
             outcome = self._spool_and_record(header, data, digest, staging, calling_ae, source, actor)
         except _Refused as refused:
             outcome = self._refuse(header, refused, actor, source)
