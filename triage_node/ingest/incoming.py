@@ -105,9 +105,9 @@ class IncomingObject:
         ``started`` is set just before the fsync, so that the caller can hand over the
         GIL until the disk has the request. The file stays open until `discard`.
         """
-        assert self._fd is not None and self._temp is not None
         if started is not None:
-            started.set()
+            started.set()  # first, so that no failure below can leave the caller waiting
+        assert self._fd is not None and self._temp is not None
         try:
             return self._spool.fsync_temp(self._fd, self._temp)
         except BaseException:
