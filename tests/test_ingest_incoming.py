@@ -18,7 +18,7 @@ from triage_node.ingest.header import (
     dataset_offset_from_bytes,
     parse_header,
 )
-from triage_node.ingest.incoming import IncomingObject
+from triage_node.ingest.incoming import IncomingObject, dataset_digest
 from triage_node.ingest.spool import Spool
 
 
@@ -52,7 +52,9 @@ def test_fragments_give_the_file_digest_and_header_of_the_whole_object(
     assert (header.study_uid, header.series_uid, header.sop_uid, header.transfer_syntax) == (
         whole.study_uid, whole.series_uid, whole.sop_uid, whole.transfer_syntax)
     assert header.ds == whole.ds and header.dataset_offset == whole.dataset_offset
-    assert incoming.digest(header.dataset_offset) == hashlib.sha256(data[whole.dataset_offset :]).hexdigest()
+    assert dataset_digest(incoming.data(), header.dataset_offset) == hashlib.sha256(
+        data[whole.dataset_offset :]
+    ).hexdigest()
     assert incoming.sync().read_bytes() == data
     assert incoming.data() == data
 
@@ -108,6 +110,6 @@ def test_the_digest_starts_at_the_quick_look_or_at_the_offset_given(tmp_path: Pa
     incoming.write(data)
     offset = incoming.header().dataset_offset
     assert offset > 0
-    assert incoming.digest() == hashlib.sha256(data).hexdigest()
-    assert incoming.digest(offset) == hashlib.sha256(data[offset:]).hexdigest()
+    assert dataset_digest(incoming.data(), incoming.hash_from) == hashlib.sha256(data).hexdigest()
+    assert dataset_digest(incoming.data(), offset) == hashlib.sha256(data[offset:]).hexdigest()
     incoming.discard()

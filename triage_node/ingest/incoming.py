@@ -55,7 +55,7 @@ class IncomingObject:
     hash_from : int
         Where the data set is expected to start (after the file meta), before the
         header is parsed: the digest covers the data set only, so the same object from
-        two senders hashes the same. `digest` checks it against the parsed header.
+        two senders hashes the same. The store checks it against the parsed header.
     refused : _Refused, optional
         Already refused (the free-disk watermark): nothing is written.
     """
@@ -117,10 +117,6 @@ class IncomingObject:
     def header(self) -> _Header:
         """The parsed and checked header; raises `_Refused` as `parse_header` does."""
         return parse_header(self.data())
-
-    def digest(self, dataset_offset: int | None = None) -> str:
-        """SHA-256 of the data set, from ``dataset_offset`` (the parsed header's) or ``hash_from``."""
-        return dataset_digest(self.data(), self.hash_from if dataset_offset is None else dataset_offset)
 
     def discard(self) -> None:
         """Drop the object (the association ended inside it, or it was refused)."""
