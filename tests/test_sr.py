@@ -161,6 +161,9 @@ def test_sr_round_trip_carries_findings_probabilities_and_references(tmp_path: P
     # TID 4019 algorithm name and version.
     texts = {code: i.TextValue for vt, code, i in _concepts(ds) if vt == "TEXT"}
     assert texts["111001"] == Card.name and texts["111003"] == Card.version
+    # Algorithm Parameters (111002): the operating point and where its thresholds came from.
+    parameters = {i.TextValue for vt, code, i in _concepts(ds) if vt == "TEXT" and code == "111002"}
+    assert parameters == {"operating_point=high_sensitivity", "thresholds=model-card"}
 
     # One finding per class: present/absent at the operating point, probability as NUM.
     found = summary(ds)

@@ -9,6 +9,7 @@ import typer
 # Each module defines ``register(app)``; listed here so the set of commands is explicit.
 COMMAND_MODULES: tuple[str, ...] = (
     "worker.model.cli",
+    "worker.model.calibrate_cli",
     "worker.worker_cli",
     "worker.inference.triton_cli",
     "worker.outbox_cli",

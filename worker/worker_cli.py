@@ -33,7 +33,7 @@ def preflight(settings) -> str:  # type: ignore[no-untyped-def]
     try:
         return (
             f"backend {ctx.backend.name}, model {ctx.card.name} {ctx.card.version}, "
-            f"operating point {settings.operating_point.value}"
+            f"operating point {settings.operating_point.value}, thresholds from {ctx.card.threshold_source}"
         )
     finally:
         ctx.close()

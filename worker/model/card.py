@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from triage_node import CLASSES
+from worker.model.site import SiteThresholds, site_thresholds_for
 
 INTENDED_USE = (
     "Intended use: pipeline verification only. Trained on synthetic phantoms, not on patient "
@@ -61,6 +62,8 @@ class ModelCard(BaseModel):
     training: dict = Field(default_factory=dict)
     intended_use: str = INTENDED_USE
     path: Path | None = Field(default=None, exclude=True)
+    # set by load_model_card from site_thresholds.json; never written into the card
+    site: SiteThresholds | None = Field(default=None, exclude=True)
 
     @field_validator("classes")
     @classmethod
@@ -93,11 +96,17 @@ class ModelCard(BaseModel):
         return self
 
     def thresholds(self, operating_point: str = "high_sensitivity") -> np.ndarray:
-        """Per-class thresholds [6] in CLASSES order."""
+        """Per-class thresholds [6] in CLASSES order: the site's when calibrated, else the card's."""
         if operating_point not in self.operating_points:
             raise KeyError(f"unknown operating point {operating_point!r}; have {sorted(self.operating_points)}")
-        op = self.operating_points[operating_point]
+        points = self.site.operating_points if self.site is not None else self.operating_points
+        op = points[operating_point]
         return np.asarray([op[c] for c in CLASSES], dtype=np.float64)
+
+    @property
+    def threshold_source(self) -> str:
+        """Where :meth:`thresholds` comes from: ``model card`` or ``site calibration <digest> (<date>)``."""
+        return "model card" if self.site is None else self.site.source
 
     def head_weights(self) -> tuple[np.ndarray, np.ndarray]:
         """CAM head of the slice CNN: weight [6, C] and bias [6] (``logits = emb @ W.T + b``)."""
@@ -113,12 +122,18 @@ class ModelCard(BaseModel):
 
 
 def load_model_card(path: str | Path) -> ModelCard:
-    """Read and validate a model card; ``path`` may be the JSON file or its directory."""
+    """Read and validate a model card; ``path`` may be the JSON file or its directory.
+
+    A ``site_thresholds.json`` beside the card is attached as ``site`` (see
+    :mod:`worker.model.site`); one made for other weights raises ``SiteCalibrationError``.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / "model_card.json"
     data = json.loads(p.read_text())
-    return ModelCard(**data, path=p)
+    card = ModelCard(**data, path=p)
+    # only the file beside the card sets site thresholds, never a "site" key in the card
+    return card.model_copy(update={"site": site_thresholds_for(card)})
 
 
 def json_safe(obj):

@@ -8,8 +8,9 @@ Measurement Report:
 - Observer context (TID 1002/1004): a device observer with the model card's Device UID.
 - One TID 1501 Measurement Group per class (``any`` and the five subtypes), each with a
   Tracking Identifier (TID 4108), the Finding (121071) as a coded concept, the Algorithm
-  Identification (TID 4019: model name and version, operating point as a parameter), a
-  qualitative evaluation (CODE: finding -> Present/Absent at the operating point, CID 240),
+  Identification (TID 4019: model name and version; the operating point and the source of
+  its thresholds, model card or a site calibration's digest, as parameters), a qualitative
+  evaluation (CODE: finding -> Present/Absent at the operating point, CID 240),
   the study probability as a measurement (TID 300, DCM 122157 "Probability", UCUM "1"),
   the key source slices as "Source of Measurement" images (TID 1501 row 11), and the
   overlay images as "Best illustration of finding" (DCM 121080; TID 1501 is extensible).
@@ -203,10 +204,23 @@ def overlay_class(ds: Dataset) -> str | None:
     return None
 
 
+def threshold_parameter(card: CardLike) -> str:
+    """``thresholds=site:<digest>`` when a site calibration set them, else ``thresholds=model-card``.
+
+    Read as ``card.site`` (``worker.model.site.SiteThresholds``); a card object without that
+    attribute uses the card's own thresholds.
+    """
+    site = getattr(card, "site", None)
+    return f"thresholds=site:{site.digest}" if site is not None else "thresholds=model-card"
+
+
 def algorithm_identification(card: CardLike, operating_point: str) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 Algorithm Identification: model name, version, operating point."""
+    """TID 4019 Algorithm Identification: model name, version, and the operating point and
+    :func:`threshold_parameter` as Algorithm Parameters (DCM 111002, TEXT)."""
     return hd.sr.AlgorithmIdentification(
-        name=card.name, version=str(card.version), parameters=[f"operating_point={operating_point}"]
+        name=card.name,
+        version=str(card.version),
+        parameters=[f"operating_point={operating_point}", threshold_parameter(card)],
     )
 
 
