@@ -22,6 +22,11 @@ INTENDED_USE = (
     "Intended use: pipeline verification only. Trained on synthetic phantoms, not on patient "
     "images. Not for clinical use."
 )
+#: For weights trained on real patient data.
+INTENDED_USE_RESEARCH = (
+    "Intended use: research and evaluation of triage workflows only. Not a medical device, not for "
+    "clinical use, not for diagnosis: every study must still be read by a radiologist in the usual order."
+)
 OPERATING_POINTS = ("high_sensitivity", "balanced")
 
 
@@ -49,6 +54,8 @@ class ModelCard(BaseModel):
     input_size: int = Field(gt=15)
     windows: dict[str, tuple[float, float]]
     channel_plan: tuple[tuple[int, str], ...]
+    #: framing of each slice: "centred" (padded square) or "head" (see worker.pipeline.input_frame)
+    crop: Literal["centred", "head"] = "centred"
     embedding_dim: int = Field(gt=0)
     feature_channels: int = Field(gt=0)
     feature_map_size: int = Field(gt=0)

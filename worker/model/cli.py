@@ -32,9 +32,16 @@ def _progress():
 def train(
     data: Path = typer.Option(..., "--data", help="Dataset folder (synth output, or RSNA layout with stage_2_train.csv)."),
     out: Path = typer.Option(..., "--out", help="Run folder: cache, checkpoints, summary, exported Triton repository."),
-    fmt: str = typer.Option("synth", "--format", help="synth | rsna"),
-    backbone: str = typer.Option("efficientnet-b0", help="MONAI backbone: efficientnet-b0..b3, resnet-lite, resnet18/34, seresnext50/101."),
+    fmt: str = typer.Option("synth", "--format", help="synth | rsna | physionet-ich"),
+    backbone: str = typer.Option("efficientnet-b0", help="MONAI backbone: efficientnet-b0..b3, resnet-lite, resnet-ich, resnet18/34, seresnext50/101."),
     variant: str = typer.Option("windows", help="Input variant: windows | adjacent | mixed."),
+    window: list[str] = typer.Option(None, "--window", help="Window names in channel order (repeat; adjacent uses the first). Default brain, subdural, bone; CT-ICH JPEGs allow only brain_wide."),
+    crop: str = typer.Option("centred", help="Framing of each slice: centred (padded square) | head (the head fills the frame)."),
+    synth_data: Path = typer.Option(None, help="Synthetic studies (triage-node synth output) added to every training split, never validated on."),
+    synth_share: float = typer.Option(0.2, help="Share of each epoch's samples drawn from --synth-data."),
+    positive_oversample: float = typer.Option(3.0, help="Sampling weight of a slice with a bleed relative to one without."),
+    cv: int = typer.Option(0, "--cv", help="Patient-level k-fold cross-validation first (k >= 2); the final model then trains on every patient with the operating points the folds chose."),
+    report_dir: Path = typer.Option(None, help="With --cv: write report.md, cv_report.json and the curves here (e.g. docs/model)."),
     size: int = typer.Option(256, help="Input size in pixels."),
     epochs: int = typer.Option(4, help="CNN epochs."),
     batch_size: int = typer.Option(32, help="CNN batch size."),
@@ -54,14 +61,32 @@ def train(
     """Train the slice CNN (stage 1) and the sequence model (stage 2), export ONNX and the model card."""
     from worker.model.train import TrainConfig, fit
 
+    import shlex
+    import sys
+    from dataclasses import replace
+
+    from worker.pipeline.preprocess import DEFAULT_WINDOWS
+
     cfg = TrainConfig(
         data=str(data), out=str(out), fmt=fmt, backbone=backbone, variant=variant, size=size, epochs=epochs,
         batch_size=batch_size, lr=lr, seq_epochs=seq_epochs, seq_cell=seq_cell, val_fraction=val_fraction, seed=seed,
         threads=threads, device=device, max_minutes=max_minutes or None, resume=resume,
         labels_csv=str(labels_csv) if labels_csv else None, export_dir=str(export_dir) if export_dir else None,
-        data_description=data_description,
+        data_description=data_description, windows=tuple(window or DEFAULT_WINDOWS), crop=crop,
+        synth_data=str(synth_data) if synth_data else None, synth_share=synth_share, positive_oversample=positive_oversample,
+        cache_dir=str(out / "cache"),
     )
     with _progress() as bar:
+        if cv:
+            from worker.model.crossval import cross_validate, render_markdown
+            from worker.model.train import dataset_counts, training_cache
+
+            rep = cross_validate(cfg, cv, progress=bar, report_dir=report_dir)
+            if report_dir is not None:
+                _, cache = training_cache(cfg, out)
+                command = "triage-node " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+                (report_dir / "report.md").write_text(render_markdown(rep, cfg, command, dataset_counts(cfg, cache)))
+            cfg = replace(cfg, val_fraction=0.0, ops_from=str(out / "cv" / "report.json"))
         summary = fit(cfg, progress=bar, cache_progress=lambda d, t: bar("preprocess series", d, t))
     typer.echo(json.dumps({"export": summary["export"], "validation": summary["validation"], "wall_s": round(summary["wall_s"], 1)}, indent=2, default=float))
 

@@ -1,10 +1,12 @@
-"""Datasets: synthetic studies (``triage-node synth``) and the RSNA 2019 layout.
+"""Datasets: synthetic studies (``triage-node synth``), the RSNA 2019 layout and PhysioNet CT-ICH.
 
 Both formats are a folder of DICOM files plus a CSV of ``ID_<SOPInstanceUID>_<class>,Label``
 rows (``labels.csv`` for synth, ``stage_2_train.csv`` for RSNA). Files are grouped into series
 by StudyInstanceUID / SeriesInstanceUID (PS3.3 C.7.2.1, C.7.3.1), each series is read with the
 serving preprocessing (:mod:`worker.pipeline.preprocess`) and cached once as float16 arrays
 so training epochs read memory-mapped inputs. Unreadable files are skipped and counted.
+CT-ICH (``physionet-ich``, :mod:`worker.model.physionet`) is brain-window JPEGs, one series
+per patient, turned into the same inputs by the same framing and resizing.
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ from pydicom.errors import InvalidDicomError
 
 from triage_node import CLASSES
 from triage_node.logs import get_logger
-from worker.pipeline.preprocess import DEFAULT_WINDOWS, SeriesError, load_series, make_inputs
+from worker.model import physionet
+from worker.pipeline.preprocess import DEFAULT_WINDOWS, WINDOWS, SeriesError, channel_plan, load_series, series_inputs
 
 log = get_logger(__name__)
-LABEL_FILES = {"synth": "labels.csv", "rsna": "stage_2_train.csv"}
+LABEL_FILES = {"synth": "labels.csv", "rsna": "stage_2_train.csv", "physionet-ich": physionet.LABEL_FILE}
+FORMATS: tuple[str, ...] = tuple(LABEL_FILES)
+#: patient-key prefix of synthetic series added to real training data (never validated on)
+SYNTH_PREFIX = "synth-"
 _HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "Modality"]
 
 
@@ -37,6 +43,9 @@ class SeriesRecord:
     patient_key: str
     paths: list[Path] = field(default_factory=list)
     sop_uids: list[str] = field(default_factory=list)
+    fmt: str = "synth"
+    #: bleed masks per slice where the data set has them (CT-ICH), else empty
+    masks: list[Path | None] = field(default_factory=list)
 
 
 @dataclass
@@ -94,7 +103,7 @@ def index_dataset(root: str | Path, fmt: str = "synth", labels_csv: str | Path |
     ----------
     root : path
         Folder searched recursively for DICOM files (any name; non-DICOM files count as unreadable).
-    fmt : {"synth", "rsna"}
+    fmt : {"synth", "rsna", "physionet-ich"}
         Chooses the default label file name; for synth, ``studies.json`` limits training to the
         ``axial`` series (the thin series is labelled too but is a second view of the same study).
     labels_csv : path, optional
@@ -104,6 +113,8 @@ def index_dataset(root: str | Path, fmt: str = "synth", labels_csv: str | Path |
     root = Path(root)
     if fmt not in LABEL_FILES:
         raise ValueError(f"format must be one of {sorted(LABEL_FILES)}, got {fmt!r}")
+    if fmt == "physionet-ich":
+        return index_physionet(root, labels_csv)
     if labels_csv is not None or (root / LABEL_FILES[fmt]).is_file():
         label_files = [Path(labels_csv or root / LABEL_FILES[fmt])]
     else:  # several generator outputs side by side: root/<part>/labels.csv
@@ -139,11 +150,55 @@ def index_dataset(root: str | Path, fmt: str = "synth", labels_csv: str | Path |
         rec = groups.get((study, series))
         if rec is None:
             patient = str(ds.get("PatientID", "") or study)
-            rec = groups[(study, series)] = SeriesRecord(study, series, patient)
+            rec = groups[(study, series)] = SeriesRecord(study, series, patient, fmt=fmt)
         rec.paths.append(p)
         rec.sop_uids.append(sop)
     log.info("dataset_indexed", series=len(groups), unreadable=unreadable, unlabelled=unlabelled, fmt=fmt)
     return DatasetIndex(list(groups.values()), labels, unreadable, unlabelled)
+
+
+def index_physionet(root: Path, labels_csv: str | Path | None = None) -> DatasetIndex:
+    """One series per CT-ICH patient, slices in slice order (see :mod:`worker.model.physionet`)."""
+    table = physionet.read_labels(labels_csv or root / physionet.LABEL_FILE)
+    series, labels, unlabelled = [], {}, 0
+    for pid, slices in physionet.find_slices(root).items():
+        rec = SeriesRecord(physionet.slice_uid(pid, 0, "study"), physionet.slice_uid(pid, 0, "series"), f"ctich-{pid}", fmt="physionet-ich")
+        for s in slices:
+            y = table.get((pid, s.number))
+            if y is None:
+                unlabelled += 1
+                continue
+            uid = physionet.slice_uid(pid, s.number)
+            labels[uid] = y
+            rec.paths.append(s.path)
+            rec.sop_uids.append(uid)
+            rec.masks.append(s.mask)
+        if rec.paths:
+            series.append(rec)
+    log.info("dataset_indexed", series=len(series), unlabelled=unlabelled, fmt="physionet-ich")
+    return DatasetIndex(series, labels, 0, unlabelled)
+
+
+def record_inputs(rec: SeriesRecord, plan, windows: dict[str, tuple[float, float]], size: int, crop: str):
+    """(inputs [n,3,S,S], SOP UIDs in input order, frame, slice shape) of one indexed series, in its format."""
+    if rec.fmt == "physionet-ich":
+        stack = physionet.load_stack(rec.paths)
+        x, frame = physionet.stack_inputs(stack, plan, windows, size, crop)
+        return x, tuple(rec.sop_uids), frame, stack.shape[1:]
+    vol = load_series(rec.paths)
+    x, frame = series_inputs(vol, plan, windows, size, crop)
+    return x, vol.sop_uids, frame, vol.hu.shape[1:]
+
+
+def merge_indexes(*indexes: DatasetIndex) -> DatasetIndex:
+    """One index of several data sets (labels keyed by SOP UID, which do not collide)."""
+    out = DatasetIndex([], {})
+    for ix in indexes:
+        out.series.extend(ix.series)
+        out.labels.update(ix.labels)
+        out.unreadable += ix.unreadable
+        out.unlabelled_files += ix.unlabelled_files
+    return out
 
 
 def patient_split(records: Iterable[SeriesRecord], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -193,6 +248,7 @@ def build_cache(
     size: int = 256,
     windows=DEFAULT_WINDOWS,
     progress=None,
+    crop: str = "centred",
 ) -> CachedSet:
     """Preprocess every series once into ``out_dir`` (inputs.npy, labels.npy, series.json).
 
@@ -201,7 +257,8 @@ def build_cache(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    want = {"variant": variant, "size": size, "windows": list(windows), "n_series_indexed": len(index.series)}
+    plan = channel_plan(variant, windows)
+    want = {"variant": variant, "size": size, "windows": list(windows), "crop": crop, "n_series_indexed": len(index.series)}
     meta_path = out / "series.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -215,15 +272,14 @@ def build_cache(
     pos = 0
     for k, rec in enumerate(index.series):
         try:
-            vol = load_series(rec.paths)
+            x, sop_uids, _, _ = record_inputs(rec, plan, WINDOWS, size, crop)
         except (SeriesError, ValueError, OSError, AttributeError, RuntimeError) as exc:
             failed += 1
             log.warning("series_skipped", series_index=k, error=type(exc).__name__)
             continue
-        x = make_inputs(vol, variant=variant, size=size, windows=windows)
         n = x.shape[0]
         tmp[pos : pos + n] = x.astype(np.float16)
-        labels[pos : pos + n] = np.stack([index.labels[s] for s in vol.sop_uids])
+        labels[pos : pos + n] = np.stack([index.labels[s] for s in sop_uids])
         pos += n
         offsets.append(pos)
         studies.append(rec.study_uid)

@@ -15,13 +15,16 @@ from triage_node import CLASSES
 
 N_CLASSES = len(CLASSES)
 
-#: Backbones by name. "resnet-lite" is a narrow MONAI ResNet for a 2-core CPU budget.
+#: Backbones by name. "resnet-lite" is a narrow MONAI ResNet for a 2-core CPU budget;
+#: "resnet-ich" is a ResNet-10 of width 32 whose last stage keeps stride 16 (not 32), so the
+#: served feature maps, and the heat maps made from them, are twice as fine.
 BACKBONES: tuple[str, ...] = (
     "efficientnet-b0",
     "efficientnet-b1",
     "efficientnet-b2",
     "efficientnet-b3",
     "resnet-lite",
+    "resnet-ich",
     "resnet18",
     "resnet34",
     "seresnext50",
@@ -60,6 +63,8 @@ class _ResNetTrunk(nn.Module):
 
         if name == "resnet-lite":
             kw = dict(block="basic", layers=[1, 1, 1, 1], block_inplanes=[24, 48, 96, 192])
+        elif name == "resnet-ich":
+            kw = dict(block="basic", layers=[1, 1, 1, 1], block_inplanes=[32, 64, 128, 256])
         elif name == "resnet18":
             kw = dict(block="basic", layers=[2, 2, 2, 2], block_inplanes=[64, 128, 256, 512])
         elif name == "resnet34":
@@ -68,6 +73,9 @@ class _ResNetTrunk(nn.Module):
             raise ValueError(name)
         net = ResNet(spatial_dims=2, n_input_channels=3, conv1_t_size=7, conv1_t_stride=2, num_classes=N_CLASSES, **kw)
         net.fc = nn.Identity()
+        if name == "resnet-ich":  # output stride 16: the first block of layer4 does not stride
+            net.layer4[0].conv1.stride = (1, 1)
+            net.layer4[0].downsample[0].stride = (1, 1)
         self.net = net
         self.out_channels = int(kw["block_inplanes"][-1])
 
@@ -100,7 +108,7 @@ def build_backbone(name: str) -> nn.Module:
     """Convolutional trunk by name (one of :data:`BACKBONES`), with ``out_channels``."""
     if name.startswith("efficientnet-"):
         return _EfficientNetTrunk(name)
-    if name in ("resnet-lite", "resnet18", "resnet34"):
+    if name in ("resnet-lite", "resnet-ich", "resnet18", "resnet34"):
         return _ResNetTrunk(name)
     if name in ("seresnext50", "seresnext101"):
         return _SENetTrunk(name)

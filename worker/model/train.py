@@ -26,8 +26,20 @@ from pydicom.uid import generate_uid
 from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.model import metrics as M
-from worker.model.card import INTENDED_USE, ModelCard, ServedModel, write_model_card
-from worker.model.data import CachedSet, build_cache, index_dataset, load_cache, patient_split, subset_slices
+from worker.model import physionet
+from worker.model.augment import augment
+from worker.model.card import INTENDED_USE, INTENDED_USE_RESEARCH, ModelCard, ServedModel, write_model_card
+from worker.model.data import (
+    SYNTH_PREFIX,
+    CachedSet,
+    DatasetIndex,
+    build_cache,
+    index_dataset,
+    load_cache,
+    merge_indexes,
+    patient_split,
+    subset_slices,
+)
 from worker.model.export import SEQUENCE_MODEL, SLICE_MODEL, TRITON_BATCHING, export_repository
 from worker.model.networks import N_CLASSES, SequenceModel, SliceCNN, rsna_bce
 from worker.pipeline.preprocess import DEFAULT_WINDOWS, WINDOWS, channel_plan
@@ -62,6 +74,15 @@ class TrainConfig:
     export_dir: str | None = None
     data_description: str = ""
     windows: tuple[str, ...] = field(default=DEFAULT_WINDOWS)
+    crop: str = "centred"
+    #: synthetic studies (``triage-node synth`` output) added to the training side of every split
+    synth_data: str | None = None
+    #: share of each epoch's samples drawn from the synthetic slices
+    synth_share: float = 0.2
+    #: sampling weight of a slice with a bleed relative to one without
+    positive_oversample: float = 3.0
+    #: operating points from a cross-validation report (when no validation split is held out)
+    ops_from: str | None = None
 
 
 def _seed(seed: int) -> None:
@@ -69,13 +90,17 @@ def _seed(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random left-right flip and a shift of up to 1/16 of the side (per batch)."""
-    if torch.rand(1, generator=gen).item() < 0.5:
-        x = torch.flip(x, dims=[3])
-    s = x.shape[-1] // 16
-    dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=gen))
-    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+def sample_weights(cache: CachedSet, slices: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """Sampling probability of each training slice: bleeds oversampled, synthetic slices at ``synth_share``."""
+    pos = cache.labels[slices, 0] > 0
+    w = np.where(pos, cfg.positive_oversample, 1.0)
+    synth = np.zeros(len(slices), bool)
+    synth_series = [i for i, k in enumerate(cache.patient_keys) if k.startswith(SYNTH_PREFIX)]
+    if synth_series:
+        synth = np.isin(slices, subset_slices(cache, synth_series))
+    if synth.any() and (~synth).any():
+        w[synth] *= cfg.synth_share / (1 - cfg.synth_share) * w[~synth].sum() / w[synth].sum()
+    return w / w.sum()
 
 
 def train_cnn(cfg: TrainConfig, cache: CachedSet, train_idx: list[int], run: Path, progress: Progress | None = None) -> tuple[SliceCNN, list[float]]:
@@ -102,21 +127,23 @@ def train_cnn(cfg: TrainConfig, cache: CachedSet, train_idx: list[int], run: Pat
         start_epoch, history = state["epoch"] + 1, state["history"]
         elapsed0 = float(state.get("elapsed_s", 0.0))
         log.info("cnn_resumed", epoch=start_epoch)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * start_epoch)
     rng = np.random.default_rng(cfg.seed)
-    for _ in range(start_epoch):  # keep the shuffles of a resumed run identical
-        rng.permutation(len(slices))
+    probs = sample_weights(cache, slices, cfg)
+    for _ in range(start_epoch):  # keep the draws of a resumed run identical
+        rng.choice(len(slices), size=len(slices), p=probs)
+    adjacent = cfg.variant == "adjacent"
     t0 = time.monotonic()
     labels = torch.from_numpy(cache.labels.astype(np.float32))
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        order = slices[rng.permutation(len(slices))]
+        order = slices[rng.choice(len(slices), size=len(slices), p=probs)]
         total, n = 0.0, 0
         for step in range(steps_per_epoch):
             idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
             x = torch.from_numpy(np.asarray(cache.inputs[idx], dtype=np.float32)).to(dev)
             y = labels[idx].to(dev)
-            logits, _, _ = model(_augment(x, gen))
+            logits, _, _ = model(augment(x, gen, adjacent=adjacent))
             loss = rsna_bce(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -295,9 +322,32 @@ def reselect_operating_points(run: str | Path) -> tuple[dict, dict]:
     cfg, cnn, seq = load_run(run)
     torch.set_num_threads(cfg.threads)
     cache = load_cache(cfg.cache_dir or Path(run) / "cache")
-    _, val_idx = patient_split([_Rec(p) for p in cache.patient_keys], cfg.val_fraction, cfg.seed)
+    _, val_idx = split_series(cache, cfg.val_fraction, cfg.seed)
     emb, logits = extract(cnn, cache, series_idx=val_idx)
     return validate(seq, emb, logits, cache, val_idx)
+
+
+def training_cache(cfg: TrainConfig, run: Path, progress: Callable[[int, int], None] | None = None) -> tuple[DatasetIndex, CachedSet]:
+    """Index the training data (plus ``synth_data``, patient keys marked synthetic) and build its cache."""
+    index = index_dataset(cfg.data, cfg.fmt, cfg.labels_csv)
+    if cfg.synth_data:
+        extra = index_dataset(cfg.synth_data, "synth")
+        for rec in extra.series:
+            rec.patient_key = SYNTH_PREFIX + rec.patient_key
+        index = merge_indexes(index, extra)
+    cache = build_cache(index, cfg.cache_dir or run / "cache", cfg.variant, cfg.size, cfg.windows, progress=progress, crop=cfg.crop)
+    return index, cache
+
+
+def split_series(cache: CachedSet, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train/validation series by patient; added synthetic series always train."""
+    keys = cache.patient_keys
+    real = [i for i, k in enumerate(keys) if not k.startswith(SYNTH_PREFIX)]
+    synth = [i for i, k in enumerate(keys) if k.startswith(SYNTH_PREFIX)]
+    if val_fraction <= 0:
+        return sorted(real + synth), []
+    tr, va = patient_split([_Rec(keys[i]) for i in real], val_fraction, seed)
+    return sorted([real[i] for i in tr] + synth), [real[i] for i in va]
 
 
 def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Callable[[int, int], None] | None = None) -> dict:
@@ -308,11 +358,10 @@ def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Call
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    index = index_dataset(cfg.data, cfg.fmt, cfg.labels_csv)
-    cache = build_cache(index, cfg.cache_dir or run / "cache", cfg.variant, cfg.size, cfg.windows, progress=cache_progress)
+    index, cache = training_cache(cfg, run, cache_progress)
     if len(cache) < 2:
         raise ValueError(f"need at least 2 labelled series, found {len(cache)}")
-    train_idx, val_idx = patient_split([_Rec(p) for p in cache.patient_keys], cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = split_series(cache, cfg.val_fraction, cfg.seed)
     t_cache = time.monotonic() - t_start
     cnn, cnn_hist = train_cnn(cfg, cache, train_idx, run, progress)
     torch.save(cnn.state_dict(), run / "cnn_final.pt")
@@ -320,12 +369,18 @@ def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Call
     seq, seq_hist = train_sequence(cfg, emb, logits, cache, train_idx, val_idx, progress)
     torch.save(seq.state_dict(), run / "sequence_final.pt")
 
-    ops, val_metrics = validate(seq, emb, logits, cache, val_idx)
+    if val_idx:
+        ops, val_metrics = validate(seq, emb, logits, cache, val_idx)
+    elif cfg.ops_from:  # every patient trained; the points come from the cross-validation
+        cv = json.loads(Path(cfg.ops_from).read_text())
+        ops, val_metrics = cv["operating_points"], {"cross_validation": cv["summary"]}
+    else:
+        raise ValueError("no validation patients (val_fraction 0) and no --ops-from report to take operating points from")
     export_dir = Path(cfg.export_dir) if cfg.export_dir else run / "triton"
     exp = export_repository(cnn, seq, cfg.size, export_dir)
     wall = time.monotonic() - t_start
     card = ModelCard(
-        name="ich-triage-synthetic",
+        name="ich-triage-ctich" if cfg.fmt == "physionet-ich" else "ich-triage-synthetic",
         version=datetime.now(UTC).strftime("%Y.%m.%d.%H%M"),
         device_uid=generate_uid(),
         created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -335,6 +390,7 @@ def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Call
         input_size=cfg.size,
         windows={w: WINDOWS[w] for _, w in channel_plan(cfg.variant, cfg.windows)},
         channel_plan=tuple(channel_plan(cfg.variant, cfg.windows)),
+        crop=cfg.crop,
         embedding_dim=exp["embedding_dim"],
         feature_channels=exp["feature_channels"],
         feature_map_size=exp["feature_map_size"],
@@ -353,22 +409,49 @@ def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Call
             "train_series": len(train_idx),
             "validation_series": len(val_idx),
             "split": "patient-grouped",
+            "datasets": dataset_counts(cfg, cache),
             "unreadable_files": index.unreadable,
             "failed_series": cache.meta.get("failed_series", 0),
             "epochs": len(cnn_hist),
             "cnn_loss_per_epoch": cnn_hist,
             "sequence_loss_first_last": [seq_hist[0], seq_hist[-1]] if seq_hist else [],
-            "config": {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "cache_dir", "export_dir", "labels_csv")},
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "cache_dir", "export_dir", "labels_csv", "synth_data", "ops_from")},
             "wall_time_s": {"total": round(wall, 1), "preprocess_cache": round(t_cache, 1)},
             "loss": "BCE weighted as the RSNA 2019 metric (any x2)",
         },
-        intended_use=INTENDED_USE,
+        intended_use=INTENDED_USE if cfg.fmt == "synth" else INTENDED_USE_RESEARCH,
     )
     write_model_card(card, export_dir / "model_card.json")
     summary = {"run": str(run), "export": str(export_dir), "cnn_loss": cnn_hist, "sequence_loss": seq_hist, "validation": val_metrics, "wall_s": wall}
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     log.info("training_done", wall_s=round(wall, 1), val_series=len(val_idx))
     return summary
+
+
+def dataset_counts(cfg: TrainConfig, cache: CachedSet) -> list[dict]:
+    """What the model card says of each data set the weights saw: patients, slices, positives."""
+    out = []
+    for synthetic in (False, True):
+        idx = [i for i, k in enumerate(cache.patient_keys) if k.startswith(SYNTH_PREFIX) == synthetic]
+        if not idx:
+            continue
+        y = cache.study_labels()[idx]
+        rows = subset_slices(cache, idx)
+        if synthetic or cfg.fmt == "synth":
+            about: dict = {"name": "synthetic head-CT phantoms (triage-node synth)", "licence": "generated by this project"}
+        elif cfg.fmt == "physionet-ich":
+            about = dict(physionet.DATASET)
+        else:
+            about = {"name": cfg.data_description or cfg.fmt}
+        out.append({
+            **about,
+            "patients": len({cache.patient_keys[i] for i in idx}),
+            "series": len(idx),
+            "positive_series": {c: int(y[:, k].sum()) for k, c in enumerate(CLASSES)},
+            "slices": int(len(rows)),
+            "positive_slices": int((cache.labels[rows, 0] > 0).sum()),
+        })
+    return out
 
 
 @dataclass

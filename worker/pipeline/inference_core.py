@@ -14,6 +14,8 @@ import numpy as np
 
 from triage_node import CLASSES
 from worker.model.card import ModelCard
+from worker.pipeline.input_frame import InputFrame
+from worker.pipeline.preprocess import series_inputs
 
 SliceFn = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 SequenceFn = Callable[[np.ndarray], np.ndarray]
@@ -62,6 +64,11 @@ def aggregate(slice_probs: np.ndarray, rule: str = "max") -> np.ndarray:
     if rule != "max":
         raise ValueError(f"unknown aggregation {rule!r}")
     return np.asarray(slice_probs, dtype=np.float64).max(axis=0)
+
+
+def card_inputs(volume, card: ModelCard) -> tuple[np.ndarray, InputFrame]:
+    """The inputs the card's models expect for a volume (channel plan, windows, size, framing), and their frame."""
+    return series_inputs(volume, card.channel_plan, card.windows, card.input_size, card.crop)
 
 
 def run_study(

@@ -31,6 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from triage_node import CLASSES
 from triage_node.logs import get_logger
+from worker.pipeline.input_frame import InputFrame
 from worker.pipeline.sr import (
     MANUFACTURER,
     OVERLAY_SERIES_NUMBER,
@@ -104,18 +105,22 @@ def overlay_keys(key_slices: Mapping[str, Sequence[int]]) -> list[tuple[str, int
 
 
 def compute_heatmaps(
-    features: np.ndarray, head_weight: np.ndarray, key_slices: Mapping[str, Sequence[int]], size: int
+    features: np.ndarray,
+    head_weight: np.ndarray,
+    key_slices: Mapping[str, Sequence[int]],
+    frame: InputFrame,
+    shape: tuple[int, int],
 ) -> dict[tuple[str, int], np.ndarray]:
-    """CAM heat map [size, size] (0..1) for each overlay, from the CNN feature maps.
+    """CAM heat map [H, W] (0..1, on the slice grid) for each overlay, from the CNN feature maps.
 
     ``features`` [N, C, h, w] and ``head_weight`` [6, C] come from the prediction and the
-    model card (``card.head_weights()[0]``); the maps are in the model input frame (the
-    slice padded square, then resized), which :func:`render_overlay` undoes.
+    model card (``card.head_weights()[0]``); each map is computed in the model's input
+    ``frame`` and placed back on the slice's ``shape`` (rows, columns).
     """
     from worker.pipeline.explain import cam
 
     return {
-        (name, i): cam(features[i], head_weight[CLASSES.index(name)], size)
+        (name, i): frame.to_image(cam(features[i], head_weight[CLASSES.index(name)], frame.side), shape)
         for name, i in overlay_keys(key_slices)
     }
 
@@ -131,7 +136,7 @@ def heat_to_image_frame(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Map a heat map to the image frame [H, W].
 
     A square map of another size is taken to be in the model input frame (the image padded
-    to a centred square, as ``preprocess._square`` does, then resized): it is resized to the
+    to a centred square, as ``InputFrame.centred`` frames it, then resized): it is resized to the
     square side and the padding is cropped. A map already [H, W] is returned as is.
     """
     h, w = shape

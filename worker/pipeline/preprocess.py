@@ -23,16 +23,19 @@ from typing import Literal
 
 import numpy as np
 import pydicom
-from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 
 from triage_node.logs import get_logger
+from worker.pipeline.input_frame import HEAD_WINDOW, SEARCH_STEP, InputFrame, find_head_frame, plan_inputs
 
 log = get_logger(__name__)
 
 #: Named windows as (center, width) in HU.
 WINDOWS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
+    # the brain window of the CT-ICH images (Hssayeni et al. 2020), which the shipped
+    # weights were trained on; its -20..100 HU range holds fresh blood (50-90 HU)
+    "brain_wide": (40.0, 120.0),
     "subdural": (80.0, 200.0),
     "bone": (600.0, 2800.0),
     "soft_tissue": (40.0, 380.0),
@@ -42,6 +45,8 @@ DEFAULT_WINDOWS: tuple[str, str, str] = ("brain", "subdural", "bone")
 Variant = Literal["windows", "adjacent", "mixed"]
 VARIANTS: tuple[str, ...] = ("windows", "adjacent", "mixed")
 AIR_HU = -1024.0
+Crop = Literal["centred", "head"]
+CROPS: tuple[str, ...] = ("centred", "head")
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 
 
@@ -236,33 +241,17 @@ def load_series(items: Iterable[str | os.PathLike | Dataset]) -> Volume:
     )
 
 
-def _square(img: np.ndarray, fill: float) -> np.ndarray:
-    h, w = img.shape
-    if h == w:
-        return img
-    s = max(h, w)
-    out = np.full((s, s), fill, dtype=img.dtype)
-    y, x = (s - h) // 2, (s - w) // 2
-    out[y : y + h, x : x + w] = img
-    return out
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape == (size, size):
-        return img.astype(np.float32, copy=False)
-    return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
-
-
 def channel_plan(variant: str, windows: Sequence[str] = DEFAULT_WINDOWS) -> list[tuple[int, str]]:
     """(slice offset, window name) for each of the three channels of a variant.
 
-    ``windows``: one slice in three windows; ``adjacent``: slices s-1, s, s+1 in the brain
-    window; ``mixed``: s-1 brain, s subdural, s+1 bone.
+    ``windows``: one slice in three windows; ``adjacent``: slices s-1, s, s+1 in the first
+    window of ``windows`` (the brain window by default); ``mixed``: s-1 brain, s subdural, s+1 bone.
     """
     if variant == "windows":
         return [(0, w) for w in windows]
-    if variant == "adjacent":
-        return [(-1, "brain"), (0, "brain"), (1, "brain")]
+    if variant == "adjacent":  # in the first window named (the brain window by default)
+        w = windows[0] if windows else "brain"
+        return [(-1, w), (0, w), (1, w)]
     if variant == "mixed":
         return [(-1, "brain"), (0, "subdural"), (1, "bone")]
     raise ValueError(f"unknown input variant {variant!r}; expected one of {VARIANTS}")
@@ -283,30 +272,44 @@ def make_inputs(
     variant : {"windows", "adjacent", "mixed"}
         Channel layout (see :func:`channel_plan`); neighbours at the ends repeat the edge slice.
     size : int
-        Output side; non-square slices are padded with air, then resized bilinearly
-        (windowing happens before resizing).
+        Output side; non-square slices are padded with air to a centred square, then
+        resized bilinearly (windowing happens before resizing).
 
     Returns
     -------
     ndarray, float32 [Z, 3, size, size] in 0..1
     """
     hu = volume.hu if isinstance(volume, Volume) else np.asarray(volume, dtype=np.float32)
-    plan = channel_plan(variant, windows)
-    z = hu.shape[0]
-    out = np.empty((z, 3, size, size), dtype=np.float32)
-    cache: dict[tuple[int, str], np.ndarray] = {}
-    for s in range(z):
-        for c, (offset, name) in enumerate(plan):
-            idx = min(max(s + offset, 0), z - 1)
-            key = (idx, name)
-            if key not in cache:
-                center, width = WINDOWS[name]
-                cache[key] = _resize(window(_square(hu[idx], AIR_HU), center, width), size)
-            out[s, c] = cache[key]
-        # neighbours beyond s-1 are no longer needed
-        for key in [k for k in cache if k[0] < s - 1]:
-            del cache[key]
-    return out
+    inputs, _ = series_inputs(hu, channel_plan(variant, windows), WINDOWS, size, "centred")
+    return inputs
+
+
+def series_frame(hu: np.ndarray, crop: Crop) -> InputFrame:
+    """The input frame of a HU volume [Z, H, W] (see :mod:`worker.pipeline.input_frame`)."""
+    if crop == "centred":
+        return InputFrame.centred(*hu.shape[1:])
+    if crop != "head":
+        raise ValueError(f"unknown crop {crop!r}; expected one of {CROPS}")
+    small = window(hu[:, ::SEARCH_STEP, ::SEARCH_STEP], *HEAD_WINDOW)
+    return find_head_frame(small, *hu.shape[1:])
+
+
+def series_inputs(
+    volume: Volume | np.ndarray,
+    plan: Sequence[tuple[int, str]],
+    windows: dict[str, tuple[float, float]],
+    size: int,
+    crop: Crop = "centred",
+) -> tuple[np.ndarray, InputFrame]:
+    """CNN inputs [Z, 3, size, size] of a HU volume for an explicit channel plan, and their frame.
+
+    ``windows`` maps each window name of ``plan`` to (center, width) in HU (a model card's
+    ``windows``); ``crop`` chooses the framing (the card's ``crop``).
+    """
+    hu = volume.hu if isinstance(volume, Volume) else np.asarray(volume, dtype=np.float32)
+    frame = series_frame(hu, crop)
+    inputs = plan_inputs(lambda i, name: window(hu[i], *windows[name]), hu.shape[0], plan, size, frame)
+    return inputs, frame
 
 
 def series_paths(directory: str | os.PathLike) -> list[Path]:

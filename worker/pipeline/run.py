@@ -309,12 +309,13 @@ class WrittenObjects:
         return [*zip(self.overlay_sop_uids, self.overlay_paths, strict=True), (self.sr_sop_uid, self.sr_path)]
 
 
-def write_objects(ctx: WorkerContext, claim_: _Claim, volume: Any, prediction: Any) -> WrittenObjects:
+def write_objects(ctx: WorkerContext, claim_: _Claim, volume: Any, prediction: Any, frame: Any) -> WrittenObjects:
     """Key slices, heat maps, the overlay series and the SR, written under ``results/<job_id>/``.
 
     Key slices are the top ``settings.key_slices_per_class`` slices of each positive
     class (:func:`worker.pipeline.overlay.select_key_slices`); each gets a CAM heat map
-    (:func:`worker.pipeline.overlay.compute_heatmaps`) and one Secondary Capture image.
+    (:func:`worker.pipeline.overlay.compute_heatmaps`, on the slice grid through the
+    input ``frame``) and one Secondary Capture image.
     All UIDs derive from (study, series, job id, version).
     """
     from worker.pipeline.overlay import build_overlays, compute_heatmaps, overlay_keys, select_key_slices
@@ -329,7 +330,7 @@ def write_objects(ctx: WorkerContext, claim_: _Claim, volume: Any, prediction: A
     out_dir = ctx.results_dir / str(claim_.job_id)
     key_slices = select_key_slices(prediction.slice_probs, prediction.decision, ctx.settings.key_slices_per_class)
     keys = overlay_keys(key_slices)
-    heatmaps = compute_heatmaps(prediction.features, ctx.head_weight, key_slices, card.input_size)
+    heatmaps = compute_heatmaps(prediction.features, ctx.head_weight, key_slices, frame, volume.hu.shape[1:])
     overlay_series_uid = object_uid(*base, "overlay-series")
     overlays = build_overlays(
         volume.datasets, volume.hu, prediction, card, key_slices, heatmaps,
@@ -476,8 +477,8 @@ def run_job(ctx: WorkerContext, job_id: int, version: int, *, task_id: str | Non
     worker.inference.BackendUnavailable, sqlalchemy.exc.OperationalError
         Transient; the task retries with backoff.
     """
-    from worker.pipeline.inference_core import run_study
-    from worker.pipeline.preprocess import load_series, make_inputs
+    from worker.pipeline.inference_core import card_inputs, run_study
+    from worker.pipeline.preprocess import load_series
 
     claimed = claim(ctx, job_id, version, task_id)
     if isinstance(claimed, JobOutcome):
@@ -486,11 +487,7 @@ def run_job(ctx: WorkerContext, job_id: int, version: int, *, task_id: str | Non
     t0 = time.perf_counter()
     volume = load_series(claimed.paths)
     card = ctx.card
-    windows = card.window_names() if card.input_variant == "windows" else None
-    inputs = (
-        make_inputs(volume, card.input_variant, card.input_size, windows=windows)
-        if windows else make_inputs(volume, card.input_variant, card.input_size)
-    )
+    inputs, frame = card_inputs(volume, card)
     t1 = time.perf_counter()
     prediction = run_study(
         inputs, ctx.backend.slice_fn, ctx.backend.sequence_fn, card,
@@ -498,7 +495,7 @@ def run_job(ctx: WorkerContext, job_id: int, version: int, *, task_id: str | Non
     )
     inferred = _now()
     t2 = time.perf_counter()
-    written = write_objects(ctx, claimed, volume, prediction)
+    written = write_objects(ctx, claimed, volume, prediction, frame)
     reported = _now()
     t3 = time.perf_counter()
     state = record(ctx, claimed, volume, prediction, written,
