@@ -95,7 +95,7 @@ def evaluate(
     model: Path = typer.Option(..., "--model", help="Triton model repository with model_card.json (e.g. deploy/triton)."),
     data: Path = typer.Option(..., "--data", help="Labelled dataset folder."),
     out: Path = typer.Option(..., "--out", help="Report folder (report.md, report.json, PNG curves)."),
-    fmt: str = typer.Option("synth", "--format", help="synth | rsna"),
+    fmt: str = typer.Option("synth", "--format", help="synth | rsna | physionet-ich"),
     labels_csv: Path = typer.Option(None, help="Label CSV if not the format's default."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for AUC intervals."),
     data_note: str = typer.Option("", help="Description of the data for the report."),

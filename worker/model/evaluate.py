@@ -1,7 +1,8 @@
 """Evaluation report of a served model repository on a labelled dataset.
 
-The evaluation runs the serving path end to end: DICOM files -> :func:`load_series` ->
-:func:`make_inputs` (card's variant and size) -> ONNX Runtime -> :func:`run_study`. It reports
+The evaluation runs the serving path end to end: DICOM files (or CT-ICH JPEGs) ->
+:func:`record_inputs` (the card's channel plan, windows, size and framing) -> ONNX Runtime ->
+:func:`run_study`. It reports
 per-class slice- and study-level AUC-ROC / AUC-PR with 95% bootstrap intervals, sensitivity
 and specificity with Clopper-Pearson intervals at the card's two operating points (chosen on
 validation data at training time, never here), RSNA-weighted log loss, the CNN-only vs
@@ -20,9 +21,9 @@ from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.model import metrics as M
 from worker.model.card import ModelCard, json_safe, load_model_card, write_model_card
-from worker.model.data import index_dataset
+from worker.model.data import index_dataset, record_inputs
 from worker.pipeline.inference_core import onnx_callables, run_study
-from worker.pipeline.preprocess import SeriesError, load_series, make_inputs
+from worker.pipeline.preprocess import SeriesError
 
 log = get_logger(__name__)
 
@@ -36,13 +37,12 @@ def predict_dataset(model_dir: str | Path, data: str | Path, fmt: str = "synth",
     failed = 0
     for k, rec in enumerate(index.series):
         try:
-            vol = load_series(rec.paths)
+            x, sop_uids, _, _ = record_inputs(rec, card.channel_plan, card.windows, card.input_size, card.crop)
         except (SeriesError, ValueError, OSError, AttributeError, RuntimeError):
             failed += 1
             continue
-        x = make_inputs(vol, variant=card.input_variant, size=card.input_size, windows=card.window_names() if card.input_variant == "windows" else ("brain", "subdural", "bone"))
         pred = run_study(x, slice_fn, sequence_fn, card)
-        y = np.stack([index.labels[s] for s in vol.sop_uids]).astype(np.uint8)
+        y = np.stack([index.labels[s] for s in sop_uids]).astype(np.uint8)
         slice_y.append(y)
         slice_seq.append(pred.slice_probs)
         slice_cnn.append(pred.cnn_slice_probs)
@@ -90,7 +90,7 @@ def compute_report(pred: dict, n_boot: int = 1000, seed: int = 0) -> dict:
         thr = card.thresholds(op)
         operating[op] = {c: M.sens_spec(sy[:, k], sp[:, k], thr[k]) for k, c in enumerate(CLASSES)}
     return {
-        "model": {"name": card.name, "version": card.version, "device_uid": card.device_uid, "backbone": card.backbone, "input_variant": card.input_variant, "input_size": card.input_size},
+        "model": {"name": card.name, "version": card.version, "device_uid": card.device_uid, "backbone": card.backbone, "input_variant": card.input_variant, "input_size": card.input_size, "intended_use": card.intended_use, "thresholds": card.threshold_source},
         "n_studies": int(sy.shape[0]),
         "n_slices": int(pred["slice_y"].shape[0]),
         "unreadable_files": pred["unreadable_files"],
@@ -158,7 +158,7 @@ def render_markdown(rep: dict, figures: list[str], data_note: str) -> str:
     lines = [
         "# Evaluation report: ICH slice CNN + sequence model",
         "",
-        "> Trained on synthetic phantoms, for verifying the pipeline. **Not for clinical use.**",
+        f"> {rep['model'].get('intended_use', 'Not for clinical use.')}",
         "",
         f"Model `{m['name']}` version {m['version']}, Device UID `{m['device_uid']}`; backbone {m['backbone']}, "
         f"input variant `{m['input_variant']}` at {m['input_size']} px; study probability = {rep['study_aggregation']} over slices.",
@@ -179,7 +179,7 @@ def render_markdown(rep: dict, figures: list[str], data_note: str) -> str:
         s, k = rep["slice_level"][c], rep["slice_level_cnn_only"][c]
         lines.append(f"| {c} | {s['n_pos']}/{s['n']} | {_fmt_ci(s['auc_roc'], s['auc_roc_ci95'])} | {_fmt_ci(s['auc_pr'], s['auc_pr_ci95'])} | {_fmt_ci(k['auc_roc'], k['auc_roc_ci95'])} | {_fmt_ci(k['auc_pr'], k['auc_pr_ci95'])} |")
     for op, title in (("high_sensitivity", "High-sensitivity operating point"), ("balanced", "Balanced operating point")):
-        lines += ["", f"## {title} (study level, thresholds from validation data)", "", "| class | threshold | sensitivity (95% CI) | specificity (95% CI) | TP/FN/TN/FP |", "|---|---|---|---|---|"]
+        lines += ["", f"## {title} (study level, thresholds: {m.get('thresholds', 'model card')})", "", "| class | threshold | sensitivity (95% CI) | specificity (95% CI) | TP/FN/TN/FP |", "|---|---|---|---|---|"]
         for c in CLASSES:
             r = rep["operating_points"][op][c]
             lines.append(f"| {c} | {r['threshold']:.4f} | {_fmt_ci(r['sensitivity'], r['sensitivity_ci'])} | {_fmt_ci(r['specificity'], r['specificity_ci'])} | {r['tp']}/{r['fn']}/{r['tn']}/{r['fp']} |")
