@@ -204,3 +204,30 @@ def test_fold_thresholds_never_come_from_the_fold_itself():
     got = fold_thresholded({"study_y": y, "study_seq": p, "fold": np.array([0, 0, 0, 0, 1, 1, 1, 1])})
     r = got["high_sensitivity"]["any"]
     assert (r["tp"], r["fn"]) == (2, 2)
+
+
+@pytest.mark.parametrize("n_slices", [1, 2])
+def test_short_studies_get_a_sensible_answer_from_the_shipped_model(n_slices, synthetic_series):
+    """A study of one or two slices: inputs with repeated edges, a sequence model that corrects, not overturns."""
+    from triage_node.config import DEFAULT_MODEL_CARD, DEFAULT_MODEL_REPOSITORY
+    from worker.model.card import load_model_card
+    from worker.pipeline.inference_core import card_inputs, onnx_callables, run_study
+
+    card = load_model_card(DEFAULT_MODEL_CARD)
+    slice_fn, sequence_fn = onnx_callables(str(DEFAULT_MODEL_REPOSITORY.parent), threads=1)
+    vol = load_series(synthetic_series)
+    full = run_study(card_inputs(vol, card)[0], slice_fn, sequence_fn, card)
+    k = min(int(np.argmax(full.cnn_slice_probs[:, 0])), vol.n_slices - n_slices)
+    wanted = set(vol.sop_uids[k : k + n_slices])  # the slices around the most suspicious one
+    short_vol = load_series([p for p in synthetic_series if pydicom_uid(p) in wanted])
+    short = run_study(card_inputs(short_vol, card)[0], slice_fn, sequence_fn, card)
+    assert short.slice_probs.shape == (n_slices, 6) and np.isfinite(short.study_probs).all()
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    gap = np.abs(logit(np.clip(short.slice_probs, 1e-6, 1 - 1e-6)) - logit(np.clip(short.cnn_slice_probs, 1e-6, 1 - 1e-6)))
+    assert gap.max() < 4.0, gap
+
+
+def pydicom_uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)

@@ -14,8 +14,9 @@ Measurement Report:
   the study probability as a measurement (TID 300, DCM 122157 "Probability", UCUM "1"),
   the key source slices as "Source of Measurement" images (TID 1501 row 11), and the
   overlay images as "Best illustration of finding" (DCM 121080; TID 1501 is extensible).
-- A Comment (DCM 121106) saying the weights were trained on synthetic phantoms, when the
-  model card says so.
+- A Comment (DCM 121106) saying what the weights are for: pipeline verification only when
+  the model card's intended use says they come from synthetic phantoms, otherwise research
+  use only, not a medical device, not for clinical use.
 
 The header carries VerificationFlag UNVERIFIED (PS3.3 C.17.2), the source's Study Instance
 UID, a new Series, and a Contributing Equipment Sequence item (PS3.3 C.12.1) that names the
@@ -175,15 +176,25 @@ def reference_header(ds: Dataset) -> Dataset:
 
 
 def trained_on_synthetic(card: CardLike) -> bool:
-    """True when the model card says its weights come from synthetic phantoms."""
-    texts = [getattr(card, "intended_use", "") or "", str(getattr(card, "training", "") or "")]
-    return any("synthetic" in t.lower() for t in texts)
+    """True when the model card's intended use says its weights come from synthetic phantoms only.
+
+    The intended use decides, not the training record: real weights may have seen phantoms
+    as extra data and are not pipeline-verification weights for that.
+    """
+    return "synthetic" in (getattr(card, "intended_use", "") or "").lower()
 
 
 def synthetic_notice(card: CardLike) -> str:
     return (
         f"Model {card.name} {card.version} was trained on synthetic phantoms for pipeline "
         "verification only; not for clinical use. Findings are unverified."
+    )
+
+
+def research_notice(card: CardLike) -> str:
+    return (
+        f"Model {card.name} {card.version}: research use only. Not a medical device, not for "
+        "clinical use or diagnosis; findings are unverified and every study must still be read."
     )
 
 
@@ -364,14 +375,13 @@ def build_sr(
         procedure_reported=PROCEDURE_CT_HEAD,
         imaging_measurements=groups,
     )
-    if trained_on_synthetic(card):
-        report[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=COMMENT,
-                value=synthetic_notice(card),
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
+    report[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=COMMENT,
+            value=synthetic_notice(card) if trained_on_synthetic(card) else research_notice(card),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
+    )
 
     referenced = [sources[i] for i in sorted({int(i) for v in key_slices.values() for i in v})]
     evidence = [sources[0], *referenced, *overlays]
