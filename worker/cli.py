@@ -10,6 +10,7 @@ import typer
 COMMAND_MODULES: tuple[str, ...] = (
     "worker.model.cli",
     "worker.model.calibrate_cli",
+    "worker.model.explain_cli",
     "worker.worker_cli",
     "worker.inference.triton_cli",
     "worker.outbox_cli",

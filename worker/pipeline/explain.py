@@ -10,8 +10,16 @@ closed form for the same head: see :func:`cam_pp`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image
+
+from triage_node import CLASSES
+
+if TYPE_CHECKING:
+    from worker.pipeline.input_frame import InputFrame
 
 
 def _upsample(m: np.ndarray, size: int) -> np.ndarray:
@@ -69,6 +77,49 @@ def cam_pp(features: np.ndarray, class_weights: np.ndarray, size: int) -> np.nda
     weights = hw * alpha * np.maximum(g, 0.0)
     m = np.maximum(np.tensordot(weights, f, axes=(0, 0)), 0.0)
     return _normalise(_upsample(m.astype(np.float32), size))
+
+
+#: Heat-map methods by the name ``triage-node explain --method`` takes.
+METHODS: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {"cam": cam, "campp": cam_pp}
+
+
+def slice_heatmaps(
+    features: np.ndarray,
+    head_weight: np.ndarray,
+    frame: InputFrame,
+    shape: tuple[int, int],
+    classes: Sequence[str] = CLASSES,
+    method: str = "cam",
+) -> dict[str, np.ndarray]:
+    """Heat maps of one slice on the slice's own grid, one per class.
+
+    Parameters
+    ----------
+    features : ndarray [C, h, w]
+        The ``features`` output of the slice CNN for this slice.
+    head_weight : ndarray [6, C]
+        The linear head's weight (``card.head_weights()[0]``), rows in CLASSES order.
+    frame : InputFrame
+        The part of the slice the CNN saw; the map is computed at ``frame.side`` and placed
+        back with :meth:`InputFrame.to_image` (zero outside the frame).
+    shape : (rows, columns)
+        The slice's Rows x Columns.
+    classes : sequence of str
+        Class names to map.
+    method : {"cam", "campp"}
+        :func:`cam` or :func:`cam_pp`.
+
+    Returns
+    -------
+    dict
+        ``{class: float32 [rows, columns] in 0..1}`` in the order of ``classes``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    fn = METHODS[method]
+    w = np.asarray(head_weight, dtype=np.float32)
+    shape = (int(shape[0]), int(shape[1]))
+    return {name: frame.to_image(fn(features, w[CLASSES.index(name)], frame.side), shape) for name in classes}
 
 
 def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:

@@ -117,10 +117,10 @@ def compute_heatmaps(
     model card (``card.head_weights()[0]``); each map is computed in the model's input
     ``frame`` and placed back on the slice's ``shape`` (rows, columns).
     """
-    from worker.pipeline.explain import cam
+    from worker.pipeline.explain import slice_heatmaps
 
     return {
-        (name, i): frame.to_image(cam(features[i], head_weight[CLASSES.index(name)], frame.side), shape)
+        (name, i): slice_heatmaps(features[i], head_weight, frame, shape, (name,))[name]
         for name, i in overlay_keys(key_slices)
     }
 
