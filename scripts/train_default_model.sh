@@ -19,7 +19,7 @@ CTICH=${1:?usage: scripts/train_default_model.sh CTICH_DIR [WORK_DIR]}
 WORK=${2:-${TMPDIR:-/tmp}/ich-default-model}
 TN=${TN:-.venv/bin/triage-node}
 FOLDS=${FOLDS:-5}
-MAX_MINUTES=${MAX_MINUTES:-6}   # CNN time budget per fold and for the final model
+MAX_MINUTES=${MAX_MINUTES:-10}   # CNN time budget per fold and for the final model
 # OpenMP threads that sleep instead of spinning: much faster on a shared 2-core box
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 start=$(date +%s)
@@ -32,9 +32,9 @@ t_data=$(date +%s)
 
 # --resume: a run cut short continues (finished folds are kept, a fold continues from its checkpoint)
 $TN train --data "$CTICH" --format physionet-ich --out "$WORK/run" --resume \
-  --backbone resnet-ich --variant adjacent --window brain_wide --crop head --size 160 \
-  --synth-data "$WORK/synth-train" --synth-share 0.2 --positive-oversample 3 \
-  --cv "$FOLDS" --max-minutes "$MAX_MINUTES" --epochs 30 --batch-size 32 --lr 2e-3 --seq-epochs 20 --seed 0 --threads 2 \
+  --backbone resnet-ich --variant adjacent --window brain_wide --crop head --size 128 \
+  --synth-data "$WORK/synth-train" --synth-share 0.15 --positive-oversample 3 \
+  --cv "$FOLDS" --max-minutes "$MAX_MINUTES" --epochs 60 --batch-size 32 --lr 2e-3 --seq-epochs 20 --seed 0 --threads 2 \
   --report-dir docs/model --export-dir deploy/triton \
   --data-description "PhysioNet CT-ICH 1.0.0 (82 patients, CC BY 4.0) + 48 synthetic phantom studies (seed 11)" \
   2>&1 | tee "$WORK/train.log"
