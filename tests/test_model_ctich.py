@@ -8,6 +8,7 @@ The parity test renders a synthetic DICOM series into CT-ICH-style JPEGs (brain 
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +232,22 @@ def pydicom_uid(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_evaluate_reads_the_physionet_layout_with_the_shipped_model(tmp_path, synthetic_series):
+    """`triage-node evaluate --format physionet-ich` on CT-ICH-style JPEGs, through the serving path."""
+    import json
+
+    vol = load_series(synthetic_series)
+    jpegs = [window(s, *physionet.JPEG_WINDOW) for s in vol.hu]
+    write_ctich(tmp_path / "data", {49: jpegs, 50: jpegs[::-1]}, {(49, n): {"Epidural": 1} for n in (10, 11)})
+    out = tmp_path / "report"
+    tn = Path(sys.executable).parent / "triage-node"
+    done = subprocess.run([str(tn), "evaluate", "--model", str(ROOT / "deploy" / "triton"), "--data", str(tmp_path / "data"),
+                           "--format", "physionet-ich", "--out", str(out), "--n-boot", "20", "--threads", "1"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["n_studies"] == 2 and rep["failed_series"] == 0
+    assert rep["study_level"]["any"]["n_pos"] == 1 and rep["n_slices"] == 2 * vol.n_slices
+    assert (out / "report.md").is_file() and (out / "study_roc.png").is_file()

@@ -8,8 +8,8 @@ per class:
 
 - ``high_sensitivity``: the best specificity whose sensitivity on the sample reaches the
   target (default 0.90), at the lowest threshold that gives it
-  (:func:`target_sensitivity_point`). Not :func:`worker.model.metrics.high_sensitivity_point`,
-  whose specificity floors are the training rule: a site states the sensitivity it needs.
+  (:func:`worker.model.metrics.target_sensitivity_point`, the rule the card's own point was
+  chosen by, at the sensitivity the site states).
 - ``balanced``: :func:`worker.model.metrics.balanced_point` (highest Youden index with
   sensitivity >= 0.85), the rule the card's own point was chosen by.
 
@@ -34,6 +34,7 @@ import numpy as np
 from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.model import metrics as M
+from worker.model.metrics import target_sensitivity_point
 from worker.model.card import OPERATING_POINTS, ModelCard, json_safe, load_model_card
 from worker.model.site import SITE_FILE, Sample, SiteThresholds, thresholds_digest
 
@@ -62,21 +63,6 @@ def min_positives_for(target_sensitivity: float) -> int:
     if not 0.0 < target_sensitivity < 1.0:
         raise ValueError(f"target sensitivity must be between 0 and 1, got {target_sensitivity}")
     return math.ceil(round(1.0 / (1.0 - target_sensitivity), 9))
-
-
-def target_sensitivity_point(y: np.ndarray, p: np.ndarray, target: float) -> M.OperatingPoint:
-    """Best specificity with sensitivity >= ``target``; of the thresholds that give it, the lowest.
-
-    Thresholds are observed scores (``p >= t`` is positive), as in :mod:`worker.model.metrics`.
-    The lowest threshold with that specificity has the highest sensitivity on the sample and
-    leaves the most room for positives that score lower on new studies.
-    """
-    fpr, tpr, thr = M.roc_points(y, p)
-    first = int(np.argmax(tpr >= target - 1e-9))  # thresholds run high -> low, sensitivity grows
-    i = int(np.nonzero(fpr <= fpr[first])[0][-1])  # false positives grow along them too
-    s = M.sens_spec(y, p, thr[i])
-    return M.OperatingPoint(float(thr[i]), s["sensitivity"], s["specificity"],
-                            f"max specificity with sensitivity >= {target:.2f}, then max sensitivity")
 
 
 def _result(y: np.ndarray, p: np.ndarray, threshold: float, source: str) -> dict:

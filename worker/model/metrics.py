@@ -181,6 +181,26 @@ def high_sensitivity_point(y: np.ndarray, p: np.ndarray) -> OperatingPoint:
     return OperatingPoint(float(thr[i]), float(sens[i]), float(spec[i]), "no threshold reaches specificity 0.70")
 
 
+#: Sensitivity the ``high_sensitivity`` operating point of a trained model aims at.
+HIGH_SENSITIVITY_TARGET = 0.90
+
+
+def target_sensitivity_point(y: np.ndarray, p: np.ndarray, target: float = HIGH_SENSITIVITY_TARGET) -> OperatingPoint:
+    """Best specificity with sensitivity >= ``target``; of the thresholds that give it, the lowest.
+
+    Thresholds are observed scores (``p >= t`` is positive). The lowest threshold with that
+    specificity has the highest sensitivity on the sample and leaves the most room for
+    positives that score lower on new studies. This is the ``high_sensitivity`` point of a
+    trained model (target 0.90) and of a site calibration (the site's target).
+    """
+    fpr, tpr, thr = roc_points(y, p)
+    first = int(np.argmax(tpr >= target - 1e-9))  # thresholds run high -> low, sensitivity grows
+    i = int(np.nonzero(fpr <= fpr[first])[0][-1])  # false positives grow along them too
+    s = sens_spec(y, p, thr[i])
+    return OperatingPoint(float(thr[i]), s["sensitivity"], s["specificity"],
+                          f"max specificity with sensitivity >= {target:.2f}, then max sensitivity")
+
+
 def balanced_point(y: np.ndarray, p: np.ndarray) -> OperatingPoint:
     """Highest Youden index (sensitivity + specificity - 1) with sensitivity >= 0.85."""
     y, p = _check(y, p)

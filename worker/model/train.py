@@ -279,7 +279,7 @@ def choose_operating_points(study_y: np.ndarray, study_p: np.ndarray) -> dict[st
         if y.all() or not y.any():  # cannot choose: fall back to 0.5
             ops["high_sensitivity"][c] = ops["balanced"][c] = 0.5
             continue
-        ops["high_sensitivity"][c] = M.high_sensitivity_point(y, p).threshold
+        ops["high_sensitivity"][c] = M.target_sensitivity_point(y, p).threshold
         ops["balanced"][c] = M.balanced_point(y, p).threshold
     return ops
 
