@@ -79,19 +79,20 @@ def test_triton_backend_on_the_gpu_repository_matches_onnxruntime(triton_server)
     card = load_model_card(DEFAULT_MODEL_CARD)
     backend = TritonBackend(server.grpc_url, timeout=30)
     try:
-        backend.check(card)  # metadata shapes [-1, 3, 128, 128] etc. match the card
+        backend.check(card)  # metadata shapes [-1, 3, S, S] etc. match the card
+        size = card.input_size
         specs = backend.served_specs()["ich_slice_cnn"]["inputs"]
-        assert [s.shape for s in specs] == [(-1, 3, 128, 128)]
+        assert [s.shape for s in specs] == [(-1, 3, size, size)]
 
         rng = np.random.default_rng(3)
-        batches = [rng.standard_normal((n, 3, 128, 128)).astype(np.float32) for n in (8, 8, 5, 1)]
+        batches = [rng.standard_normal((n, 3, size, size)).astype(np.float32) for n in (8, 8, 5, 1)]
         with ThreadPoolExecutor(4) as pool:  # concurrent requests, as several workers send them
             got = list(pool.map(backend.slice_fn, batches))
-        sequence = rng.standard_normal((1, 9, 198)).astype(np.float32)
+        sequence = rng.standard_normal((1, 9, card.embedding_dim + 6)).astype(np.float32)
         seq_logits = backend.sequence_fn(sequence)
 
         with pytest.raises(InferenceError):  # the server enforces max_batch_size
-            backend.slice_fn(np.zeros((65, 3, 128, 128), np.float32))
+            backend.slice_fn(np.zeros((65, 3, size, size), np.float32))
     finally:
         backend.close()
 

@@ -439,4 +439,5 @@ def print_worklist(result: DemoResult) -> None:
     console.print(f"Received by the local PACS ({result.received} objects): {result.pacs_dir}")
     if result.out_dir is not None:
         console.print(f"Copied, with PNG renders of the overlays and SR summaries: {result.out_dir}")
-    console.print("Synthetic model and data: pipeline verification only, not for clinical use.")
+    console.print("Synthetic phantom studies; the model is for research use only: not a medical device, "
+                  "not for clinical use.")
