@@ -21,9 +21,10 @@ from triage_node import CLASSES
 from triage_node.cli import build_app
 from triage_node.synth import write_dataset
 from worker.model.explain_run import explain_dataset, hottest_pixel, pointing_hit, read_mask
-from worker.pipeline.explain import slice_heatmaps
+from worker.pipeline.explain import blood_region, slice_heatmaps
 from worker.pipeline.input_frame import InputFrame
 from worker.pipeline.overlay import compute_heatmaps
+from worker.pipeline.preprocess import window
 
 ROOT = Path(__file__).resolve().parent.parent
 CTICH_HEADER = "PatientNumber,SliceNumber,Intraventricular,Intraparenchymal,Subarachnoid,Epidural,Subdural,No_Hemorrhage,Fracture_Yes_No"
@@ -92,12 +93,38 @@ def test_overlays_and_explain_share_the_slice_grid_maps():
     frame = InputFrame(-10, 5, 60)  # a frame that reaches beyond the slice
     maps = slice_heatmaps(features, weight, frame, (50, 70))
     assert list(maps) == list(CLASSES)
-    overlays = compute_heatmaps(features[None], weight, {"any": [0], "subdural": [0]}, frame, (50, 70))
-    np.testing.assert_array_equal(overlays[("any", 0)], maps["any"])
-    np.testing.assert_array_equal(overlays[("subdural", 0)], maps["subdural"])
+    hu = np.full((1, 50, 70), 35.0, np.float32)  # all brain: blood could be anywhere
+    overlays = compute_heatmaps(features[None], weight, {"any": [0], "subdural": [0]}, frame, hu)
+    kept = slice_heatmaps(features, weight, frame, (50, 70), where=blood_region(window(hu[0], 40, 120)))
+    np.testing.assert_array_equal(overlays[("any", 0)], kept["any"])
+    np.testing.assert_array_equal(overlays[("subdural", 0)], kept["subdural"])
     assert slice_heatmaps(features, weight, frame, (50, 70), ("any",), "campp")["any"].shape == (50, 70)
     with pytest.raises(ValueError, match="method"):
         slice_heatmaps(features, weight, frame, (50, 70), method="gradcam")
+
+
+def test_heat_stays_where_blood_can_be():
+    """Air, bone and the scalp outside the skull lose their heat; the peak moves into the brain."""
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    hu = np.full((64, 64), -1000.0, np.float32)
+    hu[r < 28] = 40.0  # scalp
+    hu[r < 26] = 1500.0  # skull
+    hu[r < 23] = 35.0  # brain
+    region = blood_region(window(hu, 40, 120))
+    assert region[32, 32] and not region[32, 56] and not region[32, 60] and not region[0, 0]  # brain, skull, scalp, air
+    # a map that peaks on the skull: restricted, its hottest pixel is inside the brain
+    features = np.zeros((1, 8, 8), np.float32)
+    features[0, 4, 7] = 1.0
+    features[0, 4, 5] = 0.6
+    frame = InputFrame(0, 0, 64)
+    free = slice_heatmaps(features, np.ones((6, 1), np.float32), frame, (64, 64), ("any",))["any"]
+    kept = slice_heatmaps(features, np.ones((6, 1), np.float32), frame, (64, 64), ("any",), where=region)["any"]
+    assert not region[hottest_pixel(free)] and region[hottest_pixel(kept)]
+    assert kept.max() == 1.0 and not kept[~region].any()
+    # a slice where the skull is open (skull base): soft tissue still counts
+    open_ring = window(np.where((r < 20) & (xx < 50), 35.0, -1000.0), 40, 120)
+    assert blood_region(open_ring).sum() == (open_ring > 0.02).sum()
 
 
 # -- synthetic DICOM through the CLI -------------------------------------------------------

@@ -30,6 +30,7 @@ def explain(
     method: str = typer.Option("cam", "--method", help="Heat map: cam | campp (Grad-CAM++)."),
     masks: Path = typer.Option(None, "--masks", help="Folder of <SOPInstanceUID>.png bleed masks (non-zero = bleed) for the pointing game."),
     tolerance: int = typer.Option(0, "--tolerance", min=0, help="Pointing game: a hit also within this many pixels of the mask."),
+    anywhere: bool = typer.Option(False, "--anywhere", help="Keep the maps' heat on air, bone and scalp too (by default only soft tissue inside the skull keeps it, as in the worker's overlays)."),
 ) -> None:
     """Heat maps of every slice of a labelled data set, overlays a site can audit, and the pointing game where bleed masks exist."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -47,7 +48,7 @@ def explain(
         with Progress(TextColumn("series"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
             task = bar.add_task("series", total=None)
             summary = explain_dataset(model, data, fmt, out, labels_csv=labels_csv, threads=threads, png=png,
-                                      png_classes=png_classes, method=method, masks_dir=masks, tolerance=tolerance,
+                                      png_classes=png_classes, method=method, masks_dir=masks, tolerance=tolerance, anywhere=anywhere,
                                       progress=lambda d, t: bar.update(task, completed=d, total=t))
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"explain failed: {exc}", err=True)

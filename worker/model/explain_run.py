@@ -43,7 +43,7 @@ from worker.model import physionet
 from worker.model.card import json_safe, load_model_card
 from worker.model.data import SeriesRecord, index_dataset, record_inputs
 from worker.model.metrics import clopper_pearson
-from worker.pipeline.explain import METHODS, overlay, slice_heatmaps
+from worker.pipeline.explain import METHODS, blood_region, overlay, slice_heatmaps
 from worker.pipeline.inference_core import onnx_callables, run_study
 from worker.pipeline.preprocess import WINDOWS, SeriesError, load_series, window
 
@@ -194,19 +194,21 @@ def mask_sources(rec: SeriesRecord, masks_dir: Path | None) -> dict[str, tuple[P
     return out
 
 
-def brain_window_images(rec: SeriesRecord, sop_uids: Sequence[str]) -> np.ndarray:
-    """The slices [n, rows, columns] in 0..1 in the brain window, in ``sop_uids`` order.
+def slice_images(rec: SeriesRecord, sop_uids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The slices [n, rows, columns] in ``sop_uids`` order: (brain window for the PNG, 40/120 window).
 
-    DICOM: the HU in WINDOWS["brain"] (the series is read a second time: ``record_inputs``
-    returns the model inputs, not the volume); CT-ICH: the JPEG itself, which is already a
-    brain window (40/120, :mod:`worker.model.physionet`).
+    DICOM: the HU in WINDOWS["brain"] and in the CT-ICH window (the series is read a second
+    time: ``record_inputs`` returns the model inputs, not the volume); CT-ICH: the JPEG
+    itself, which is the 40/120 window (:mod:`worker.model.physionet`), for both.
     """
     if rec.fmt == "physionet-ich":
         path = dict(zip(rec.sop_uids, rec.paths))
-        return physionet.load_stack([path[s] for s in sop_uids])
+        stack = physionet.load_stack([path[s] for s in sop_uids])
+        return stack, stack
     vol = load_series(rec.paths)
     pos = {s: i for i, s in enumerate(vol.sop_uids)}
-    return window(vol.hu[[pos[s] for s in sop_uids]], *WINDOWS["brain"])
+    hu = vol.hu[[pos[s] for s in sop_uids]]
+    return window(hu, *WINDOWS["brain"]), window(hu, *physionet.JPEG_WINDOW)
 
 
 def render_png(gray: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -249,6 +251,7 @@ def explain_dataset(
     method: str = "cam",
     masks_dir: str | Path | None = None,
     tolerance: int = 0,
+    anywhere: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ExplainSummary:
     """Heat maps of every labelled slice of ``data`` in ``out``, and the pointing game.
@@ -297,7 +300,7 @@ def explain_dataset(
     for k, rec in enumerate(index.series):
         try:
             x, sop_uids, frame, shape = record_inputs(rec, card.channel_plan, card.windows, card.input_size, card.crop)
-            gray = brain_window_images(rec, sop_uids) if png else None
+            gray, wide = slice_images(rec, sop_uids)
         except (SeriesError, ValueError, OSError, AttributeError, RuntimeError) as exc:
             failed += 1
             first_error = first_error or f"{type(exc).__name__}: {exc}"
@@ -307,7 +310,8 @@ def explain_dataset(
         sources = mask_sources(rec, masks)
         path_of = dict(zip(rec.sop_uids, rec.paths))
         for i, sop in enumerate(sop_uids):
-            maps = slice_heatmaps(pred.features[i], weight, frame, shape, CLASSES, method)
+            where = None if anywhere else blood_region(wide[i])
+            maps = slice_heatmaps(pred.features[i], weight, frame, shape, CLASSES, method, where)
             mask = None
             if sop in sources:
                 mask = _usable_mask(*sources[sop], shape)
@@ -326,7 +330,7 @@ def explain_dataset(
             row["npz"] = f"{sop}.npz"
             for c in png_classes:
                 row[f"png_{c}"] = ""
-                if gray is not None:
+                if png:
                     row[f"png_{c}"] = f"{PNG_DIR}/{sop}_{c}.png"
                     save_png(out / row[f"png_{c}"], render_png(gray[i], maps[c], mask))
             rows.append(row)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from triage_node import CLASSES
 
@@ -90,6 +91,7 @@ def slice_heatmaps(
     shape: tuple[int, int],
     classes: Sequence[str] = CLASSES,
     method: str = "cam",
+    where: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Heat maps of one slice on the slice's own grid, one per class.
 
@@ -108,6 +110,9 @@ def slice_heatmaps(
         Class names to map.
     method : {"cam", "campp"}
         :func:`cam` or :func:`cam_pp`.
+    where : ndarray of bool [rows, columns], optional
+        Where blood can be (:func:`blood_region`): the maps are zero elsewhere and scaled
+        so that their maximum is 1 again.
 
     Returns
     -------
@@ -119,7 +124,29 @@ def slice_heatmaps(
     fn = METHODS[method]
     w = np.asarray(head_weight, dtype=np.float32)
     shape = (int(shape[0]), int(shape[1]))
-    return {name: frame.to_image(fn(features, w[CLASSES.index(name)], frame.side), shape) for name in classes}
+    maps = {name: frame.to_image(fn(features, w[CLASSES.index(name)], frame.side), shape) for name in classes}
+    if where is not None:
+        maps = {name: _normalise(m * where) for name, m in maps.items()}
+    return maps
+
+
+#: Bounds, in the 40/120 window (0..1), of what can be blood: above -18 HU (not air or fat,
+#: with room for JPEG noise) and below 98 HU (not bone).
+SOFT_TISSUE = (0.02, 0.98)
+
+
+def blood_region(windowed: np.ndarray) -> np.ndarray:
+    """Pixels of a slice where a bleed can be, from the slice in the 40/120 window (0..1).
+
+    A class map is 8 x 8 cells over the head, so its peak can fall on the scalp, the skull or
+    the air next to a bleed. Blood is soft tissue inside the skull: the pixels between the
+    window's ends that the filled skull encloses. Where the skull ring is open (skull base,
+    vertex) and encloses almost nothing, all soft tissue counts.
+    """
+    w = np.asarray(windowed, dtype=np.float32)
+    soft = (w > SOFT_TISSUE[0]) & (w < SOFT_TISSUE[1])
+    inside = ndimage.binary_fill_holes(w >= SOFT_TISSUE[1]) & soft
+    return inside if inside.sum() > 0.02 * w.size else soft
 
 
 def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:

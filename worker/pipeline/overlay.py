@@ -109,18 +109,24 @@ def compute_heatmaps(
     head_weight: np.ndarray,
     key_slices: Mapping[str, Sequence[int]],
     frame: InputFrame,
-    shape: tuple[int, int],
+    hu: np.ndarray,
 ) -> dict[tuple[str, int], np.ndarray]:
     """CAM heat map [H, W] (0..1, on the slice grid) for each overlay, from the CNN feature maps.
 
     ``features`` [N, C, h, w] and ``head_weight`` [6, C] come from the prediction and the
     model card (``card.head_weights()[0]``); each map is computed in the model's input
-    ``frame`` and placed back on the slice's ``shape`` (rows, columns).
+    ``frame``, placed back on the grid of the volume ``hu`` [N, H, W] and kept only where
+    blood can be (:func:`worker.pipeline.explain.blood_region`), as ``triage-node explain``
+    shows it.
     """
-    from worker.pipeline.explain import slice_heatmaps
+    from worker.pipeline.explain import blood_region, slice_heatmaps
+    from worker.pipeline.input_frame import HEAD_WINDOW
+    from worker.pipeline.preprocess import window
 
+    shape = hu.shape[1:]
     return {
-        (name, i): slice_heatmaps(features[i], head_weight, frame, shape, (name,))[name]
+        (name, i): slice_heatmaps(features[i], head_weight, frame, shape, (name,),
+                                  where=blood_region(window(hu[i], *HEAD_WINDOW)))[name]
         for name, i in overlay_keys(key_slices)
     }
 

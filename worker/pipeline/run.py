@@ -330,7 +330,7 @@ def write_objects(ctx: WorkerContext, claim_: _Claim, volume: Any, prediction: A
     out_dir = ctx.results_dir / str(claim_.job_id)
     key_slices = select_key_slices(prediction.slice_probs, prediction.decision, ctx.settings.key_slices_per_class)
     keys = overlay_keys(key_slices)
-    heatmaps = compute_heatmaps(prediction.features, ctx.head_weight, key_slices, frame, volume.hu.shape[1:])
+    heatmaps = compute_heatmaps(prediction.features, ctx.head_weight, key_slices, frame, volume.hu)
     overlay_series_uid = object_uid(*base, "overlay-series")
     overlays = build_overlays(
         volume.datasets, volume.hu, prediction, card, key_slices, heatmaps,
