@@ -79,13 +79,14 @@ def train(
     with _progress() as bar:
         if cv:
             from worker.model.crossval import cross_validate, render_markdown
-            from worker.model.train import dataset_counts, training_cache
+            from worker.model.data import dataset_counts
+            from worker.model.train import training_cache
 
             rep = cross_validate(cfg, cv, progress=bar, report_dir=report_dir)
             if report_dir is not None:
                 _, cache = training_cache(cfg, out)
                 command = "triage-node " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-                (report_dir / "report.md").write_text(render_markdown(rep, cfg, command, dataset_counts(cfg, cache)))
+                (report_dir / "report.md").write_text(render_markdown(rep, cfg, command, dataset_counts(cache, cfg.fmt, cfg.data_description)))
             cfg = replace(cfg, val_fraction=0.0, ops_from=str(out / "cv" / "report.json"))
         summary = fit(cfg, progress=bar, cache_progress=lambda d, t: bar("preprocess series", d, t))
     typer.echo(json.dumps({"export": summary["export"], "validation": summary["validation"], "wall_s": round(summary["wall_s"], 1)}, indent=2, default=float))
@@ -123,7 +124,7 @@ def export(
 
     from worker.model.card import load_model_card, write_model_card
     from worker.model.export import export_repository
-    from worker.model.train import load_run, reselect_operating_points
+    from worker.model.runs import load_run, reselect_operating_points
 
     torch.set_num_threads(2)
     cfg, cnn, seq = load_run(run)

@@ -28,7 +28,8 @@ from worker.model import metrics as M
 from worker.model.card import json_safe
 from worker.model.data import SYNTH_PREFIX, CachedSet
 from worker.model.evaluate import _auc_block, plot_curves
-from worker.model.train import TrainConfig, choose_operating_points, extract, series_probs, train_cnn, train_sequence, training_cache
+from worker.model.metrics import choose_operating_points
+from worker.model.train import TrainConfig, extract, series_probs, train_cnn, train_sequence, training_cache
 
 log = get_logger(__name__)
 
@@ -194,7 +195,7 @@ def render_markdown(rep: dict, cfg: TrainConfig, command: str, datasets: list[di
         "augmentation: mirror, rotation ±15°, zoom ±12 %, shift ±6 %, window level/width and gamma jitter, "
         "blur, noise, thin-slice neighbours (`worker/model/augment.py`). Sequence model: bidirectional GRU, "
         f"{cfg.seq_epochs} epochs, no early stopping (no fold looks at its test patients).",
-        f"- Thresholds: each fold's patients are judged at thresholds chosen on the other folds' out-of-fold "
+        "- Thresholds: each fold's patients are judged at thresholds chosen on the other folds' out-of-fold "
         "predictions; the shipped thresholds are chosen on all of them. High-sensitivity point: best specificity "
         "with sensitivity >= 0.90; balanced: highest Youden index with sensitivity >= 0.85.",
         f"- Intervals: {rep['bootstrap']['n']} bootstrap resamples of patients (AUC), Clopper-Pearson (sensitivity, specificity).",

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import beta, rankdata
 
+from triage_node import CLASSES
+
 RSNA_WEIGHTS = np.array([2.0, 1.0, 1.0, 1.0, 1.0, 1.0])
 
 
@@ -209,3 +211,16 @@ def balanced_point(y: np.ndarray, p: np.ndarray) -> OperatingPoint:
     youden = np.where(ok, sens + spec - 1.0, -np.inf)
     i = int(np.argmax(youden))
     return OperatingPoint(float(thr[i]), float(sens[i]), float(spec[i]), "max Youden, sensitivity >= 0.85")
+
+
+def choose_operating_points(study_y: np.ndarray, study_p: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per-class thresholds for both operating points, on validation study-level probabilities."""
+    ops: dict[str, dict[str, float]] = {"high_sensitivity": {}, "balanced": {}}
+    for k, c in enumerate(CLASSES):
+        y, p = study_y[:, k], study_p[:, k]
+        if y.all() or not y.any():  # cannot choose: fall back to 0.5
+            ops["high_sensitivity"][c] = ops["balanced"][c] = 0.5
+            continue
+        ops["high_sensitivity"][c] = target_sensitivity_point(y, p).threshold
+        ops["balanced"][c] = balanced_point(y, p).threshold
+    return ops

@@ -26,7 +26,6 @@ from pydicom.uid import generate_uid
 from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.model import metrics as M
-from worker.model import physionet
 from worker.model.augment import augment
 from worker.model.card import INTENDED_USE, INTENDED_USE_RESEARCH, ModelCard, ServedModel, write_model_card
 from worker.model.data import (
@@ -34,8 +33,8 @@ from worker.model.data import (
     CachedSet,
     DatasetIndex,
     build_cache,
+    dataset_counts,
     index_dataset,
-    load_cache,
     merge_indexes,
     patient_split,
     subset_slices,
@@ -271,26 +270,13 @@ def series_probs(seq: SequenceModel, emb: np.ndarray, logits: np.ndarray, cache:
     return out_seq, out_cnn
 
 
-def choose_operating_points(study_y: np.ndarray, study_p: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per-class thresholds for both operating points, on validation study-level probabilities."""
-    ops: dict[str, dict[str, float]] = {"high_sensitivity": {}, "balanced": {}}
-    for k, c in enumerate(CLASSES):
-        y, p = study_y[:, k], study_p[:, k]
-        if y.all() or not y.any():  # cannot choose: fall back to 0.5
-            ops["high_sensitivity"][c] = ops["balanced"][c] = 0.5
-            continue
-        ops["high_sensitivity"][c] = M.target_sensitivity_point(y, p).threshold
-        ops["balanced"][c] = M.balanced_point(y, p).threshold
-    return ops
-
-
 def validate(seq: SequenceModel, emb: np.ndarray, logits: np.ndarray, cache: CachedSet, val_idx: list[int]) -> tuple[dict, dict]:
     """Operating points and study-level metrics on the validation series."""
     y_val = np.stack([cache.labels[cache.series_slice(i)].max(0) for i in val_idx])
     p_seq, p_cnn = series_probs(seq, emb, logits, cache, val_idx)
     study_seq = np.stack([p.max(0) for p in p_seq])
     study_cnn = np.stack([p.max(0) for p in p_cnn])
-    ops = choose_operating_points(y_val, study_seq)
+    ops = M.choose_operating_points(y_val, study_seq)
     val_metrics = {
         "n_series": len(val_idx),
         "study_auc_sequence": {c: M.roc_auc(y_val[:, k], study_seq[:, k]) for k, c in enumerate(CLASSES)},
@@ -299,32 +285,6 @@ def validate(seq: SequenceModel, emb: np.ndarray, logits: np.ndarray, cache: Cac
         "study_rsna_log_loss_cnn": M.rsna_log_loss(y_val, study_cnn),
     }
     return ops, val_metrics
-
-
-def load_run(run: str | Path) -> tuple[TrainConfig, SliceCNN, SequenceModel]:
-    """Config and trained models of a finished run folder."""
-    run = Path(run)
-    data = json.loads((run / "config.json").read_text())
-    data["windows"] = tuple(data.get("windows", DEFAULT_WINDOWS))
-    cfg = TrainConfig(**data)
-    cnn = SliceCNN(cfg.backbone)
-    cnn.load_state_dict(torch.load(run / "cnn_final.pt", map_location="cpu"))
-    seq = SequenceModel(cnn.feature_dim, hidden=cfg.seq_hidden, cell=cfg.seq_cell)
-    seq.load_state_dict(torch.load(run / "sequence_final.pt", map_location="cpu"))
-    return cfg, cnn.eval(), seq.eval()
-
-
-def reselect_operating_points(run: str | Path) -> tuple[dict, dict]:
-    """Choose the operating points again on a finished run's validation series (same split).
-
-    For when the selection rule changes after training: the models are not touched.
-    """
-    cfg, cnn, seq = load_run(run)
-    torch.set_num_threads(cfg.threads)
-    cache = load_cache(cfg.cache_dir or Path(run) / "cache")
-    _, val_idx = split_series(cache, cfg.val_fraction, cfg.seed)
-    emb, logits = extract(cnn, cache, series_idx=val_idx)
-    return validate(seq, emb, logits, cache, val_idx)
 
 
 def training_cache(cfg: TrainConfig, run: Path, progress: Callable[[int, int], None] | None = None) -> tuple[DatasetIndex, CachedSet]:
@@ -409,7 +369,7 @@ def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Call
             "train_series": len(train_idx),
             "validation_series": len(val_idx),
             "split": "patient-grouped",
-            "datasets": dataset_counts(cfg, cache),
+            "datasets": dataset_counts(cache, cfg.fmt, cfg.data_description),
             "unreadable_files": index.unreadable,
             "failed_series": cache.meta.get("failed_series", 0),
             "epochs": len(cnn_hist),
@@ -426,32 +386,6 @@ def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Call
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     log.info("training_done", wall_s=round(wall, 1), val_series=len(val_idx))
     return summary
-
-
-def dataset_counts(cfg: TrainConfig, cache: CachedSet) -> list[dict]:
-    """What the model card says of each data set the weights saw: patients, slices, positives."""
-    out = []
-    for synthetic in (False, True):
-        idx = [i for i, k in enumerate(cache.patient_keys) if k.startswith(SYNTH_PREFIX) == synthetic]
-        if not idx:
-            continue
-        y = cache.study_labels()[idx]
-        rows = subset_slices(cache, idx)
-        if synthetic or cfg.fmt == "synth":
-            about: dict = {"name": "synthetic head-CT phantoms (triage-node synth)", "licence": "generated by this project"}
-        elif cfg.fmt == "physionet-ich":
-            about = dict(physionet.DATASET)
-        else:
-            about = {"name": cfg.data_description or cfg.fmt}
-        out.append({
-            **about,
-            "patients": len({cache.patient_keys[i] for i in idx}),
-            "series": len(idx),
-            "positive_series": {c: int(y[:, k].sum()) for k, c in enumerate(CLASSES)},
-            "slices": int(len(rows)),
-            "positive_slices": int((cache.labels[rows, 0] > 0).sum()),
-        })
-    return out
 
 
 @dataclass
