@@ -132,7 +132,11 @@ def export(
     card = load_model_card(src / "model_card.json")
     update = {}
     if reselect:
-        ops, val_metrics = reselect_operating_points(run)
+        try:
+            ops, val_metrics = reselect_operating_points(run)
+        except ValueError as exc:
+            typer.echo(f"export failed: {exc}", err=True)
+            raise typer.Exit(1) from None
         update = {"operating_points": ops, "metrics": {**card.metrics, "validation": val_metrics}}
         card = card.model_copy(update=update)
     exp = export_repository(cnn, seq, cfg.size, out)

@@ -4,9 +4,10 @@ The evaluation runs the serving path end to end: DICOM files (or CT-ICH JPEGs) -
 :func:`record_inputs` (the card's channel plan, windows, size and framing) -> ONNX Runtime ->
 :func:`run_study`. It reports
 per-class slice- and study-level AUC-ROC / AUC-PR with 95% bootstrap intervals, sensitivity
-and specificity with Clopper-Pearson intervals at the card's two operating points (chosen on
-validation data at training time, never here), RSNA-weighted log loss, the CNN-only vs
-CNN+sequence ablation, and ROC / PR curves as PNG.
+and specificity with Clopper-Pearson intervals at the two operating points the worker would
+use (the card's, chosen on validation data at training time, or a site calibration's when
+``site_thresholds.json`` sits beside the card; never chosen here, and the report names which),
+RSNA-weighted log loss, the CNN-only vs CNN+sequence ablation, and ROC / PR curves as PNG.
 """
 
 from __future__ import annotations
