@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +31,7 @@ import numpy as np
 
 from triage_node import CLASSES
 from triage_node.logs import get_logger
+from worker.files import write_atomic
 from worker.model import metrics as M
 from worker.model.metrics import target_sensitivity_point
 from worker.model.card import OPERATING_POINTS, ModelCard, json_safe, load_model_card
@@ -229,21 +228,5 @@ def write_site_file(site: SiteThresholds, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(site.model_dump(mode="json"), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # the rename is durable only once the directory entry is
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    # the rename is durable only once the directory entry is: sync_dir
+    return write_atomic(path, lambda fh: fh.write(text.encode()), 0o644, sync_dir=True)

@@ -28,7 +28,6 @@ and destination.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -56,6 +55,7 @@ from triage_node.db.models import (
 )
 from triage_node.db.session import make_engine, make_sessionmaker, transaction
 from triage_node.logs import get_logger
+from worker.files import write_atomic
 from worker.inference.base import InferenceBackend
 
 log = get_logger(__name__)
@@ -277,18 +277,7 @@ def claim(ctx: WorkerContext, job_id: int, version: int, task_id: str | None) ->
 def _write_dataset(ds: Any, path: Path) -> Path:
     """Write a DICOM file atomically (temp file, fsync, replace), mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda fh: ds.save_as(fh, enforce_file_format=True), 0o600)
 
 
 @dataclass(frozen=True)
