@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.model import physionet
-from worker.pipeline.preprocess import DEFAULT_WINDOWS, WINDOWS, SeriesError, channel_plan, load_series, series_inputs
+from worker.pipeline.preprocess import DEFAULT_WINDOWS, WINDOWS, SeriesError, Volume, channel_plan, load_series, series_inputs
 
 log = get_logger(__name__)
 LABEL_FILES = {"synth": "labels.csv", "rsna": "stage_2_train.csv", "physionet-ich": physionet.LABEL_FILE}
@@ -179,15 +179,23 @@ def index_physionet(root: Path, labels_csv: str | Path | None = None) -> Dataset
     return DatasetIndex(series, labels, 0, unlabelled)
 
 
-def record_inputs(rec: SeriesRecord, plan, windows: dict[str, tuple[float, float]], size: int, crop: str):
-    """(inputs [n,3,S,S], SOP UIDs in input order, frame, slice shape) of one indexed series, in its format."""
-    if rec.fmt == "physionet-ich":
-        stack = physionet.load_stack(rec.paths)
-        x, frame = physionet.stack_inputs(stack, plan, windows, size, crop)
-        return x, tuple(rec.sop_uids), frame, stack.shape[1:]
-    vol = load_series(rec.paths)
-    x, frame = series_inputs(vol, plan, windows, size, crop)
-    return x, vol.sop_uids, frame, vol.hu.shape[1:]
+def load_record(rec: SeriesRecord) -> Volume | np.ndarray:
+    """One indexed series as read: a HU :class:`Volume` (DICOM), or the CT-ICH brain-window stack [Z, H, W]."""
+    return physionet.load_stack(rec.paths) if rec.fmt == "physionet-ich" else load_series(rec.paths)
+
+
+def record_inputs(rec: SeriesRecord, plan, windows: dict[str, tuple[float, float]], size: int, crop: str,
+                  source: Volume | np.ndarray | None = None):
+    """(inputs [n,3,S,S], SOP UIDs in input order, frame, slice shape) of one indexed series, in its format.
+
+    ``source``: the series already read by :func:`load_record` (read here otherwise).
+    """
+    src = load_record(rec) if source is None else source
+    if isinstance(src, Volume):
+        x, frame = series_inputs(src, plan, windows, size, crop)
+        return x, src.sop_uids, frame, src.hu.shape[1:]
+    x, frame = physionet.stack_inputs(src, plan, windows, size, crop)
+    return x, tuple(rec.sop_uids), frame, src.shape[1:]
 
 
 def merge_indexes(*indexes: DatasetIndex) -> DatasetIndex:

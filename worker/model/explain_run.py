@@ -41,11 +41,11 @@ from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.model import physionet
 from worker.model.card import json_safe, load_model_card
-from worker.model.data import SeriesRecord, index_dataset, record_inputs
+from worker.model.data import SeriesRecord, index_dataset, load_record, record_inputs
 from worker.model.metrics import clopper_pearson
 from worker.pipeline.explain import METHODS, blood_region, overlay, slice_heatmaps
 from worker.pipeline.inference_core import onnx_callables, run_study
-from worker.pipeline.preprocess import WINDOWS, SeriesError, load_series, window
+from worker.pipeline.preprocess import WINDOWS, SeriesError, Volume, window
 
 log = get_logger(__name__)
 
@@ -194,21 +194,16 @@ def mask_sources(rec: SeriesRecord, masks_dir: Path | None) -> dict[str, tuple[P
     return out
 
 
-def slice_images(rec: SeriesRecord, sop_uids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The slices [n, rows, columns] in ``sop_uids`` order: (brain window for the PNG, 40/120 window).
+def slice_images(source: Volume | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The slices [n, rows, columns] in input order: (brain window for the PNG, 40/120 window).
 
-    DICOM: the HU in WINDOWS["brain"] and in the CT-ICH window (the series is read a second
-    time: ``record_inputs`` returns the model inputs, not the volume); CT-ICH: the JPEG
-    itself, which is the 40/120 window (:mod:`worker.model.physionet`), for both.
+    ``source`` is the series as :func:`worker.model.data.load_record` read it. DICOM: the HU
+    in WINDOWS["brain"] and in the CT-ICH window; CT-ICH: the JPEG stack itself, which is the
+    40/120 window (:mod:`worker.model.physionet`), for both.
     """
-    if rec.fmt == "physionet-ich":
-        path = dict(zip(rec.sop_uids, rec.paths))
-        stack = physionet.load_stack([path[s] for s in sop_uids])
-        return stack, stack
-    vol = load_series(rec.paths)
-    pos = {s: i for i, s in enumerate(vol.sop_uids)}
-    hu = vol.hu[[pos[s] for s in sop_uids]]
-    return window(hu, *WINDOWS["brain"]), window(hu, *physionet.JPEG_WINDOW)
+    if isinstance(source, Volume):
+        return window(source.hu, *WINDOWS["brain"]), window(source.hu, *physionet.JPEG_WINDOW)
+    return source, source
 
 
 def render_png(gray: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -299,8 +294,9 @@ def explain_dataset(
     game = PointingGame(method, int(tolerance))
     for k, rec in enumerate(index.series):
         try:
-            x, sop_uids, frame, shape = record_inputs(rec, card.channel_plan, card.windows, card.input_size, card.crop)
-            gray, wide = slice_images(rec, sop_uids)
+            source = load_record(rec)  # read once: for the inputs and for the images
+            x, sop_uids, frame, shape = record_inputs(rec, card.channel_plan, card.windows, card.input_size, card.crop, source)
+            gray, wide = slice_images(source)
         except (SeriesError, ValueError, OSError, AttributeError, RuntimeError) as exc:
             failed += 1
             first_error = first_error or f"{type(exc).__name__}: {exc}"

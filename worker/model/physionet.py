@@ -54,8 +54,9 @@ DATASET: dict[str, object] = {
         "for complex physiologic signals. Circulation 2000;101(23):e215-e220",
     ],
 }
-#: The window the brain JPEGs were rendered in (center, width) in HU.
-JPEG_WINDOW: tuple[float, float] = (40.0, 120.0)
+#: The window the brain JPEGs were rendered in (center, width) in HU; the head framing
+#: searches in this same window (input_frame.HEAD_WINDOW is defined as it).
+JPEG_WINDOW: tuple[float, float] = HEAD_WINDOW
 _COLUMNS = {
     "epidural": "Epidural",
     "intraparenchymal": "Intraparenchymal",
@@ -137,8 +138,6 @@ def stack_inputs(
     for _, name in plan:
         if tuple(windows[name]) != JPEG_WINDOW:
             raise ValueError(f"window {name!r} {windows[name]} cannot be made from CT-ICH brain JPEGs (window {JPEG_WINDOW})")
-    if JPEG_WINDOW != HEAD_WINDOW:  # pragma: no cover - both are the CT-ICH brain window
-        raise AssertionError("the head is searched in the JPEG window")
     z, h, w = stack.shape
     frame = find_head_frame(stack[:, ::SEARCH_STEP, ::SEARCH_STEP], h, w) if crop == "head" else InputFrame.centred(h, w)
     return plan_inputs(lambda i, _name: stack[i], z, plan, size, frame), frame

@@ -44,7 +44,6 @@ WINDOWS: dict[str, tuple[float, float]] = {
 DEFAULT_WINDOWS: tuple[str, str, str] = ("brain", "subdural", "bone")
 Variant = Literal["windows", "adjacent", "mixed"]
 VARIANTS: tuple[str, ...] = ("windows", "adjacent", "mixed")
-AIR_HU = -1024.0
 Crop = Literal["centred", "head"]
 CROPS: tuple[str, ...] = ("centred", "head")
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
