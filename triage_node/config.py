@@ -162,7 +162,18 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Allow-list entries 'AE@ip-or-cidr' ('*' for any AE); empty: loopback only",
     )
-    max_associations: int = Field(16, ge=1, description="Concurrent association cap")
+    max_associations: int = Field(
+        16, ge=1, description="Concurrent connections on the DICOM port, counted when accepted"
+    )
+    max_associations_per_source: int = Field(
+        8, ge=1, description="Concurrent connections from one source address, counted when accepted"
+    )
+    association_request_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds a new connection has to send its whole A-ASSOCIATE-RQ (ARTIM)"
+    )
+    pdu_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds one PDU may take from its first byte to its last"
+    )
     unknown_storage_class: UnknownStorageClassPolicy = Field(
         UnknownStorageClassPolicy.store,
         description="What to do with non-CT storage classes: store (not triaged) or reject",
