@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     pdu_timeout_s: float = Field(
         30.0, gt=0, description="Seconds one PDU may take from its first byte to its last"
     )
+    max_stow_requests: int = Field(
+        16, ge=1, description="Concurrent STOW-RS requests; one more is answered HTTP 503 with Retry-After"
+    )
     unknown_storage_class: UnknownStorageClassPolicy = Field(
         UnknownStorageClassPolicy.store,
         description="What to do with non-CT storage classes: store (not triaged) or reject",
