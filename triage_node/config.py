@@ -70,6 +70,19 @@ class DestinationKind(StrEnum):
     dicomweb = "dicomweb"
 
 
+class SRClass(StrEnum):
+    """SR storage class of the result report sent to a destination (PS3.3 A.35).
+
+    The content stays a TID 1500 Measurement Report in every class that allows its value
+    types; Basic Text SR has no NUM, so there each probability is a TEXT item.
+    """
+
+    comprehensive_3d = "comprehensive-3d"
+    comprehensive = "comprehensive"
+    enhanced = "enhanced"
+    basic_text = "basic-text"
+
+
 class Destination(BaseModel):
     """One PACS (or other peer) that receives the SR and overlay objects.
 
@@ -93,6 +106,14 @@ class Destination(BaseModel):
     url: str | None = Field(None, description="DICOMweb root, e.g. http://pacs/dicom-web (dicomweb)")
     token: SecretStr | None = Field(None, description="Bearer token for DICOMweb")
     timeout_s: float = Field(30.0, gt=0, description="Connect/response timeout in seconds")
+    sr_class: SRClass = Field(
+        SRClass.comprehensive_3d,
+        description="SR class of the report this destination gets: comprehensive-3d, "
+        "comprehensive, enhanced or basic-text (for a PACS that refuses the newer classes)",
+    )
+    send_overlays: bool = Field(
+        True, description="Also send the secondary-capture overlay series (heat maps)"
+    )
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> Destination:
