@@ -5,8 +5,12 @@ Two defences, both applied to every event:
 1. Keys that name a patient identifier (``PatientName``, ``patient_id``, ...) are
    dropped, whatever their value.
 2. Values that a component has seen as a patient identifier (``remember_identifiers``
-   is called with each dataset read at the door) are replaced wherever they appear in
-   a string: an exception message that quotes a file's header is scrubbed too.
+   is called with each dataset read at the door) are replaced wherever they appear as
+   whole words in a string: an exception message that quotes a file's header is
+   scrubbed too. Those values come from peers, so `triage_node.log_scrub` refuses the
+   ones that could blind the log (short, common, the node's own words) and keeps them
+   per source; the fields that say who and what (``level``, ``peer``, ...) are never
+   scrubbed.
 """
 
 from __future__ import annotations
@@ -14,13 +18,20 @@ from __future__ import annotations
 import logging
 import re
 import sys
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import structlog
 from pydicom.multival import MultiValue
+
+from triage_node.log_scrub import (
+    PER_DATASET,
+    REDACTED,
+    STRUCTURAL_KEYS,
+    IdentifierMemory,
+    Vocabulary,
+    refusal,
+)
 
 # DICOM keywords of the identifiers that must never reach a log line.
 PHI_KEYWORDS = (
@@ -34,7 +45,21 @@ PHI_KEYWORDS = (
     "PatientAddress",
     "PatientTelephoneNumbers",
 )
-REDACTED = "[redacted]"
+#: The order values are remembered in: a data set gives at most PER_DATASET values, so
+#: its own identifiers come before the lists a sender may pad (Other*).
+_REMEMBER_ORDER = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "OtherPatientIDsSequence",
+)
+__all__ = ["REDACTED", "configure_logging", "forget_identifiers", "get_logger",
+           "protect_vocabulary", "remember_identifiers", "scrub_phi"]
 
 
 def _normalise(key: str) -> str:
@@ -42,62 +67,13 @@ def _normalise(key: str) -> str:
 
 
 _PHI_KEYS = {_normalise(k) for k in PHI_KEYWORDS}
+_memory = IdentifierMemory()
+_vocabulary = Vocabulary()
 
 
-class _IdentifierMemory:
-    """A bounded, thread-safe set of identifier strings seen in this process."""
-
-    def __init__(self, capacity: int = 10_000) -> None:
-        self._values: OrderedDict[str, None] = OrderedDict()
-        self._capacity = capacity
-        self._lock = threading.Lock()
-        self._pattern: re.Pattern[str] | None = None
-
-    def add(self, values: Iterable[str]) -> None:
-        with self._lock:
-            changed = False
-            for value in values:
-                value = value.strip()
-                # Very short values ("M", "1") would redact ordinary words.
-                if len(value) < 3:
-                    continue
-                if value not in self._values:
-                    changed = True
-                self._values[value] = None
-                self._values.move_to_end(value)
-            while len(self._values) > self._capacity:
-                self._values.popitem(last=False)
-            if changed:
-                self._pattern = None
-
-    def clear(self) -> None:
-        with self._lock:
-            self._values.clear()
-            self._pattern = None
-
-    def scrub(self, text: str) -> str:
-        pattern = self._pattern
-        if pattern is None:
-            with self._lock:
-                if not self._values:
-                    return text
-                alternatives = sorted(self._values, key=len, reverse=True)
-                pattern = re.compile("|".join(re.escape(v) for v in alternatives))
-                self._pattern = pattern
-        return pattern.sub(REDACTED, text)
-
-
-_memory = _IdentifierMemory()
-
-
-def remember_identifiers(ds: Any) -> None:
-    """Record the patient identifiers of a pydicom dataset so logs never show them.
-
-    Person names are also recorded in their components (family, given) and in the
-    ``Given Family`` order that exception messages may use.
-    """
+def _candidates(ds: Any) -> list[str]:
     values: list[str] = []
-    for keyword in PHI_KEYWORDS:
+    for keyword in _REMEMBER_ORDER:
         element = ds.get(keyword) if hasattr(ds, "get") else None
         if element is None:
             continue
@@ -111,11 +87,55 @@ def remember_identifiers(ds: Any) -> None:
                 if len(parts) >= 2:
                     values.append(f"{parts[1]} {parts[0]}")
                     values.append(f"{parts[0]}, {parts[1]}")
+            elif hasattr(item, "get"):  # an OtherPatientIDsSequence item
+                values.extend(_candidates_of_item(item))
             elif isinstance(item, str):
                 values.append(item)
             else:
                 values.append(str(item))
-    _memory.add(values)
+    return values
+
+
+def _candidates_of_item(item: Any) -> list[str]:
+    value = item.get("PatientID")
+    return [str(value)] if value is not None else []
+
+
+def remember_identifiers(ds: Any, source: str | None = None) -> None:
+    """Record the patient identifiers of a pydicom dataset so logs never show them.
+
+    Person names are also recorded in their components (family, given) and in the
+    ``Given Family`` order that exception messages may use. ``source`` is who sent the
+    data set (default: the ``peer`` bound in structlog's context, else ``-``); values
+    that could not be identifiers are skipped (`triage_node.log_scrub.refusal`).
+    """
+    context = structlog.contextvars.get_contextvars()
+    source = source or str(context.get("peer") or "-")
+    current = (source, str(context.get("calling_ae") or ""))
+    kept: list[str] = []
+    for value in _candidates(ds):
+        value = value.strip()
+        if value in kept or refusal(value, _vocabulary, current) is not None:
+            continue
+        kept.append(value)
+        if len(kept) == PER_DATASET:
+            break
+    _memory.add(kept, source)
+
+
+def protect_vocabulary(items: Iterable[str]) -> None:
+    """Words the scrubber must never redact: the node's AE titles, names, hosts."""
+    _vocabulary.protect(items)
+
+
+def settings_vocabulary(settings: Any) -> list[str]:
+    """The names a node's settings give it and its peers (AE titles, destinations, hosts)."""
+    items = [settings.ae_title, *settings.stat_calling_aes]
+    items += [entry.partition("@")[0] for entry in settings.allowed_callers]
+    for dest in settings.destinations:
+        items += [dest.name, dest.ae_title or "", dest.host or ""]
+    items += [settings.hl7_host or "", settings.dicom_host, settings.http_host]
+    return [i for i in items if i and i != "*"]
 
 
 def forget_identifiers() -> None:
@@ -145,7 +165,7 @@ def scrub_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[st
     for key in list(event_dict):
         if _normalise(key) in _PHI_KEYS:
             del event_dict[key]
-        else:
+        elif key not in STRUCTURAL_KEYS:
             event_dict[key] = _scrub_value(event_dict[key])
     return event_dict
 

@@ -55,8 +55,12 @@ class RequestIdMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        # The client address is the request's ``peer``, as the listener binds it: the
+        # log scrubber keeps identifier values per peer (triage_node.log_scrub).
+        client = scope.get("client")
         tokens = structlog.contextvars.bind_contextvars(
-            request_id=request_id, http_method=scope.get("method"), http_path=scope.get("path")
+            request_id=request_id, http_method=scope.get("method"), http_path=scope.get("path"),
+            peer=client[0] if client else None,
         )
         try:
             await self.app(scope, receive, send_with_id)
