@@ -32,6 +32,9 @@ from tests.servers import OrthancServer, PostgresServer, RedisServer, StoreSCP
 
 # Tests share 2 CPU cores with other work: keep torch/BLAS from spawning a thread per core.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# There is no default secret_key: the tests' own Settings (and the commands they run in
+# this process) get one random per run; subprocesses get theirs from tests/node_process.py.
+os.environ.setdefault("TRIAGE_SECRET_KEY", "test-run-" + os.urandom(12).hex())
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ alive after hostile input. The database is migrated from the test process first,
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -50,6 +51,8 @@ class NodeProcess:
             "TRIAGE_LOG_FORMAT": "json",
             "TRIAGE_MIN_FREE_DISK_MB": "1",
             "TRIAGE_STABILITY_SECONDS": "2",
+            # No default secret exists; each node gets its own (tokens are made with it).
+            "TRIAGE_SECRET_KEY": "node-test-" + secrets.token_hex(12),
         }
         if database_url:
             self.env_settings["TRIAGE_DATABASE_URL"] = database_url

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from triage_node.config import CONFIG_FILE_ENV, SettingsError, load_settings
+from triage_node.config import CONFIG_FILE_ENV, DEV_SECRET, SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +72,27 @@ def test_production_refuses_the_default_secret():
     with pytest.raises(SettingsError, match="secret_key"):
         load_settings(environment="production")
     assert load_settings(environment="production", secret_key="s3cret-for-this-site")
+
+
+@pytest.mark.parametrize("environment", ["development", "production"])
+@pytest.mark.parametrize("secret", [DEV_SECRET, "replace-with-a-long-random-string", "short-secret"])
+def test_no_environment_accepts_a_published_or_short_secret(environment, secret):
+    with pytest.raises(SettingsError, match="TRIAGE_SECRET_KEY"):
+        load_settings(environment=environment, secret_key=secret)
+
+
+def test_there_is_no_default_secret_and_commands_that_use_one_refuse_to_start(tmp_path):
+    settings = load_settings(data_dir=tmp_path)
+    assert settings.secret_key is None
+    with pytest.raises(SettingsError, match="TRIAGE_SECRET_KEY"):
+        settings.require_secret()
+    from triage_node.cli import build_app
+
+    for argv in (["token", "create", "--role", "admin"], ["serve"], ["reconcile"]):
+        result = CliRunner().invoke(build_app(), argv, env={"TRIAGE_DATA_DIR": str(tmp_path)})
+        assert result.exit_code == 2, (argv, result.output)
+        assert "TRIAGE_SECRET_KEY" in result.output
+    assert not list(tmp_path.rglob("*.db"))  # refused before touching anything
 
 
 def test_missing_settings_file_is_an_error(monkeypatch, tmp_path):

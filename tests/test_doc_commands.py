@@ -210,6 +210,8 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             monkeypatch.delenv(name)
     data = tmp_path / "data"
     monkeypatch.setenv("TRIAGE_DATA_DIR", str(data))
+    # The docs' set-up exports one (there is no default secret); token create needs it.
+    monkeypatch.setenv("TRIAGE_SECRET_KEY", "doc-commands-" + os.urandom(8).hex())
     monkeypatch.chdir(tmp_path)
     # `triton check --repository deploy/triton/models` names paths relative to the repository.
     (tmp_path / "deploy").symlink_to(ROOT / "deploy")

@@ -69,6 +69,7 @@ class Site:
             "TRIAGE_DELIVERY_BACKOFF_BASE_S": "1",
             "TRIAGE_LOG_FORMAT": "json",
             "OMP_NUM_THREADS": "1",
+            "TRIAGE_SECRET_KEY": os.environ["TRIAGE_SECRET_KEY"],
             **extra,
         })
         if database_url:

@@ -40,7 +40,7 @@ def _env(settings_env: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
     env.update(settings_env)
     env.update(OMP_NUM_THREADS="1", TRIAGE_INFERENCE_THREADS="1", TRIAGE_LOG_FORMAT="console",
-               TRIAGE_KEY_SLICES_PER_CLASS="1")
+               TRIAGE_KEY_SLICES_PER_CLASS="1", TRIAGE_SECRET_KEY=os.environ["TRIAGE_SECRET_KEY"])
     return env
 
 

@@ -37,6 +37,9 @@ DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "models"
 DEFAULT_MODEL_CARD = REPO_ROOT / "deploy" / "triton" / "model_card.json"
 CONFIG_FILE_ENV = "TRIAGE_CONFIG_FILE"
 DEV_SECRET = "development-only-secret"
+#: Values a site could inherit from this repository: refused as secret_key everywhere.
+KNOWN_SECRETS = frozenset({DEV_SECRET, "replace-with-a-long-random-string", "changeme", "secret"})
+MIN_SECRET_LENGTH = 16
 
 
 class Environment(StrEnum):
@@ -159,9 +162,11 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(
         LogFormat.auto, description="json, console, or auto (console on a terminal)"
     )
-    secret_key: SecretStr = Field(
-        SecretStr(DEV_SECRET),
-        description="Signs webhooks and salts token hashes; required outside development",
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Signs webhooks and salts token hashes; no default: serve, worker, token and "
+        "reconcile refuse to start without one (and every command in production); at least "
+        f"{MIN_SECRET_LENGTH} characters, never a value from this repository",
     )
 
     # -- database and queue --------------------------------------------------
@@ -352,12 +357,22 @@ class Settings(BaseSettings):
                 raise ValueError(f"{entry!r}: {exc}") from None
         return value
 
+    @field_validator("secret_key")
+    @classmethod
+    def _refuse_known_or_short_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # In every environment: a development node is reachable on the network too.
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        if secret.strip() in KNOWN_SECRETS:
+            raise ValueError("is a published example value; set a random one (TRIAGE_SECRET_KEY)")
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters")
+        return value
+
     @model_validator(mode="after")
     def _refuse_default_secret_in_production(self) -> Settings:
-        if (
-            self.environment is Environment.production
-            and self.secret_key.get_secret_value() == DEV_SECRET
-        ):
+        if self.environment is Environment.production and self.secret_key is None:
             raise ValueError("secret_key must be set (TRIAGE_SECRET_KEY) in production")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be set together")
@@ -381,6 +396,15 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     # -- derived values ------------------------------------------------------
+    def require_secret(self) -> str:
+        """``secret_key``'s value; `SettingsError` naming TRIAGE_SECRET_KEY when it is unset."""
+        if self.secret_key is None:
+            raise SettingsError(
+                "TRIAGE_SECRET_KEY (secret_key) must be set: it salts the API token hashes and "
+                "signs webhooks; there is no default (e.g. `openssl rand -hex 32`)"
+            )
+        return self.secret_key.get_secret_value()
+
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'triage.db'}"

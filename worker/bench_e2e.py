@@ -90,6 +90,7 @@ class _Site:
             "TRIAGE_INFERENCE_THREADS": "2",
             "TRIAGE_LOG_FORMAT": "json",
             "TRIAGE_LOG_LEVEL": "WARNING",
+            "TRIAGE_SECRET_KEY": os.urandom(24).hex(),  # a throwaway node's own secret
             "OMP_NUM_THREADS": "2",
         })
         if triton_url:

@@ -353,6 +353,8 @@ def demo(
         "TRIAGE_LOG_FORMAT": "json",
         "TRIAGE_LOG_LEVEL": "INFO",
         "TRIAGE_STABILITY_SECONDS": "3",
+        # A throwaway node: its own random secret (there is no default one).
+        "TRIAGE_SECRET_KEY": os.urandom(24).hex(),
         "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
     })
     settings = load_settings(
@@ -360,6 +362,7 @@ def demo(
         model_repository=env.get("TRIAGE_MODEL_REPOSITORY"),
         model_card=env.get("TRIAGE_MODEL_CARD"),
         destinations=[pacs.destination()],
+        secret_key=env["TRIAGE_SECRET_KEY"],
     )
     if not Path(settings.model_card).is_file():
         pacs.stop()

@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a Celery worker: triage jobs from the stat queue first, then routine."""
         overrides = {"data_dir": data_dir, "inference_backend": backend}
-        settings = settings_or_exit(**overrides)
+        settings = settings_or_exit(need_secret=True, **overrides)
         # Pool processes read the process settings (get_settings): hand the overrides
         # down through the environment.
         if data_dir is not None:

@@ -69,7 +69,7 @@ class Principal:
 
 def hash_token(settings: Settings, token: str) -> str:
     """HMAC-SHA256 of the token keyed with ``settings.secret_key`` (hex)."""
-    key = settings.secret_key.get_secret_value().encode()
+    key = settings.require_secret().encode()
     return hmac.new(key, token.encode(), hashlib.sha256).hexdigest()
 
 

@@ -75,7 +75,8 @@ class _Node:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
         env.update(TRIAGE_DATA_DIR=str(data_dir), TRIAGE_DICOM_PORT=str(self.port),
                    TRIAGE_DICOM_HOST=HOST, TRIAGE_LOG_FORMAT="json", TRIAGE_LOG_LEVEL="WARNING",
-                   TRIAGE_MAX_ASSOCIATIONS=str(max(16, associations + 2)), OMP_NUM_THREADS="1")
+                   TRIAGE_MAX_ASSOCIATIONS=str(max(16, associations + 2)), OMP_NUM_THREADS="1",
+                   TRIAGE_SECRET_KEY=os.urandom(24).hex())  # a throwaway node's own secret
         executable = Path(sys.executable).parent / "triage-node"
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([str(executable), "serve", "--no-api"], env=env,

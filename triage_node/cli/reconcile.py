@@ -25,7 +25,7 @@ def reconcile(
     from triage_node.queue import make_client
     from triage_node.reconcile import reconcile_lost_jobs
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(need_secret=True)
     engine = make_engine(settings.effective_database_url)
     client = make_client(settings)
     factory = make_sessionmaker(engine)

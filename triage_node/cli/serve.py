@@ -67,7 +67,7 @@ def serve(
     ``triage-node db upgrade``). Stops cleanly on SIGTERM or SIGINT.
     """
     settings = settings_or_exit(
-        data_dir=data_dir, dicom_port=dicom_port, http_port=http_port, ae_title=ae_title
+        need_secret=True, data_dir=data_dir, dicom_port=dicom_port, http_port=http_port, ae_title=ae_title
     )
     engine = make_engine(settings.effective_database_url)
     try:

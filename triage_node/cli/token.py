@@ -22,7 +22,7 @@ DATA_DIR = typer.Option(None, "--data-dir", help="Data directory (overrides TRIA
 
 
 def _factory(data_dir: Path | None):  # type: ignore[no-untyped-def]
-    settings = settings_or_exit(data_dir=data_dir)
+    settings = settings_or_exit(need_secret=True, data_dir=data_dir)
     engine = make_engine(settings.effective_database_url)
     try:
         require_current(engine)

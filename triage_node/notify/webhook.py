@@ -144,7 +144,9 @@ def send_event(
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[WebhookOutcome]:
     """Send one event to every URL in ``settings.webhook_urls``."""
-    secret = settings.secret_key.get_secret_value()
+    if not settings.webhook_urls:
+        return []
+    secret = settings.require_secret()
     return [
         post_event(url, event, payload, secret, attempts=settings.webhook_attempts, sleep=sleep)
         for url in settings.webhook_urls
