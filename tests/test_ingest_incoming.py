@@ -8,7 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
 
 from tests.ingest_support import ct_dataset, part10
 from triage_node.ingest.header import (
@@ -19,6 +25,7 @@ from triage_node.ingest.header import (
     parse_header,
 )
 from triage_node.ingest.incoming import IncomingObject, dataset_digest
+from triage_node.ingest.inflate import inflate_part10
 from triage_node.ingest.spool import Spool
 
 
@@ -48,6 +55,13 @@ def test_fragments_give_the_file_digest_and_header_of_the_whole_object(
     spool = Spool(tmp_path)
     incoming = _receive(spool, data, chunk)
     assert incoming.size == len(data)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        # Kept inflated, as Explicit VR Little Endian, in memory and in the file.
+        assert incoming.inflate(2**30)
+        data = inflate_part10(data, 2**30)
+        assert parse_header(data).transfer_syntax == ExplicitVRLittleEndian
+    else:
+        assert not incoming.inflate(2**30)
     header, whole = incoming.header(), parse_header(data)
     assert (header.study_uid, header.series_uid, header.sop_uid, header.transfer_syntax) == (
         whole.study_uid, whole.series_uid, whole.sop_uid, whole.transfer_syntax)

@@ -10,7 +10,9 @@ ReferencedSOPSequence (0008,1199) for stored instances, FailedSOPSequence (0008,
 with FailureReason (0008,1197) for the others, and RetrieveURL (0008,1190) of the
 study and of each stored instance. HTTP status: 200 when every instance was stored,
 202 when some failed, 409 when all failed, 415 for a content type other than
-multipart/related of application/dicom, 400 for a body that is not valid multipart.
+multipart/related of application/dicom, 400 for a body that is not valid multipart,
+413 for a part larger than ``max_object_mb`` (deflated parts: once inflated), 503 with
+Retry-After while ``max_stow_requests`` requests are already being received.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from starlette.concurrency import run_in_threadpool
 from triage_node.api.deps import Sender
 from triage_node.db import audit
 from triage_node.db.session import transaction
+from triage_node.ingest.header import OBJECT_TOO_LARGE
+from triage_node.ingest.inflate import is_deflated, meta_sop_uids
 from triage_node.logs import get_logger
 
 log = get_logger(__name__)
@@ -45,6 +49,8 @@ CANNOT_UNDERSTAND = 0xC000
 #: (PS3.18 10.5.1.1.1). An "Error: Data Set does not match" code (0xA9xx family).
 STUDY_UID_MISMATCH = 0xA900
 PROCESSING_FAILURE = 0x0110
+#: Seconds a client is asked to wait when ``max_stow_requests`` are under way.
+BUSY_RETRY_AFTER_S = 5
 
 
 class StowError(Exception):
@@ -147,8 +153,14 @@ def _attr(vr: str, value: Any) -> dict[str, Any]:
 
 
 def _header_uids(data: bytes) -> tuple[str | None, str | None, str | None]:
-    """(StudyInstanceUID, SOPClassUID, SOPInstanceUID) of a part, as far as readable."""
+    """(StudyInstanceUID, SOPClassUID, SOPInstanceUID) of a part, as far as readable.
+
+    Of a deflated part only the file meta is read (pydicom would inflate the whole data
+    set, without a bound): the store inflates it within the limit and checks its study.
+    """
     try:
+        if is_deflated(data):
+            return (None, *meta_sop_uids(data))
         ds = dcmread(BytesIO(data), stop_before_pixels=True,
                      specific_tags=["StudyInstanceUID", "SOPClassUID", "SOPInstanceUID"])
         # Values are converted on access: a malformed one raises here, not in the caller.
@@ -197,7 +209,10 @@ def _store_part(
     if target_study is not None and study is not None and study != target_study:
         result.fail(sop_class, sop_uid, STUDY_UID_MISMATCH)
         return
-    outcome = store.store(part.data, calling_ae=principal_name[:16], peer=peer, source="stow")
+    outcome = store.store(part.data, calling_ae=principal_name[:16], peer=peer, source="stow",
+                          expected_study=target_study)
+    if outcome.status == OBJECT_TOO_LARGE:  # a deflated part, past the limit once inflated
+        raise StowError(413, f"{outcome.reason}: the request ends here")
     if not outcome.stored:
         result.fail(getattr(outcome, "sop_class_uid", None) or sop_class,
                     outcome.sop_uid or sop_uid, outcome.status or PROCESSING_FAILURE)
@@ -217,7 +232,52 @@ def _store_part(
         result.series.add(outcome.series_uid)
 
 
+class StowSlots:
+    """At most ``limit`` STOW-RS requests receiving at once (``max_stow_requests``).
+
+    Each request holds its part bodies in memory and a thread while it stores them; as
+    ``max_associations`` does for the DICOM port, the cap keeps a flood of slow or large
+    requests from taking the node's memory and threads. Used from the event loop only,
+    so the count needs no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def take(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def give_back(self) -> None:
+        self.active -= 1
+
+
+def _slots(state: Any) -> StowSlots:
+    slots = getattr(state, "stow_slots", None)
+    if slots is None:  # no await between the look and the set: one per app
+        slots = state.stow_slots = StowSlots(state.store.settings.max_stow_requests)
+    return slots
+
+
 async def _stow(request: Request, principal: Any, target_study: str | None) -> Response:
+    slots = _slots(request.app.state)
+    if not slots.take():
+        detail = f"{slots.limit} STOW-RS requests are under way (max_stow_requests); retry later"
+        log.warning("stow.busy", active=slots.active, limit=slots.limit)
+        await run_in_threadpool(_audit, request.app.state.session_factory, principal, StowResult(),
+                                503, target_study, detail)
+        return JSONResponse({"detail": detail}, status_code=503,
+                            headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
+    try:
+        return await _receive(request, principal, target_study)
+    finally:
+        slots.give_back()
+
+
+async def _receive(request: Request, principal: Any, target_study: str | None) -> Response:
     state = request.app.state
     store, tracker = state.store, getattr(state, "tracker", None)
     peer = request.client.host if request.client else "unknown"
@@ -289,7 +349,9 @@ def _audit(session_factory: Any, principal: Any, result: StowResult, status: int
     summary="STOW-RS: store instances (PS3.18 10.5)",
     response_class=JSONResponse,
     responses={200: {"content": {DICOM_JSON: {}}}, 202: {"description": "some failed"},
-               409: {"description": "all failed"}, 415: {"description": "wrong media type"}},
+               409: {"description": "all failed"}, 413: {"description": "a part too large"},
+               415: {"description": "wrong media type"},
+               503: {"description": "max_stow_requests under way; see Retry-After"}},
 )
 async def store_instances(request: Request, principal: Sender) -> Response:
     return await _stow(request, principal, None)
@@ -300,7 +362,9 @@ async def store_instances(request: Request, principal: Sender) -> Response:
     summary="STOW-RS: store instances of one study (PS3.18 10.5)",
     response_class=JSONResponse,
     responses={200: {"content": {DICOM_JSON: {}}}, 202: {"description": "some failed"},
-               409: {"description": "all failed"}, 415: {"description": "wrong media type"}},
+               409: {"description": "all failed"}, 413: {"description": "a part too large"},
+               415: {"description": "wrong media type"},
+               503: {"description": "max_stow_requests under way; see Retry-After"}},
 )
 async def store_study_instances(study_uid: str, request: Request, principal: Sender) -> Response:
     return await _stow(request, principal, study_uid)

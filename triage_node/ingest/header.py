@@ -16,9 +16,10 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.status import Status
 
+from triage_node.ingest.inflate import is_deflated
 from triage_node.ingest.spool import InvalidUID, validate_uid
 
 # -- Storage Service Class statuses (PS3.4 Table B.2-1) ----------------------------
@@ -27,6 +28,8 @@ SUCCESS = int(Status.SUCCESS)  # 0x0000
 OUT_OF_RESOURCES = 0xA700
 #: Also "Refused: Out of Resources": the database could not record the instance.
 DATABASE_UNAVAILABLE = 0xA701
+#: Also "Refused: Out of Resources": a deflated data set inflates past ``max_object_mb``.
+OBJECT_TOO_LARGE = 0xA702
 #: Error: Data Set does not match SOP Class (A900-A9FF).
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 #: Error: Cannot understand (C000-CFFF). The header cannot be parsed.
@@ -55,6 +58,9 @@ class _Header:
     sop_class_uid: str
     transfer_syntax: str
     dataset_offset: int
+    #: Set when the object came in another transfer syntax than it is kept in
+    #: (Deflated Explicit VR Little Endian: `triage_node.ingest.inflate`).
+    received_transfer_syntax: str | None = None
 
 
 def dataset_offset(data: bytes, meta: Dataset | None) -> int:
@@ -233,6 +239,10 @@ def parse_header(data: bytes) -> _Header:
         0xC000 when the file cannot be parsed, 0xC001 when a UID is invalid,
         0xA900 when a required UID is missing.
     """
+    if is_deflated(data):
+        # pydicom would inflate it in one call, without a bound: the store inflates it
+        # first (`triage_node.ingest.incoming.IncomingObject.inflate`).
+        raise _Refused(CANNOT_UNDERSTAND, "deflated data set was not inflated before the header check")
     try:
         fp = BytesIO(data)
         ds = dcmread(fp, stop_before_pixels=True)
@@ -252,7 +262,7 @@ def parse_header(data: bytes) -> _Header:
         raise _Refused(CANNOT_UNDERSTAND, "file meta has no TransferSyntaxUID")
     if not _meta_group_length_consistent(data, meta):
         raise _Refused(CANNOT_UNDERSTAND, "FileMetaInformationGroupLength does not match the file meta")
-    if transfer_syntax != DeflatedExplicitVRLittleEndian and not _pixel_data_complete(
+    if not _pixel_data_complete(
         data, stopped_at, implicit=transfer_syntax == ImplicitVRLittleEndian
     ):
         raise _Refused(CANNOT_UNDERSTAND, "pixel data is truncated")

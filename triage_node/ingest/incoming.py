@@ -27,10 +27,20 @@ and the sender gets a status, not a broken connection.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
-from triage_node.ingest.header import OUT_OF_RESOURCES, _Header, _Refused, parse_header
+from triage_node.ingest.header import (
+    CANNOT_UNDERSTAND,
+    OBJECT_TOO_LARGE,
+    OUT_OF_RESOURCES,
+    _Header,
+    _Refused,
+    dataset_offset_from_bytes,
+    parse_header,
+)
+from triage_node.ingest.inflate import DeflateCorrupt, DeflateTooLarge, inflate_part10, is_deflated
 from triage_node.ingest.spool import Spool, write_all
 
 __all__ = ["IncomingObject", "dataset_digest"]
@@ -98,6 +108,40 @@ class IncomingObject:
         if len(self._chunks) != 1 or not isinstance(self._chunks[0], bytes):
             self._chunks = [b"".join(self._chunks)]
         return self._chunks[0]  # type: ignore[return-value]
+
+    def inflate(self, limit: int) -> bool:
+        """Keep a deflated object as Explicit VR Little Endian (`triage_node.ingest.inflate`).
+
+        The inflated object replaces the received bytes in memory and in the temporary
+        file, and `hash_from` moves to its data set. Call before `data` is shared with
+        another thread. Returns False (and changes nothing) when it is not deflated.
+
+        Raises
+        ------
+        _Refused
+            0xA702 when it inflates past ``limit`` bytes, 0xC000 when the deflated
+            stream is corrupt, 0xA700 when the spool write fails.
+        """
+        data = self.data()
+        if not is_deflated(data):
+            return False
+        try:
+            inflated = inflate_part10(data, limit)
+        except DeflateTooLarge as exc:
+            raise _Refused(OBJECT_TOO_LARGE, f"{exc} (max_object_mb)") from None
+        except DeflateCorrupt as exc:
+            raise _Refused(CANNOT_UNDERSTAND, str(exc)) from None
+        self._chunks, self._size = [inflated], len(inflated)
+        self.hash_from = dataset_offset_from_bytes(inflated)
+        try:
+            assert self._fd is not None
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            write_all(self._fd, inflated)
+        except OSError as exc:
+            self._fail(exc)
+            raise self.refused from None  # type: ignore[misc]
+        return True
 
     def sync(self, started: threading.Event | None = None) -> Path:
         """fsync the temporary file (in the I/O pool); OSError closes and deletes it.

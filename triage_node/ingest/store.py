@@ -7,11 +7,15 @@ the whole file at once: `store`). For each Part 10 object it
 1. checks the free-disk watermark (0xA700 below it),
 2. writes the bytes to a temporary file in the spool as they arrive
    (`triage_node.ingest.incoming.IncomingObject`),
-3. once the object is complete, fsyncs the file and hashes the data set in the I/O
-   pool while it checks the header (no pixel decoding; the bytes are never
-   re-encoded) and the UIDs (0xC000-range when they cannot become paths, 0xA900
-   when they are missing or do not match what the transfer announced),
-4. stages the Study/Series/Instance rows and an audit row,
+3. once the object is complete, inflates a deflated one within ``max_object_mb``
+   and keeps it inflated (`triage_node.ingest.inflate`; 0xA702 past the limit), then
+   fsyncs the file and hashes the data set in the I/O pool while it checks the header
+   (no pixel decoding; the data set bytes are never re-encoded) and the UIDs
+   (0xC000-range when they cannot become paths, 0xA900 when they are missing or do
+   not match what the transfer announced),
+4. stages the Study/Series/Instance rows and an audit row (0xA900 for an instance
+   whose series or study is filed under another study or patient:
+   `triage_node.ingest.filing`),
 5. renames the file to its final name and fsyncs its folder
    (`triage_node.ingest.spool.Spool.publish`), then commits the rows
    (0xA701 when that fails: never success without the row),
@@ -26,38 +30,37 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import bindparam, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.config import Settings
 from triage_node.db import audit
-from triage_node.db.models import Instance, Series, Study
+from triage_node.db.models import Instance, Series
 from triage_node.db.session import transaction
 from triage_node.ingest.header import (
     CANNOT_UNDERSTAND,
     DATABASE_UNAVAILABLE,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     INVALID_UID,
+    OBJECT_TOO_LARGE,
     OUT_OF_RESOURCES,
     SUCCESS,
-    _float,
     _Header,
     _int,
     _Refused,
-    _requested_priority,
-    _text,
     dataset_offset,
     dataset_offset_from_bytes,
     parse_header,
     slice_position,
 )
+from triage_node.ingest.filing import FILED_ELSEWHERE, Filing, FilingCache, file_series
 from triage_node.ingest.incoming import IncomingObject, dataset_digest
 from triage_node.ingest.spool import Spool
 from triage_node.logs import get_logger, remember_identifiers
@@ -66,7 +69,9 @@ __all__ = [
     "CANNOT_UNDERSTAND",
     "DATABASE_UNAVAILABLE",
     "DATASET_DOES_NOT_MATCH_SOP_CLASS",
+    "FILED_ELSEWHERE",
     "INVALID_UID",
+    "OBJECT_TOO_LARGE",
     "OUT_OF_RESOURCES",
     "SUCCESS",
     "InstanceStore",
@@ -163,18 +168,6 @@ class StoreOutcome:
         )
 
 
-def _insert_ignore(session: Session, model: type, **values: Any) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING on the model's unique UID column."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing()
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing()
-    else:  # pragma: no cover - only the two engines the node supports
-        raise RuntimeError(f"unsupported database dialect {dialect}")
-    session.execute(stmt)
-
-
 class InstanceStore:
     """Validate, spool and record received DICOM objects.
 
@@ -200,7 +193,7 @@ class InstanceStore:
         self.session_factory = session_factory
         self.on_stored = on_stored
         self.spool = Spool(settings.spool_dir)
-        self._series_ids: dict[str, int] = {}
+        self._filed = FilingCache()
         # Refusals that could not be audited (database away), written once it is back.
         self._deferred_audit: list[dict[str, Any]] = []
         self._deferred_lock = threading.Lock()
@@ -227,6 +220,7 @@ class InstanceStore:
         source: str,
         expected_sop_class: str | None = None,
         expected_sop_instance: str | None = None,
+        expected_study: str | None = None,
     ) -> StoreOutcome:
         """Store one Part 10 file (preamble, file meta and dataset as received).
 
@@ -243,6 +237,8 @@ class InstanceStore:
         expected_sop_class, expected_sop_instance : str, optional
             Affected SOP Class/Instance UID announced by the C-STORE request (PS3.7
             9.1.1.1); a dataset that disagrees gets 0xA900.
+        expected_study : str, optional
+            StudyInstanceUID of a STOW-RS request URL (PS3.18 10.5.1.1.1); 0xA900 otherwise.
 
         Returns
         -------
@@ -253,6 +249,7 @@ class InstanceStore:
         return self.finish(
             incoming, calling_ae=calling_ae, peer=peer, source=source,
             expected_sop_class=expected_sop_class, expected_sop_instance=expected_sop_instance,
+            expected_study=expected_study,
         )
 
     def begin(self, *, hash_from: int) -> IncomingObject:
@@ -278,6 +275,7 @@ class InstanceStore:
         source: str,
         expected_sop_class: str | None = None,
         expected_sop_instance: str | None = None,
+        expected_study: str | None = None,
     ) -> StoreOutcome:
         """Make a complete object durable and record it, or refuse it (see `store`)."""
         if source not in SOURCES:
@@ -288,6 +286,8 @@ class InstanceStore:
         try:
             if incoming.refused is not None:
                 raise incoming.refused
+            # Deflated: inflated once, within the object size limit, and kept inflated.
+            inflated = incoming.inflate(self.settings.max_object_mb * 2**20)
             # The bytes are in the temporary file already: its fsync and the digest
             # run in the I/O pool (neither holds the GIL) while this thread checks the
             # header and stages the rows. A refused object's file is dropped.
@@ -301,7 +301,14 @@ class InstanceStore:
             started.wait()
             try:
                 header = incoming.header()
+                if inflated:
+                    header = replace(header, received_transfer_syntax=DeflatedExplicitVRLittleEndian)
                 remember_identifiers(header.ds)
+                if expected_study and header.study_uid != expected_study:
+                    raise _Refused(
+                        DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                        "StudyInstanceUID differs from the study in the request URL",
+                    )
                 if expected_sop_class and header.sop_class_uid != expected_sop_class.strip("\x00 "):
                     raise _Refused(
                         DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -386,8 +393,8 @@ class InstanceStore:
                 path = self.spool.path_for(
                     header.study_uid, header.series_uid, header.sop_uid, version
                 )
-                series_id = self._stage_rows(session, header, data, digest, version,
-                                             path, calling_ae, source, actor)
+                filing = self._stage_rows(session, header, data, digest, version,
+                                          path, calling_ae, source, actor)
                 session.flush()
                 try:
                     staged = staging.result()
@@ -417,9 +424,7 @@ class InstanceStore:
             if written is not None and not committed:
                 self._discard_unreferenced(written)
         # Only after the commit: a rolled-back insert must not be cached.
-        if len(self._series_ids) > 10_000:
-            self._series_ids.clear()
-        self._series_ids[header.series_uid] = series_id
+        self._filed.put(header.series_uid, filing)
         log.debug(
             "instance stored",
             study_uid=header.study_uid,
@@ -442,21 +447,26 @@ class InstanceStore:
         calling_ae: str,
         source: str,
         actor: str,
-    ) -> int:
+    ) -> Filing:
         """Study/Series upserts, the Instance row and its audit row, not yet committed.
 
-        Returns the series row id.
+        Returns where the series is filed. An instance of a series or study filed under
+        another study or patient is refused (`triage_node.ingest.filing`), whether the
+        series is cached or not.
 
         Core statements (not ORM units of work) keep this to a few hundred
-        microseconds of Python per instance; the ids of a series already seen are
+        microseconds of Python per instance; where a series already seen is filed is
         cached, since study and series rows are never deleted.
         """
         ds = header.ds
         now = datetime.now(UTC)
         expected = _int(ds, "NumberOfSeriesRelatedInstances") or _int(ds, "ImagesInAcquisition")
-        series_id = self._series_ids.get(header.series_uid)
-        if series_id is None:
-            series_id = self._upsert_study_series(session, header, calling_ae, source, expected, now)
+        filing = self._filed.get(header.series_uid)
+        if filing is None:
+            filing = file_series(session, header, calling_ae, source, expected, now)
+        else:
+            filing.check(header)
+        series_id = filing.series_id
         params: dict[str, Any] = {"series_id": series_id, "now": now}
         if expected is not None:
             params["expected"] = expected
@@ -490,68 +500,10 @@ class InstanceStore:
             sha256=digest,
             source=source,
             transfer_syntax=header.transfer_syntax,
+            **({"received_transfer_syntax": header.received_transfer_syntax}
+               if header.received_transfer_syntax else {}),
         )
-        return series_id
-
-    def _upsert_study_series(
-        self,
-        session: Session,
-        header: _Header,
-        calling_ae: str,
-        source: str,
-        expected: int | None,
-        now: datetime,
-    ) -> int:
-        """Insert the Study and Series rows if missing (first instance wins); return the series id."""
-        ds = header.ds
-        _insert_ignore(
-            session,
-            Study,
-            study_uid=header.study_uid,
-            patient_name=_text(ds, "PatientName", 324),
-            patient_id=_text(ds, "PatientID"),
-            accession_number=_text(ds, "AccessionNumber"),
-            study_date=_text(ds, "StudyDate", 8),
-            study_description=_text(ds, "StudyDescription"),
-            modality=_text(ds, "Modality", 16),
-            calling_ae=calling_ae[:16] if source == "dimse" else None,
-            requested_priority=_requested_priority(ds),
-            received_at=now,
-            updated_at=now,
-        )
-        study_id = session.execute(
-            select(Study.id).where(Study.study_uid == header.study_uid)
-        ).scalar_one()
-        _insert_ignore(
-            session,
-            Series,
-            study_id=study_id,
-            series_uid=header.series_uid,
-            modality=_text(ds, "Modality", 16),
-            series_number=_int(ds, "SeriesNumber"),
-            description=_text(ds, "SeriesDescription"),
-            body_part=_text(ds, "BodyPartExamined"),
-            protocol_name=_text(ds, "ProtocolName"),
-            image_type=_text(ds, "ImageType", 128),
-            convolution_kernel=_text(ds, "ConvolutionKernel"),
-            slice_thickness=_float(ds, "SliceThickness"),
-            contrast_agent=_text(ds, "ContrastBolusAgent"),
-            sop_class_uid=header.sop_class_uid,
-            expected_instances=expected,
-            instance_count=0,
-            state="receiving",
-            first_received_at=now,
-            last_received_at=now,
-        )
-        series_id, series_study_id = session.execute(
-            select(Series.id, Series.study_id).where(Series.series_uid == header.series_uid)
-        ).one()
-        if series_study_id != study_id:
-            raise _Refused(
-                DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                "SeriesInstanceUID already belongs to another study",
-            )
-        return int(series_id)
+        return filing
 
     def _duplicate(
         self, session: Session, header: _Header, row: Any, actor: str, source: str
