@@ -1,9 +1,15 @@
 """Who may open an association (PS3.8 7.1.1, 9.3.4).
 
-Checked once the A-ASSOCIATE-RQ is read, in this order: the called AE title, the
-caller (calling AE title and source address against the allow-list), the spool's
-free-disk watermark and the cap on concurrent associations. A refused caller gets an
-A-ASSOCIATE-RJ with the matching reason, after an audit row is committed.
+First, when the connection is accepted and before anything is read from it (`enter`):
+the cap on concurrent connections and the cap per source address. A connection over
+either is told A-ASSOCIATE-RJ (transient, local limit exceeded) without its request
+being read (`triage_node.ingest.refusals`): it never gets a thread or a buffer.
+
+Then once the A-ASSOCIATE-RQ is read (`check`), in this order: the called AE title,
+the caller (calling AE title and source address against the allow-list), the
+maximum PDU length the caller can receive, and the spool's free-disk watermark.
+
+A refused caller gets an A-ASSOCIATE-RJ with the matching reason, and an audit row.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ __all__ = [
     "ASSOCIATE_RJ_CALLED_AE",
     "ASSOCIATE_RJ_CALLING_AE",
     "ASSOCIATE_RJ_LOCAL_LIMIT",
+    "ASSOCIATE_RJ_NO_REASON",
+    "MIN_PEER_MAX_PDU",
     "Admission",
     "audit_association",
 ]
@@ -36,6 +44,13 @@ ASSOCIATE_RJ_CALLING_AE = (0x01, 0x01, 0x03)
 ASSOCIATE_RJ_CALLED_AE = (0x01, 0x01, 0x07)
 #: rejected-transient, DICOM UL service-provider (presentation), local-limit-exceeded
 ASSOCIATE_RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+#: rejected-permanent, DICOM UL service-user, no-reason-given (a maximum PDU length
+#: the node cannot answer within)
+ASSOCIATE_RJ_NO_REASON = (0x01, 0x01, 0x01)
+
+#: Smallest maximum PDU length (PS3.8 D.1) a caller may announce, 0 (no limit)
+#: aside: below it every response would be split into a PDU per few bytes.
+MIN_PEER_MAX_PDU = 1024
 
 
 def audit_association(
@@ -60,7 +75,7 @@ def audit_association(
 
 
 class Admission:
-    """Admission control, and the count of open associations it admitted.
+    """Admission control, and the count of open connections it let in.
 
     Parameters
     ----------
@@ -71,49 +86,70 @@ class Admission:
     store : InstanceStore
         For the watermark and the audit rows.
     max_associations : int
-        Associations open at once; one more is refused (transient, local limit).
+        Connections open at once; one more is refused when accepted.
+    max_per_source : int
+        Connections open at once from one source address.
     """
 
     def __init__(
-        self, policy: AccessPolicy, ae_title: str, store: InstanceStore, max_associations: int
+        self, policy: AccessPolicy, ae_title: str, store: InstanceStore, max_associations: int,
+        max_per_source: int | None = None,
     ) -> None:
         self.policy = policy
         self.ae_title = ae_title
         self.store = store
         self.max_associations = max_associations
+        self.max_per_source = max_per_source or max_associations
         self._open = 0
+        self._by_source: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def open_count(self) -> int:
         with self._lock:
             return self._open
 
-    def check(self, calling_ae: str, called_ae: str, peer: str) -> tuple[int, int, int] | None:
-        """None to accept (the association then counts as open), else the A-ASSOCIATE-RJ fields.
+    def enter(self, peer: str) -> str | None:
+        """Count a connection just accepted from ``peer``: None, or why it is over a cap.
 
-        An accepted association must be given back with ``release()``.
+        A connection let in must be given back with `leave` when it ends.
         """
+        with self._lock:
+            if self._open >= self.max_associations:
+                return "too many associations open"
+            from_peer = self._by_source.get(peer, 0)
+            if from_peer >= self.max_per_source:
+                return "too many associations open from this address"
+            self._open += 1
+            self._by_source[peer] = from_peer + 1
+            return None
+
+    def leave(self, peer: str) -> None:
+        with self._lock:
+            self._open -= 1
+            left = self._by_source.pop(peer, 1) - 1
+            if left > 0:
+                self._by_source[peer] = left
+
+    def check(
+        self, calling_ae: str, called_ae: str, peer: str, peer_max_pdu: int = 0
+    ) -> tuple[int, int, int] | None:
+        """None to accept the A-ASSOCIATE-RQ, else the A-ASSOCIATE-RJ fields."""
         reject: tuple[int, int, int] | None = None
         why = ""
         if called_ae != self.ae_title:
             reject, why = ASSOCIATE_RJ_CALLED_AE, "called AE title not recognised"
         elif not self.policy.allows(calling_ae, peer):
             reject, why = ASSOCIATE_RJ_CALLING_AE, "calling AE title not recognised"
+        elif 0 < peer_max_pdu < MIN_PEER_MAX_PDU:
+            reject = ASSOCIATE_RJ_NO_REASON
+            why = f"maximum PDU length {peer_max_pdu} is below {MIN_PEER_MAX_PDU}"
         elif self.store.below_watermark():
             reject, why = ASSOCIATE_RJ_LOCAL_LIMIT, "free disk below the watermark"
         else:
-            with self._lock:
-                if self._open < self.max_associations:
-                    self._open += 1
-                    return None
-            reject, why = ASSOCIATE_RJ_LOCAL_LIMIT, "too many associations open"
+            return None
         log.warning("association rejected", reason=why, called_ae=called_ae)
         self._audit_rejection(calling_ae, peer, called_ae, why, reject)
         return reject
-
-    def release(self) -> None:
-        with self._lock:
-            self._open -= 1
 
     def _audit_rejection(
         self, calling_ae: str, peer: str, called: str, why: str, reject: tuple[int, int, int]
@@ -123,3 +159,4 @@ class Admission:
             self.store.session_factory, "association.rejected", calling_ae, peer, why,
             called_ae=called[:16], result=reject[0], source=reject[1], diagnostic=reject[2],
         )
+

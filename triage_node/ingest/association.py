@@ -1,5 +1,11 @@
 """One storage association, in the thread that accepted its connection (PS3.8 9.1).
 
+The connection was counted against the caps when it was accepted
+(`triage_node.ingest.admission.Admission.enter`); its slot is given back when it ends.
+Deadlines are overall, not per read: the TLS handshake and the whole A-ASSOCIATE-RQ
+within ``request_timeout_s`` of the accept, each later PDU within ``pdu_timeout_s`` of
+its first byte; a peer that trickles bytes is aborted when they pass.
+
 Admission (A-ASSOCIATE-RJ with its reason and an audit row), then the data phase:
 each C-STORE data set goes to the store fragment by fragment as it arrives
 (``InstanceStore.begin``), is finished once complete (``InstanceStore.finish``), and
@@ -29,12 +35,17 @@ from triage_node.ingest.incoming import IncomingObject
 from triage_node.ingest.store import InstanceStore
 from triage_node.logs import get_logger
 
-__all__ = ["ASSOCIATION_REQUEST_TIMEOUT_S", "IDLE_TIMEOUT_S", "Listener", "StorageAssociation"]
+__all__ = [
+    "ASSOCIATION_REQUEST_TIMEOUT_S", "IDLE_TIMEOUT_S", "PDU_TIMEOUT_S", "Listener", "StorageAssociation",
+]
 
 log = get_logger(__name__)
 
-#: ARTIM: how long a new connection may take to send its A-ASSOCIATE-RQ (PS3.8 9.1.5).
+#: ARTIM: how long a new connection may take to send its A-ASSOCIATE-RQ (PS3.8 9.1.5);
+#: ``settings.association_request_timeout_s``.
 ASSOCIATION_REQUEST_TIMEOUT_S = 30.0
+#: How long one PDU may take from its header to its last byte; ``settings.pdu_timeout_s``.
+PDU_TIMEOUT_S = 30.0
 #: An established association silent for this long is aborted.
 IDLE_TIMEOUT_S = 60.0
 
@@ -55,6 +66,8 @@ class Listener:
     max_object_bytes: int
     ssl_context: ssl.SSLContext | None = None
     nodelay: bool = True
+    request_timeout_s: float = ASSOCIATION_REQUEST_TIMEOUT_S
+    pdu_timeout_s: float = PDU_TIMEOUT_S
     association_finished: Callable[[list[str]], object] | None = None
     _open: set[StorageAssociation] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -105,7 +118,6 @@ class StorageAssociation:
     listener: Listener
     calling_ae: str = "?"
     series: set[str] = field(default_factory=set)
-    admitted: bool = False
 
     def run(self) -> None:
         with structlog.contextvars.bound_contextvars(peer=self.peer):
@@ -126,34 +138,45 @@ class StorageAssociation:
                 ending = "failed"
             finally:
                 self._close()
-                if self.admitted:
-                    self.listener.admission.release()
+                self.listener.admission.leave(self.peer)
                 self._report(ending)
 
     def _run(self) -> str:
+        limit = self.listener.request_timeout_s
+        deadline = time.monotonic() + limit
         if self.listener.nodelay:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.listener.ssl_context is not None:
+            # CPython's handshake takes the socket timeout as its overall deadline.
+            self.sock.settimeout(limit)
             try:
                 self.sock = self.listener.ssl_context.wrap_socket(self.sock, server_side=True)
+            except TimeoutError:
+                why = f"TLS handshake not complete within {limit:g} s"
+                log.warning("association aborted by the node", reason=why)
+                self._audit_abort(why)
+                return "TLS handshake timed out"
             except (OSError, ValueError) as exc:
                 log.warning("TLS handshake failed", error=str(exc))
                 return "TLS handshake failed"
-        self.sock.settimeout(ASSOCIATION_REQUEST_TIMEOUT_S)
-        pdu_type, body, header = ul.read_pdu(self.sock)
+        try:
+            pdu_type, body, header = ul.read_pdu(self.sock, ul.ASSOCIATE_RQ_READ_CAP, deadline=deadline)
+        except (ul.PeerSilent, ul.PeerTooSlow):
+            raise ul.PeerTooSlow(f"A-ASSOCIATE-RQ not complete within {limit:g} s") from None
         if pdu_type != ul.ASSOCIATE_RQ:
             raise ul.Abort(ul.ABORT_UNEXPECTED_PDU, f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
         negotiated = ul.negotiate(header + bytes(body), self.listener.contexts)
+        del body
         self.calling_ae = negotiated.calling_ae
         with structlog.contextvars.bound_contextvars(calling_ae=self.calling_ae):
-            reject = self.listener.admission.check(negotiated.calling_ae, negotiated.called_ae, self.peer)
+            reject = self.listener.admission.check(
+                negotiated.calling_ae, negotiated.called_ae, self.peer, negotiated.peer_max_pdu
+            )
             if reject is not None:
                 self._send(ul.reject_pdu(*reject))
                 return "rejected"
-            self.admitted = True
-            self.sock.sendall(ul.accept_pdu(negotiated, self.listener.max_pdu))
+            self._sendall(ul.accept_pdu(negotiated, self.listener.max_pdu))
             log.debug("association accepted", contexts=len(negotiated.contexts))
-            self.sock.settimeout(IDLE_TIMEOUT_S)
             return self._data_phase(negotiated)
 
     def _data_phase(self, negotiated: ul.Negotiated) -> str:
@@ -164,15 +187,19 @@ class StorageAssociation:
         try:
             while True:
                 try:
-                    pdu_type, body, _ = ul.read_pdu(self.sock)
+                    pdu_type, body, _ = ul.read_pdu(
+                        self.sock, deadline=time.monotonic() + IDLE_TIMEOUT_S,
+                        pdu_seconds=self.listener.pdu_timeout_s, prealloc=self.listener.max_pdu,
+                    )
                 except ul.PeerSilent:
-                    raise ul.Abort(0x00, f"no PDU for {IDLE_TIMEOUT_S:.0f} s") from None
+                    raise ul.Abort(ul.ABORT_REASON_NOT_SPECIFIED, f"no PDU for {IDLE_TIMEOUT_S:g} s") from None
                 if pdu_type == ul.P_DATA:
                     for message in assembler.feed(body):
                         status = self._serve(message, negotiated)
-                        self.sock.sendall(ul.response_pdus(message, status, negotiated.peer_max_pdu))
+                        self._sendall(ul.response_pdus(message, status, negotiated.peer_max_pdu))
+                    del body  # the fragments the sink kept hold it, not this loop
                 elif pdu_type == ul.RELEASE_RQ:
-                    self.sock.sendall(ul.release_rp_pdu())
+                    self._sendall(ul.release_rp_pdu())
                     return "released"
                 elif pdu_type == ul.ABORT:
                     return "aborted by the peer"
@@ -231,10 +258,18 @@ class StorageAssociation:
             self.peer, why[:200], stored_series=len(self.series),
         )
 
-    def _send(self, data: bytes) -> None:
+    def _sendall(self, data: bytes) -> None:
+        """Send within ``pdu_timeout_s`` overall (a peer that stops reading is cut too)."""
+        self.sock.settimeout(self.listener.pdu_timeout_s)
         try:
             self.sock.sendall(data)
-        except OSError:
+        except OSError as exc:
+            raise ul.PeerClosed(str(exc) or type(exc).__name__) from None
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sendall(data)
+        except ul.PeerClosed:
             pass  # the peer is gone; nothing left to tell it
 
     def disconnect(self) -> None:

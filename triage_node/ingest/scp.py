@@ -14,6 +14,7 @@ from __future__ import annotations
 import socketserver
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.presentation import PresentationContext
@@ -32,6 +33,7 @@ from pydicom.uid import (
 from triage_node.config import Settings, UnknownStorageClassPolicy
 from triage_node.ingest.access import AccessPolicy
 from triage_node.ingest.admission import Admission
+from triage_node.ingest.refusals import RefusedConnections
 from triage_node.ingest.association import Listener
 from triage_node.ingest.store import InstanceStore
 from triage_node.ingest.tls import server_ssl_context
@@ -73,9 +75,40 @@ def storage_contexts(policy: UnknownStorageClassPolicy) -> list[PresentationCont
 
 
 class _Server(socketserver.ThreadingTCPServer):
+    """One thread per connection, and only for those under the caps.
+
+    ``verify_request`` runs in the accepting thread, before a thread or a buffer
+    exists for the connection: over a cap, it is handed to `RefusedConnections`.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], handler: type, admission: Admission,
+                 refusals: RefusedConnections) -> None:
+        super().__init__(address, handler)
+        self.admission = admission
+        self.refusals = refusals
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        peer = str(client_address[0])
+        why = self.admission.enter(peer)
+        if why is None:
+            return True
+        self.refusals.refuse(request, peer, why)
+        return False
+
+    def shutdown_request(self, request: Any) -> None:
+        pass  # each connection is closed by its association or by the refusals
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread: the slot and the socket are given back here
+            self.admission.leave(str(client_address[0]))
+            request.close()
+            raise
 
 
 class StorageSCP:
@@ -84,8 +117,10 @@ class StorageSCP:
     Parameters
     ----------
     settings : Settings
-        ``ae_title``, ``dicom_host``, ``dicom_port``, ``allowed_callers``,
-        ``max_associations``, ``unknown_storage_class`` and the TLS files are used.
+        ``ae_title``, ``dicom_host``, ``dicom_port``, ``allowed_callers``, the caps
+        (``max_associations``, ``max_associations_per_source``, ``max_object_mb``), the
+        deadlines (``association_request_timeout_s``, ``pdu_timeout_s``),
+        ``unknown_storage_class`` and the TLS files are used.
     store : InstanceStore
         Where received objects go.
     association_finished : callable, optional
@@ -106,7 +141,8 @@ class StorageSCP:
         self.settings = settings
         self.store = store
         self.admission = Admission(
-            AccessPolicy(settings.allowed_callers), settings.ae_title, store, settings.max_associations
+            AccessPolicy(settings.allowed_callers), settings.ae_title, store, settings.max_associations,
+            settings.max_associations_per_source,
         )
         self.listener = Listener(
             store=store,
@@ -115,9 +151,12 @@ class StorageSCP:
             max_pdu=MAX_PDU_SIZE,
             max_object_bytes=settings.max_object_mb * 2**20,
             nodelay=nodelay,
+            request_timeout_s=settings.association_request_timeout_s,
+            pdu_timeout_s=settings.pdu_timeout_s,
             association_finished=association_finished,
         )
         self.server: _Server | None = None
+        self.refusals: RefusedConnections | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -136,7 +175,12 @@ class StorageSCP:
             def handle(self) -> None:
                 listener.serve(self.request, str(self.client_address[0]))
 
-        self.server = _Server((self.settings.dicom_host, self.settings.dicom_port), _Handler)
+        self.refusals = RefusedConnections(
+            self.store.session_factory, send_reject=listener.ssl_context is None
+        )
+        self.server = _Server(
+            (self.settings.dicom_host, self.settings.dicom_port), _Handler, self.admission, self.refusals
+        )
         self._thread = threading.Thread(
             target=self.server.serve_forever, name="dicom-listener", daemon=True
         )
@@ -158,6 +202,9 @@ class StorageSCP:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+        if self.refusals is not None:
+            self.refusals.stop()
+            self.refusals = None
         self.listener.disconnect_all()
         # An object being stored when its connection went is finished (stored, or
         # not at all) before the caller closes the database.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -54,6 +55,7 @@ __all__ = [
     "Negotiated",
     "PeerClosed",
     "PeerSilent",
+    "PeerTooSlow",
     "accept_pdu",
     "abort_pdu",
     "negotiate",
@@ -71,6 +73,7 @@ P_DATA, RELEASE_RQ, RELEASE_RP, ABORT = 0x04, 0x05, 0x06, 0x07
 _KNOWN_PDU_TYPES = {ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA, RELEASE_RQ, RELEASE_RP, ABORT}
 
 # A-ABORT reasons from the service provider (source 0x02), PS3.8 Table 9-26.
+ABORT_REASON_NOT_SPECIFIED = 0x00
 ABORT_UNRECOGNISED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
 ABORT_INVALID_PARAMETER = 0x06
@@ -79,6 +82,22 @@ ABORT_INVALID_PARAMETER = 0x06
 #: less, never more, but a generous cap still turns a 4 GiB length field into an
 #: A-ABORT instead of an allocation.
 PDU_READ_CAP = 16 * 1024 * 1024
+#: Largest A-ASSOCIATE-RQ read: 128 presentation contexts with 20 transfer syntaxes
+#: each are under 200 KiB.
+ASSOCIATE_RQ_READ_CAP = 1024 * 1024
+#: A PDU buffer starts at most this large and doubles as bytes arrive, so that a
+#: peer that declares 16 MiB and sends nothing costs nothing.
+GROW_STEP = 64 * 1024
+
+#: Command sets are a few hundred bytes (PS3.7 Annex E); the cap bounds a peer that
+#: sends command fragments without end.
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_COMMAND_PDVS = 64
+#: A message may have one PDV per this many bytes of the object size limit (plus
+#: `MIN_PDVS_PER_MESSAGE`): each PDV costs memory however short it is, so empty or
+#: one-byte fragments must not be free. Senders fill their PDUs (16 KiB and up).
+PDV_BYTES_PER_FRAGMENT = 4096
+MIN_PDVS_PER_MESSAGE = 64
 
 # DIMSE command fields, PS3.7 Annex E.
 C_STORE_RQ_FIELD, C_ECHO_RQ_FIELD = 0x0001, 0x0030
@@ -94,7 +113,7 @@ class PeerClosed(Exception):
 
 
 class PeerSilent(PeerClosed):
-    """Nothing arrived within the socket's timeout."""
+    """No PDU (not even its whole 6-byte header) arrived in the time allowed."""
 
 
 class Abort(Exception):
@@ -105,15 +124,43 @@ class Abort(Exception):
         self.reason = reason
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
+class PeerTooSlow(Abort):
+    """A PDU began but was not complete by its deadline (a peer trickling bytes)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(ABORT_REASON_NOT_SPECIFIED, why)
+
+
+class _Late(Exception):
+    """The deadline passed with ``got`` bytes of the read received."""
+
+    def __init__(self, got: int) -> None:
+        self.got = got
+
+
+def _recv_exactly(
+    sock: socket.socket, size: int, deadline: float | None = None, prealloc: int = GROW_STEP
+) -> bytearray:
+    """``size`` bytes by ``deadline`` (monotonic; None: the socket's own timeout per recv).
+
+    The buffer starts at ``prealloc`` bytes at most and doubles as the bytes come:
+    its size follows what arrived, never only what the peer declared.
+    """
+    buffer = bytearray(min(size, prealloc))
     got = 0
     while got < size:
+        if got == len(buffer):
+            buffer.extend(bytes(min(size, max(2 * got, GROW_STEP)) - got))
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Late(got)
+            sock.settimeout(remaining)
         try:
-            n = sock.recv_into(view[got:], size - got)
+            # A fresh view per call: the bytearray cannot grow while one is held.
+            n = sock.recv_into(memoryview(buffer)[got:], len(buffer) - got)
         except TimeoutError:
-            raise PeerSilent(f"nothing received for {sock.gettimeout()} s") from None
+            raise _Late(got) from None
         except OSError as exc:
             raise PeerClosed(str(exc) or type(exc).__name__) from None
         if n == 0:
@@ -122,15 +169,44 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
     return buffer
 
 
-def read_pdu(sock: socket.socket, cap: int = PDU_READ_CAP) -> tuple[int, bytearray, bytes]:
-    """Read one PDU: (type, body, the 6-byte header)."""
-    header = bytes(_recv_exactly(sock, 6))
+def read_pdu(
+    sock: socket.socket,
+    cap: int = PDU_READ_CAP,
+    *,
+    deadline: float | None = None,
+    pdu_seconds: float | None = None,
+    prealloc: int = GROW_STEP,
+) -> tuple[int, bytearray, bytes]:
+    """Read one PDU: (type, body, the 6-byte header).
+
+    Parameters
+    ----------
+    deadline : float, optional
+        ``time.monotonic()`` by which the header must be in, else `PeerSilent`; also
+        the body's deadline unless ``pdu_seconds`` is given. None: only the socket's
+        timeout, per recv.
+    pdu_seconds : float, optional
+        Time for the body once the header is in, else `PeerTooSlow` (overall, not per
+        recv: a peer trickling a byte a second is cut).
+    prealloc : int
+        Bytes of the body buffer allocated before any arrive.
+    """
+    try:
+        header = bytes(_recv_exactly(sock, 6, deadline))
+    except _Late as late:
+        raise PeerSilent(f"no complete PDU header in time ({late.got} of 6 bytes)") from None
     pdu_type, length = _HEADER.unpack(header)
     if pdu_type not in _KNOWN_PDU_TYPES:
         raise Abort(ABORT_UNRECOGNISED_PDU, f"unrecognised PDU type 0x{pdu_type:02X}")
     if length > cap:
         raise Abort(ABORT_INVALID_PARAMETER, f"PDU of {length} bytes is over the {cap}-byte cap")
-    return pdu_type, _recv_exactly(sock, length), header
+    body_deadline = deadline if pdu_seconds is None else time.monotonic() + pdu_seconds
+    try:
+        return pdu_type, _recv_exactly(sock, length, body_deadline, prealloc), header
+    except _Late as late:
+        raise PeerTooSlow(
+            f"PDU of {length} bytes not complete in time ({late.got} bytes received)"
+        ) from None
 
 
 @dataclass
@@ -270,6 +346,11 @@ class MessageAssembler:
     to the sink that ``open_dataset`` gives for its message (by default the fragments
     are joined into bytes when the last one arrives). Call `close` when the
     association ends, so that a message cut short is discarded.
+
+    Bounded per message: the data set by ``max_dataset_bytes``, the command set by
+    `MAX_COMMAND_BYTES` and `MAX_COMMAND_PDVS`, the number of PDVs by one per
+    `PDV_BYTES_PER_FRAGMENT` of ``max_dataset_bytes``; empty data fragments are
+    counted, not kept. Past a bound the association is aborted (`Abort`).
     """
 
     def __init__(
@@ -279,13 +360,18 @@ class MessageAssembler:
         self.contexts = contexts
         self.max_dataset_bytes = max_dataset_bytes
         self._open_dataset = open_dataset or (lambda _context_id, _command: _Joined())
+        self.max_pdvs = MIN_PDVS_PER_MESSAGE + max_dataset_bytes // PDV_BYTES_PER_FRAGMENT
         self._command: list[bytes] = []
+        self._command_size = 0
+        self._pdvs = 0
         self._sink: DatasetSink | None = None
         self._size = 0
         self._context_id: int | None = None
         self._header: Dataset | None = None
 
     def feed(self, body: bytearray) -> Iterator[Message]:
+        if not body:
+            raise Abort(ABORT_INVALID_PARAMETER, "P-DATA-TF without a PDV item")  # PS3.8 9.3.5
         view = memoryview(body)
         offset = 0
         while offset < len(view):
@@ -314,12 +400,22 @@ class MessageAssembler:
     def _reset(self) -> None:
         """Ready for the next message's command set."""
         self._header, self._context_id, self._sink, self._size = None, None, None, 0
+        self._command, self._command_size, self._pdvs = [], 0, 0
 
     def _fragment(self, context_id: int, control: int, fragment: memoryview) -> Message | None:
         is_command, is_last = bool(control & 0x01), bool(control & 0x02)
+        self._pdvs += 1
+        if self._pdvs > self.max_pdvs:
+            raise Abort(ABORT_INVALID_PARAMETER, f"more than {self.max_pdvs} PDVs in one message")
         if is_command:
             if self._header is not None:
                 raise Abort(ABORT_INVALID_PARAMETER, "command fragment inside a data set")
+            self._command_size += len(fragment)
+            if self._command_size > MAX_COMMAND_BYTES or len(self._command) >= MAX_COMMAND_PDVS:
+                raise Abort(
+                    ABORT_INVALID_PARAMETER,
+                    f"command set over {MAX_COMMAND_BYTES} bytes or {MAX_COMMAND_PDVS} fragments",
+                )
             self._command.append(bytes(fragment))
             if not is_last:
                 return None
@@ -327,7 +423,7 @@ class MessageAssembler:
                 self._header = decode(BytesIO(b"".join(self._command)), True, True)
             except Exception as exc:  # noqa: BLE001 - undecodable command set
                 raise Abort(ABORT_INVALID_PARAMETER, f"undecodable command set: {exc}") from None
-            self._command = []
+            self._command, self._command_size = [], 0
             if int(self._header.get("CommandDataSetType", _NO_DATASET)) == _NO_DATASET:
                 return self._complete(None)
             return None
@@ -343,7 +439,8 @@ class MessageAssembler:
             )
         if self._sink is None:
             self._sink = self._open_dataset(context_id, self._header)
-        self._sink.write(fragment)
+        if fragment:  # an empty one is counted above, never kept
+            self._sink.write(fragment)
         return self._complete(self._sink.result()) if is_last else None
 
     def _complete(self, dataset: Any) -> Message:
