@@ -12,7 +12,7 @@ import typer
 from triage_node.cli.app import app
 from triage_node.cli.common import settings_or_exit
 from triage_node.config import Settings
-from triage_node.db import schema
+from triage_node.db import audit, schema
 from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.ingest.scp import StorageSCP
 from triage_node.ingest.store import InstanceStore
@@ -130,5 +130,6 @@ def serve(
         tracker.stop()
         if reconciler is not None:
             reconciler.stop()
+        audit.flush_refusals()  # the counts of refusal windows still open
         engine.dispose()
         log.info("stopped")

@@ -33,6 +33,9 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            # The delete half of an INSERT OR REPLACE then fires the audit table's DELETE
+            # trigger (migration 0004 also refuses a replaced audit id on any connection).
+            cur.execute("PRAGMA recursive_triggers=ON")
             cur.close()
 
         return engine
