@@ -149,7 +149,7 @@ def _inflate(deflated: memoryview, limit: int, keep: list[bytes] | None) -> int:
             out = inflater.decompress(pending, STEP)
             total += len(out)
             if total > limit:
-                raise DeflateTooLarge(f"the data set inflates to more than {limit // 2**20} MiB")
+                raise DeflateTooLarge(f"more than {limit} bytes")
             if keep is not None and out:
                 keep.append(out)
             pending = inflater.unconsumed_tail
@@ -205,7 +205,10 @@ def inflate_part10(data: bytes, limit: int) -> bytes:
     room = limit - _PREAMBLE - len(meta)
     deflated = memoryview(data)[end:]
     # First count (bounded memory), then keep: a bomb never holds more than one step.
-    _inflate(deflated, room, None)
+    try:
+        _inflate(deflated, room, None)
+    except DeflateTooLarge:
+        raise DeflateTooLarge(f"the object inflates to more than {limit / 2**20:g} MiB") from None
     chunks: list[bytes] = [data[:_PREAMBLE], meta]
     _inflate(deflated, room, chunks)
     return b"".join(chunks)
