@@ -30,6 +30,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from triage_node.api.deps import Sender
 from triage_node.db import audit
@@ -297,6 +298,9 @@ async def _receive(request: Request, principal: Any, target_study: str | None) -
             parser.finalize()
         except MultipartParseError as exc:
             raise StowError(400, f"malformed multipart body: {exc}") from None
+        except ClientDisconnect:
+            # Audited and logged like any ended request; the parts stored stay stored.
+            raise StowError(400, "client disconnected before the end of the body") from None
         for part in collector.done:
             await run_in_threadpool(_store_part, part, store, principal.name, peer, base,
                                     target_study, result)

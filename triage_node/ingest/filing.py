@@ -69,12 +69,13 @@ class Filing:
         """Refuse ``header`` with `FILED_ELSEWHERE` when it belongs to another study or patient."""
         if header.study_uid != self.study_uid:
             raise _Refused(FILED_ELSEWHERE, "SeriesInstanceUID is already filed under another study")
-        _check_patient(self.patient_id, header, "SeriesInstanceUID")
+        # Same study: the same check, and the same reason, as when the rows are read.
+        _check_patient(self.patient_id, header)
 
 
-def _check_patient(filed: str | None, header: _Header, what: str) -> None:
+def _check_patient(filed: str | None, header: _Header) -> None:
     if patient_key(header) != filed:
-        raise _Refused(FILED_ELSEWHERE, f"{what} is already filed under another patient (PatientID differs)")
+        raise _Refused(FILED_ELSEWHERE, "StudyInstanceUID is already filed under another patient")
 
 
 class FilingCache:
@@ -146,7 +147,7 @@ def file_series(
     study_id, patient_id = session.execute(
         select(Study.id, Study.patient_id).where(Study.study_uid == header.study_uid)
     ).one()
-    _check_patient(patient_id, header, "StudyInstanceUID")
+    _check_patient(patient_id, header)
     _insert_ignore(
         session,
         Series,
