@@ -25,7 +25,7 @@ from triage_node.db.session import transaction
 @pytest.fixture
 def settings(tmp_path, database_url):
     return load_settings(data_dir=tmp_path, database_url=database_url, min_free_disk_mb=0,
-                         secret_key="test-secret-key")
+                         secret_key="test-secret-key-0123")
 
 
 @pytest.fixture
@@ -65,17 +65,53 @@ def test_healthz_is_open(server):
     assert response.status_code == 200 and response.json()["status"] == "ok"
 
 
-def test_openapi_docs_need_no_internet(server):
+def test_openapi_docs_need_no_internet(server, tokens):
     """The /docs page and its assets come from the node itself, not from a CDN."""
     import re
 
-    page = httpx.get(server.url + "/docs")
+    page = httpx.get(server.url + "/docs", headers=bearer(tokens["viewer"]))
     assert page.status_code == 200
     sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert sources and not [s for s in sources if s.startswith(("http://", "https://", "//"))]
     for source in sources:
         assert httpx.get(server.url + source).status_code == 200, source
-    assert httpx.get(server.url + "/openapi.json").json()["info"]["title"] == "ICH triage node"
+    schema = httpx.get(server.url + "/openapi.json", headers=bearer(tokens["sender"]))
+    assert schema.json()["info"]["title"] == "ICH triage node"
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"])
+def test_the_api_description_needs_a_token(server, path):
+    response = httpx.get(server.url + path)
+    assert response.status_code == 401 and "info" not in response.text
+    assert httpx.get(server.url + path, headers=bearer("tn_not-a-token")).status_code == 401
+    # A browser is sent to the login page, whose cookie then opens the page.
+    browser = httpx.get(server.url + path, headers={"Accept": "text/html"})
+    if path == "/openapi.json":
+        assert browser.status_code == 401
+    else:
+        assert browser.status_code == 303 and browser.headers["location"] == f"/login?next={path}"
+
+
+def test_the_login_cookie_opens_the_api_description(server, tokens):
+    for path in ("/docs", "/openapi.json"):
+        response = httpx.get(server.url + path, cookies={"triage_token": tokens["viewer"]})
+        assert response.status_code == 200, path
+    assert httpx.get(server.url + "/openapi.json", cookies={"triage_token": "tn_forged"}).status_code == 401
+    # The cookie opens only the description: /api still needs the header (no CSRF path).
+    assert httpx.get(server.url + "/api/worklist", cookies={"triage_token": tokens["viewer"]}).status_code == 401
+
+
+def test_readiness_is_open_on_loopback_only(settings, session_factory, tokens):
+    from starlette.testclient import TestClient
+
+    app = create_app(settings, session_factory)
+    local = TestClient(app, client=("127.0.0.1", 50000)).get("/readyz")
+    assert local.status_code in (200, 503) and "checks" in local.json()
+    remote = TestClient(app, client=("10.2.3.4", 50000))
+    assert remote.get("/readyz").status_code == 401
+    assert remote.get("/readyz", headers=bearer(tokens["sender"])).status_code == 403
+    assert remote.get("/readyz", headers=bearer(tokens["viewer"])).status_code in (200, 503)
+    assert remote.get("/healthz").status_code == 200  # liveness stays open to all
 
 
 @pytest.mark.parametrize("path", ["/api/probe/viewer", "/api/no-such-route", "/dicomweb/studies",
@@ -122,13 +158,13 @@ def test_tokens_are_stored_as_keyed_hashes_only(settings, session_factory, token
         )
     for role, token in tokens.items():
         assert token not in dump
-        expected = hmac.new(b"test-secret-key", token.encode(), hashlib.sha256).hexdigest()
+        expected = hmac.new(b"test-secret-key-0123", token.encode(), hashlib.sha256).hexdigest()
         assert rows[role].token_hash == expected
         assert rows[role].token_hash != hashlib.sha256(token.encode()).hexdigest()
 
 
 def test_a_changed_secret_key_invalidates_tokens(tmp_path, database_url, session_factory, tokens):
-    other = load_settings(data_dir=tmp_path, database_url=database_url, secret_key="another-key")
+    other = load_settings(data_dir=tmp_path, database_url=database_url, secret_key="another-key-0123456")
     with LiveServer(create_app(other, session_factory)) as live:
         response = httpx.post(live.url + "/dicomweb/studies", headers=bearer(tokens["admin"]))
     assert response.status_code == 401
@@ -155,7 +191,7 @@ def test_token_command_creates_a_working_token_then_revoke_stops_it(
     from triage_node.cli import token as _token_cli  # noqa: F401  (registers the command)
 
     monkeypatch.setenv("TRIAGE_DATABASE_URL", database_url)
-    monkeypatch.setenv("TRIAGE_SECRET_KEY", "test-secret-key")
+    monkeypatch.setenv("TRIAGE_SECRET_KEY", "test-secret-key-0123")
     runner = CliRunner()
     result = runner.invoke(cli_app, ["token", "create", "--role", "viewer", "--name", "reader",
                                      "--data-dir", str(tmp_path)])

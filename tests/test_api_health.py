@@ -82,7 +82,7 @@ def test_readyz_database_down_or_not_migrated(tmp_path):
     app = create_app(load_settings(data_dir=tmp_path, database_url=db.url), db.factory)
     from starlette.testclient import TestClient
 
-    body = TestClient(app).get("/readyz").json()
+    body = TestClient(app, client=("127.0.0.1", 50000)).get("/readyz").json()
     assert body["status"] == "not ready" and "SchemaOutOfDate" in body["checks"]["database"]["detail"]
 
 

@@ -50,7 +50,7 @@ def test_no_anonymous_access_and_roles_are_enforced(api):
     assert api.client("sender").get("/api/worklist").status_code == 403  # STOW-only token
     assert api.client("viewer").get("/api/worklist").status_code == 200
     assert api.client(None).get("/healthz").status_code == 200
-    assert "/api/worklist" in api.client(None).get("/openapi.json").json()["paths"]
+    assert "/api/worklist" in api.client("viewer").get("/openapi.json").json()["paths"]
 
 
 def test_worklist_is_ordered_positive_first_with_details(api, tmp_path):

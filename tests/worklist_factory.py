@@ -288,7 +288,7 @@ def build_api(db: Database, data_dir: Path, **overrides) -> Api:
     from triage_node.config import load_settings
     from triage_node.db.session import transaction
 
-    settings = load_settings(data_dir=data_dir, database_url=db.url, secret_key="api-test-secret",
+    settings = load_settings(data_dir=data_dir, database_url=db.url, secret_key="api-test-secret-0123",
                              **overrides)
     tokens = {}
     with transaction(db.factory) as session:

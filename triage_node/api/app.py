@@ -106,7 +106,7 @@ def create_app(
         title="ICH triage node",
         version=__version__,
         description="Worklist, audit and DICOMweb (STOW-RS, QIDO-RS, WADO-RS) of the triage node. "
-        "Every /api and /dicomweb path needs `Authorization: Bearer <token>`.",
+        "Every /api and /dicomweb path, and this description, needs `Authorization: Bearer <token>`.",
     )
     app.state.settings = settings
     app.state.session_factory = session_factory

@@ -15,7 +15,12 @@ Roles
 
 Every path under ``/api`` and ``/dicomweb`` needs a valid token (`AuthGate`, in every
 environment, development included): 401 without one or with a bad one, 403 when the
-token's role is not enough (`require_role`).
+token's role is not enough (`require_role`). The API description (``/docs``,
+``/redoc``, ``/openapi.json``) needs a valid token too, from the ``Authorization``
+header or the web page's login cookie (a browser cannot send the header); a browser
+without one is sent to ``/login``. ``/readyz`` and ``/metrics`` are open to loopback
+clients only (`triage_node.api.health`); ``/healthz`` (liveness: status and version) is
+open to all, so that container and service managers can probe it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ log = get_logger(__name__)
 TOKEN_PREFIX = "tn_"
 #: Path prefixes that never admit an anonymous caller.
 PROTECTED_PREFIXES = ("/api", "/dicomweb")
+#: The API description: it maps every route, so it is not given to anonymous callers.
+DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+#: Cookie the web page's login sets (``/login``); also accepted on `DOC_PATHS`.
+COOKIE = "triage_token"
 
 
 class Role(StrEnum):
@@ -155,11 +164,15 @@ class AuthGate:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _protected(scope.get("path", "")):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        docs = path in DOC_PATHS
+        if not docs and not _protected(path):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         token = bearer_token(headers.get("authorization"))
+        if token is None and docs:
+            token = _cookie(headers.get("cookie", ""), COOKIE)
         principal = None
         if token is not None:
             state = scope["app"].state
@@ -169,6 +182,9 @@ class AuthGate:
         if principal is None:
             reason = "missing bearer token" if token is None else "invalid or revoked token"
             log.warning("auth.unauthorized", path=scope.get("path"), reason=reason)
+            if docs and path != "/openapi.json" and "text/html" in headers.get("accept", ""):
+                await _redirect_to_login(send, path)
+                return
             body = _unauthorized_body("Not authenticated" if token is None else "Invalid token")
             await send({
                 "type": "http.response.start",
@@ -183,6 +199,23 @@ class AuthGate:
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
+
+
+def _cookie(header: str, name: str) -> str | None:
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name and value:
+            return value
+    return None
+
+
+async def _redirect_to_login(send: Send, path: str) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status.HTTP_303_SEE_OTHER,
+        "headers": [(b"location", f"/login?next={path}".encode()), (b"content-length", b"0")],
+    })
+    await send({"type": "http.response.body", "body": b""})
 
 
 def _protected(path: str) -> bool:

@@ -1,9 +1,11 @@
 """``/readyz`` (dependencies reachable) and ``/metrics`` (Prometheus); ``/healthz``
 (alive) is defined by ``create_app``.
 
-``/metrics`` needs no token from a loopback client (a scraper on the
-same host); ``/metrics`` from anywhere else needs a viewer token. ``/readyz`` is open
-too (orchestrators probe it) and says only which check failed, never a secret.
+``/readyz`` and ``/metrics`` need no token from a loopback client (the container's
+own health check, a scraper on the same host); from anywhere else they need a viewer
+token: readiness names the database, broker and model paths, which an anonymous caller
+on the network has no need to see. ``/readyz`` says only which check failed, never a
+secret. ``/healthz`` (liveness) stays open to all.
 """
 
 from __future__ import annotations
@@ -138,8 +140,17 @@ def is_loopback(request: Request) -> bool:
         return host == "localhost"
 
 
+def _loopback_or_viewer(request: Request) -> None:
+    if not is_loopback(request):
+        from triage_node.api.auth import require_role
+
+        require_role("viewer")(request)  # raises 401/403 itself
+
+
 @router.get("/readyz", summary="Readiness: database, broker, inference backend, disk")
 def readyz(request: Request) -> JSONResponse:
+    """Open on loopback; other clients need a viewer token."""
+    _loopback_or_viewer(request)
     checks = run_checks(request.app.state.settings, request.app.state.session_factory)
     ready = all(c.ok for c in checks.values())
     body = {
@@ -232,10 +243,7 @@ def metrics_registry(session_factory: sessionmaker[Session]) -> CollectorRegistr
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 def metrics(request: Request) -> Response:
     """Open on loopback; other clients need a viewer token."""
-    if not is_loopback(request):
-        from triage_node.api.auth import require_role
-
-        require_role("viewer")(request)  # raises 401/403 itself
+    _loopback_or_viewer(request)
     registry = getattr(request.app.state, "metrics_registry", None)
     if registry is None:
         registry = request.app.state.metrics_registry = metrics_registry(request.app.state.session_factory)

@@ -19,6 +19,7 @@ from fastapi.templating import Jinja2Templates
 
 from triage_node import CLASSES, SUBTYPES
 from triage_node.api.audit_api import to_csv
+from triage_node.api import auth
 from triage_node.api.auth import Role, authenticate
 from triage_node.api.studies_api import find_object, get_study, render_png
 from triage_node.api.deps import SessionDep, SettingsDep
@@ -30,7 +31,7 @@ from triage_node.worklist.queries import AuditFilter, WorklistFilter, audit_rows
 HERE = Path(__file__).resolve().parent
 TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
 STATIC_DIR = HERE / "static"
-COOKIE = "triage_token"
+COOKIE = auth.COOKIE
 REFRESH_SECONDS = 10
 
 #: Usual abbreviations of the subtypes, for the compact probability bars.
