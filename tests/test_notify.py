@@ -242,3 +242,18 @@ def test_no_patient_identifier_reaches_a_log_line(sqlite_database, receiver):
     text = repr(logs + more)
     assert "Secretname" not in text and patient_id not in text and "ACC1" not in text
     assert any(e["event"] == "hl7.acknowledged" for e in more)
+
+
+def test_hl7_escaping_leaves_no_mllp_framing_byte_in_a_value():
+    from triage_node.notify.hl7 import END_BLOCK, START_BLOCK, PriorityUpdate, build_orm, escape
+
+    hostile = "A\x0bB\x1c\rMSH|^~\\&|FORGED\x1c\x0dC\x00\x7f\tD\nE"
+    assert escape(hostile) == "AB MSH\\F\\\\S\\\\R\\\\E\\\\T\\\\F\\FORGED C D E"
+    update = PriorityUpdate(study_uid="1.2.3", accession_number=hostile, patient_id=hostile,
+                            patient_name=f"{hostile}^Given", priority_class="stat_ai",
+                            procedure=hostile, note=hostile)
+    message, _ = build_orm(update, sending_application="TRIAGE_NODE")
+    framed = START_BLOCK + message.encode() + END_BLOCK
+    assert framed.count(b"\x0b") == 1 and framed.count(b"\x1c") == 1
+    assert [s[:3] for s in message.split("\r") if s] == ["MSH", "PID", "ORC", "OBR", "ZDS", "NTE"]
+    assert not any(ord(c) < 0x20 and c != "\r" for c in message)

@@ -49,14 +49,24 @@ class HL7Error(RuntimeError):
         self.final = final
 
 
+#: C0 control characters and DEL: none belongs in a field value. 0x0B and 0x1C are MLLP's
+#: block start and end and 0x0D ends a segment, so a value carrying them could end the
+#: message early or smuggle a segment into it. Line breaks become spaces; the rest go.
+_CONTROLS = {c: None for c in [*range(0x20), 0x7F]} | {0x09: " ", 0x0A: " ", 0x0D: " "}
+
+
 def escape(value: str | None) -> str:
-    """Escape HL7 delimiters in a field value (HL7 v2 section 2.7)."""
+    """Escape HL7 delimiters in a field value (HL7 v2 section 2.7) and drop control characters.
+
+    The values come from DICOM headers a modality wrote; no MLLP framing byte (0x0B,
+    0x1C) or segment terminator (0x0D) is ever left in one.
+    """
     if not value:
         return ""
-    out = value.replace("\\", "\\E\\")
+    out = value.translate(_CONTROLS).replace("\\", "\\E\\")
     for char, code in (("|", "\\F\\"), ("^", "\\S\\"), ("~", "\\R\\"), ("&", "\\T\\")):
         out = out.replace(char, code)
-    return out.replace("\r", " ").replace("\n", " ")
+    return out
 
 
 def person_name(dicom_pn: str | None) -> str:
