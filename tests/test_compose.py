@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from triage_node.config import REPO_ROOT, Settings
 
@@ -106,11 +108,40 @@ def test_commands_are_real_cli_commands(compose):
         assert result.exit_code == 0, f"{name}: {argv}: {result.output}"
 
 
-def test_only_the_node_is_published_beyond_this_host(compose):
+BIND = "${NODE_BIND_ADDRESS:-127.0.0.1}:"
+
+
+def _default(value: str) -> str:
+    """What ``${VAR:-default}`` becomes when VAR is unset (no other form is used here)."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def test_nothing_is_published_beyond_this_host_unless_asked(compose):
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
-            if name != "node":
-                assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every address"
+            assert _default(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every address"
+            assert name == "node" or port.startswith("127.0.0.1:"), f"{name}: only the node's ports may be opened"
+    assert compose["services"]["node"]["ports"] == [f"{BIND}11112:11112", f"{BIND}8080:8080"]
+
+
+def test_no_caller_is_allowed_until_the_site_lists_its_own(compose):
+    value = _env(compose["services"]["node"])["TRIAGE_ALLOWED_CALLERS"]
+    assert _default(value) == "[]"
+    assert Settings(allowed_callers=json.loads(_default(value)), secret_key="a-real-site-secret").allowed_callers == []
+    example = (REPO_ROOT / ".env.example").read_text()
+    assert re.search(r"^TRIAGE_ALLOWED_CALLERS=\[\]$", example, flags=re.M)
+    assert "172.16" not in COMPOSE.read_text() + example
+
+
+def test_secrets_have_no_default(compose):
+    text = COMPOSE.read_text()
+    for name in ("TRIAGE_SECRET_KEY", "POSTGRES_PASSWORD"):
+        uses = re.findall(r"\$\{" + name + r"(:?[-?=+]?)", text)
+        assert uses and set(uses) == {":?"}, f"{name} must be required (${{{name}:?...}})"
+    # The example's placeholder is refused, so a copied .env cannot start a node.
+    example = dict(re.findall(r"^([A-Z_]+)=(.*)$", (REPO_ROOT / ".env.example").read_text(), flags=re.M))
+    with pytest.raises(ValidationError, match="secret_key"):
+        Settings(secret_key=example["TRIAGE_SECRET_KEY"])
 
 
 def test_ports_do_not_collide(compose):
