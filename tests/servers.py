@@ -575,16 +575,21 @@ class StoreSCP:
         Listening port; a free one by default.
     extra_args : sequence of str
         More ``storescp`` options (e.g. ``("--refuse",)`` or ``("--sleep-during", "5")``).
+    sop_classes : sequence of str, optional
+        Accept only these SOP Class UIDs (plus Verification), uncompressed, through an
+        association negotiation profile (``--config-file``), like an archive that stores
+        only some classes; every class by default.
     """
 
     def __init__(self, folder: Path, aet: str = "STORESCP", port: int | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), sop_classes: Sequence[str] | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.aet = aet
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.extra_args = tuple(extra_args)
+        self.sop_classes = tuple(sop_classes) if sop_classes is not None else None
         self.binary = require_binary("storescp")
         self.log_path = self.folder.parent / f"storescp-{self.port}.log"
         self.process: subprocess.Popen | None = None
@@ -596,8 +601,7 @@ class StoreSCP:
             [
                 self.binary,
                 "-aet", self.aet,
-                "+xa",
-                "-pm",
+                *self._negotiation_args(),
                 "-dhl",
                 "-od", str(self.folder),
                 *self.extra_args,
@@ -614,6 +618,20 @@ class StoreSCP:
             log=self.log_path,
         )
         return self
+
+    def _negotiation_args(self) -> list[str]:
+        if self.sop_classes is None:
+            return ["+xa", "-pm"]
+        contexts = ["VerificationSOPClass", *self.sop_classes]
+        config = self.folder.parent / f"storescp-{self.port}.cfg"
+        config.write_text(
+            "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
+            "TransferSyntax2 = OppositeEndianExplicit\nTransferSyntax3 = LittleEndianImplicit\n"
+            "[[PresentationContexts]]\n[Restricted]\n"
+            + "".join(f"PresentationContext{n} = {uid}\\Uncompressed\n" for n, uid in enumerate(contexts, 1))
+            + "[[Profiles]]\n[Restricted]\nPresentationContexts = Restricted\n"
+        )
+        return ["-xf", str(config), "Restricted"]
 
     def stop(self) -> None:
         _terminate(self.process)

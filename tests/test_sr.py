@@ -152,9 +152,9 @@ def test_sr_round_trip_carries_findings_probabilities_and_references(tmp_path: P
     procedure = [i for vt, code, i in _concepts(ds) if code == "121058"]
     assert procedure[0].ConceptCodeSequence[0].CodeValue == "24725-4"
 
-    # Contributing equipment names the algorithm, with the card's Device UID.
-    equipment = [e for e in ds.ContributingEquipmentSequence if e.get("DeviceUID")]
-    assert equipment[0].DeviceUID == Card.device_uid
+    # Contributing equipment names the algorithm; the card's Device UID is in General Equipment.
+    assert ds.DeviceUID == Card.device_uid
+    equipment = [e for e in ds.ContributingEquipmentSequence if e.get("ManufacturerModelName") == Card.name]
     assert equipment[0].ManufacturerModelName == Card.name
     assert Card.version in equipment[0].SoftwareVersions
 

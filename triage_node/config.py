@@ -297,7 +297,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(
         default_factory=list,
         description="Peers that receive the SR and overlays: JSON list of {name, kind: dimse|dicomweb, "
-        "ae_title, host, port, tls, tls_ca, url, token, timeout_s}",
+        "ae_title, host, port, tls, tls_ca, url, token, timeout_s, sr_class, send_overlays}",
     )
     delivery_max_attempts: int = Field(
         8, ge=1, le=100, description="Tries per object and destination before it is dead-lettered"

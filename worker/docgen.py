@@ -156,7 +156,6 @@ def _status_rows() -> list[tuple[str, ...]]:
 
 def conformance_blocks() -> dict[str, str]:
     from pydicom.uid import (
-        Comprehensive3DSRStorage,
         ExplicitVRLittleEndian,
         ImplicitVRLittleEndian,
         SecondaryCaptureImageStorage,
@@ -166,6 +165,7 @@ def conformance_blocks() -> dict[str, str]:
     from triage_node.ingest import admission
     from triage_node.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES, TRIAGED_SOP_CLASSES
     from worker.pipeline.sr import CODES
+    from worker.pipeline.sr_classes import SR_CLASS_UIDS
 
     triaged = [(_uid_name(u), f"`{u}`", "stored and triaged") for u in TRIAGED_SOP_CLASSES]
     others = [
@@ -197,9 +197,12 @@ def conformance_blocks() -> dict[str, str]:
             )
         )
     scu = [
-        (_uid_name(str(uid)), f"`{uid}`", _uid_name(str(ExplicitVRLittleEndian)) + ", "
+        (_uid_name(str(uid)), f"`{uid}`", f"`{option}`", _uid_name(str(ExplicitVRLittleEndian)) + ", "
          + _uid_name(str(ImplicitVRLittleEndian)))
-        for uid in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage)
+        for option, uid in [
+            *((f"sr_class = \"{c}\"", u) for c, u in SR_CLASS_UIDS.items()),
+            ("send_overlays = true", SecondaryCaptureImageStorage),
+        ]
     ]
     return {
         "scp-triaged": _table(("SOP Class", "UID", "handling"), triaged),
@@ -211,7 +214,7 @@ def conformance_blocks() -> dict[str, str]:
         "scp-statuses": _table(("status", "PS3.4 meaning", "when the node returns it"), _status_rows()),
         "association-rejects": _table(("constant", "result", "source", "reason/diag"), rejects),
         "sr-codes": _table(("class", "finding", "code", "finding site"), codes),
-        "scu-sop-classes": _table(("SOP Class", "UID", "transfer syntaxes proposed"), scu),
+        "scu-sop-classes": _table(("SOP Class", "UID", "sent when the destination has", "transfer syntaxes proposed"), scu),
     }
 
 

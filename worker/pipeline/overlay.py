@@ -316,6 +316,7 @@ def build_overlays(
             series_description=_series_description(synthetic),
         )
         sc.PatientOrientation = [row_dir, col_dir]
+        sc.DeviceUID = card.device_uid  # General Equipment (PS3.3 C.7.5.1)
         _derived_image_attributes(sc, ref, name, heat is not None)
         sc.ImageComments = overlay_comment(name, i, float(study_probs[c]))
         images.append(sc)

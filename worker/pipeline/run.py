@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node import CLASSES
-from triage_node.config import Settings
+from triage_node.config import Destination, Settings, SRClass
 from triage_node.db import audit
 from triage_node.db.models import (
     Instance,
@@ -282,7 +282,12 @@ def _write_dataset(ds: Any, path: Path) -> Path:
 
 @dataclass(frozen=True)
 class WrittenObjects:
-    """The SR and overlay files of one job, with their UIDs and the key slices shown."""
+    """The SR and overlay files of one job, with their UIDs and the key slices shown.
+
+    ``sr_*`` is the primary report (Comprehensive 3D SR referencing the overlays), the one
+    the result row names; ``sr_variants`` holds it and every other report a destination
+    asked for, by (SR class, references the overlays), as (SOP Instance UID, path).
+    """
 
     sr_path: Path
     sr_sop_uid: str
@@ -291,11 +296,29 @@ class WrittenObjects:
     overlay_sop_uids: tuple[str, ...]
     overlay_series_uid: str | None
     key_slices: dict[str, list[int]]
+    sr_variants: dict[tuple[SRClass, bool], tuple[str, Path]] = field(default_factory=dict)
 
     @property
-    def all(self) -> list[tuple[str, Path]]:
-        """(SOP Instance UID, path) of every object: the overlays first, then the SR."""
-        return [*zip(self.overlay_sop_uids, self.overlay_paths, strict=True), (self.sr_sop_uid, self.sr_path)]
+    def overlays(self) -> list[tuple[str, Path]]:
+        return list(zip(self.overlay_sop_uids, self.overlay_paths, strict=True))
+
+    def for_destination(self, destination: Destination) -> list[tuple[str, Path]]:
+        """What one destination gets: the overlays if it takes them, then its report."""
+        variant = report_variant(destination, bool(self.overlay_sop_uids))
+        sr = self.sr_variants.get(variant, (self.sr_sop_uid, self.sr_path))
+        return [*(self.overlays if destination.send_overlays else []), sr]
+
+
+PRIMARY_REPORT = (SRClass.comprehensive_3d, True)
+
+
+def report_variant(destination: Destination, have_overlays: bool = True) -> tuple[SRClass, bool]:
+    """(SR class, references the overlays) of the report ``destination`` gets.
+
+    A destination that does not take the overlay series gets a report that does not
+    reference it, so that no reference dangles in that archive.
+    """
+    return SRClass(destination.sr_class), bool(destination.send_overlays and have_overlays)
 
 
 def write_objects(ctx: WorkerContext, claim_: _Claim, volume: Any, prediction: Any, frame: Any) -> WrittenObjects:
@@ -326,35 +349,41 @@ def write_objects(ctx: WorkerContext, claim_: _Claim, volume: Any, prediction: A
         series_instance_uid=overlay_series_uid,
         sop_instance_uids=[object_uid(*base, "overlay", name, i) for name, i in keys],
     )
-    sr = build_sr(
-        volume.datasets, prediction, card, overlays, key_slices,
-        series_instance_uid=object_uid(*base, "sr-series"),
-        sop_instance_uid=object_uid(*base, "sr"),
-    )
+    sr_series_uid = object_uid(*base, "sr-series")
+    variants = {PRIMARY_REPORT} | {report_variant(d, bool(overlays)) for d in ctx.settings.destinations}
+    reports: dict[tuple[SRClass, bool], tuple[str, Path]] = {}
+    for sr_class, with_overlays in sorted(variants, key=lambda v: (v != PRIMARY_REPORT, v)):
+        primary = (sr_class, with_overlays) == PRIMARY_REPORT
+        sr = build_sr(
+            volume.datasets, prediction, card, overlays if with_overlays else [], key_slices,
+            series_instance_uid=sr_series_uid,
+            # each class is its own SOP instance; the primary keeps the UID it always had
+            sop_instance_uid=object_uid(*base, "sr") if primary
+            else object_uid(*base, "sr", str(sr_class), "overlays" if with_overlays else "no-overlays"),
+            sr_class=sr_class,
+        )
+        name = "sr.dcm" if primary else f"sr_{sr_class}{'' if with_overlays else '_no-overlays'}.dcm"
+        reports[(sr_class, with_overlays)] = (str(sr.SOPInstanceUID), _write_dataset(sr, out_dir / name))
     overlay_paths = tuple(
         _write_dataset(ds, out_dir / f"overlay_{i:02d}.dcm") for i, ds in enumerate(overlays)
     )
     for stale in out_dir.glob("overlay_*.dcm"):  # left by an earlier run with more overlays
         if stale not in overlay_paths:
             stale.unlink(missing_ok=True)
-    sr_path = _write_dataset(sr, out_dir / "sr.dcm")
+    sr_sop_uid, sr_path = reports[PRIMARY_REPORT]
     return WrittenObjects(
         sr_path=sr_path,
-        sr_sop_uid=str(sr.SOPInstanceUID),
-        sr_series_uid=str(sr.SeriesInstanceUID),
+        sr_sop_uid=sr_sop_uid,
+        sr_series_uid=sr_series_uid,
         overlay_paths=overlay_paths,
         overlay_sop_uids=tuple(str(ds.SOPInstanceUID) for ds in overlays),
         overlay_series_uid=overlay_series_uid if overlays else None,
         key_slices={k: [int(i) for i in v] for k, v in key_slices.items()},
+        sr_variants=reports,
     )
 
 
 # -- step 6: record -------------------------------------------------------------------------
-def destination_names(settings: Settings) -> list[str]:
-    """Names of the configured delivery destinations (``settings.destinations``)."""
-    return [str(d.name) for d in settings.destinations]
-
-
 def record(
     ctx: WorkerContext,
     claim_: _Claim,
@@ -441,15 +470,17 @@ def _record_in(
         return str(job.state)
     from worker.pipeline.delivery import enqueue_outbox
 
-    destinations = destination_names(ctx.settings)
-    enqueue_outbox(session, claim_.job_id, claim_.study_uid,
-                   [(sop, str(path)) for sop, path in written.all], destinations)
+    outbox_items = 0
+    for destination in ctx.settings.destinations:
+        objects = [(sop, str(path)) for sop, path in written.for_destination(destination)]
+        enqueue_outbox(session, claim_.job_id, claim_.study_uid, objects, [destination])
+        outbox_items += len(objects)
     compute_priority(session, claim_.study_id, ctx.settings, actor=ACTOR, reason="result",
                      job_id=claim_.job_id)
     audit.record(
         session, "job.done", actor=ACTOR, study_uid=claim_.study_uid,
         series_uid=claim_.series_uid, job_id=claim_.job_id, version=claim_.version,
-        positive=values["positive"], outbox_items=len(written.all) * len(destinations),
+        positive=values["positive"], outbox_items=outbox_items,
         seconds_started_to_reported=round((stamps["reported"] - claim_.started_at).total_seconds(), 3),
     )
     return str(JobState.done)

@@ -1,7 +1,7 @@
 """DICOM Structured Report of one triage result (IHE AI Results, TID 1500).
 
-The report is a Comprehensive 3D SR (PS3.3 A.35.13) whose content tree is a TID 1500
-Measurement Report:
+The report is a Comprehensive 3D SR (PS3.3 A.35.13) by default, or the class a destination
+asks for (``worker.pipeline.sr_classes``), whose content tree is a TID 1500 Measurement Report:
 
 - Procedure Reported (TID 1500 row 4): the examination, LOINC 24725-4 "Head CT" (CID 100);
   not the algorithm.
@@ -19,8 +19,9 @@ Measurement Report:
   use only, not a medical device, not for clinical use.
 
 The header carries VerificationFlag UNVERIFIED (PS3.3 C.17.2), the source's Study Instance
-UID, a new Series, and a Contributing Equipment Sequence item (PS3.3 C.12.1) that names the
-algorithm (Manufacturer, Manufacturer's Model Name, Software Versions, Device UID).
+UID, a new Series, the model card's Device UID in the General Equipment module, and a
+Contributing Equipment Sequence item (PS3.3 C.12.1) that names the algorithm (Manufacturer,
+Manufacturer's Model Name, Software Versions).
 
 Codes (``CODES``): where a SNOMED CT concept for the subtype could be verified it is used
 (sources below); for epidural and intraventricular hemorrhage no pre-coordinated concept
@@ -61,7 +62,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from triage_node import CLASSES
+from triage_node.config import SRClass
 from triage_node.logs import get_logger
+from worker.pipeline.sr_classes import highdicom_class, to_basic_text
 
 log = get_logger(__name__)
 
@@ -292,7 +295,8 @@ def build_sr(
     series_number: int = SR_SERIES_NUMBER,
     instance_number: int = 1,
     software_version: str | None = None,
-) -> hd.sr.Comprehensive3DSR:
+    sr_class: SRClass = SRClass.comprehensive_3d,
+) -> Dataset:
     """Build the TID 1500 report of one study.
 
     Parameters
@@ -313,11 +317,14 @@ def build_sr(
         they are the Source of Measurement images of that class's group, and of ``any``.
     series_instance_uid, sop_instance_uid : str, optional
         UIDs to use (new ones by default; pass fixed ones to make re-runs idempotent).
+    sr_class : SRClass
+        SR storage class (``worker.pipeline.sr_classes``); Comprehensive 3D SR by default.
 
     Returns
     -------
-    highdicom.sr.Comprehensive3DSR
-        Same Study Instance UID as the sources, a new series, VerificationFlag UNVERIFIED.
+    Dataset
+        A highdicom SR document of ``sr_class`` (Basic Text SR: converted from Comprehensive
+        SR), same Study Instance UID as the sources, a new series, VerificationFlag UNVERIFIED.
     """
     if not source_datasets:
         raise ReportError("no source datasets")
@@ -386,7 +393,7 @@ def build_sr(
     referenced = [sources[i] for i in sorted({int(i) for v in key_slices.values() for i in v})]
     evidence = [sources[0], *referenced, *overlays]
     evidence = list({ds.SOPInstanceUID: ds for ds in evidence}.values())
-    sr = hd.sr.Comprehensive3DSR(
+    sr = highdicom_class(sr_class)(
         evidence=evidence,
         content=report,
         series_instance_uid=series_instance_uid or hd.UID(),
@@ -404,8 +411,12 @@ def build_sr(
     )
     sr.ManufacturerModelName = card.name
     sr.SoftwareVersions = software_version or str(card.version)
+    sr.DeviceUID = card.device_uid
+    if sr_class is SRClass.basic_text:
+        sr = to_basic_text(sr)
     log.info(
         "sr_built",
+        sr_class=str(sr_class),
         sop_uid=sr.SOPInstanceUID,
         series_uid=sr.SeriesInstanceUID,
         study_uid=sr.StudyInstanceUID,
@@ -425,8 +436,10 @@ def _series_description(card: CardLike) -> str:
 def contributing_equipment(card: CardLike, software_version: str | None = None) -> hd.ContributingEquipment:
     """Contributing Equipment Sequence item naming the algorithm (PS3.3 C.12.1.1.5).
 
-    Purpose of reference DCM 109102 "Processing Equipment" (CID 7005); Device UID
-    (0018,1002) is the model card's, a new one per retrain.
+    Purpose of reference DCM 109102 "Processing Equipment" (CID 7005). The model card's
+    Device UID (a new one per retrain) goes in the General Equipment module (C.7.5.1) of
+    each object instead: dciodvfy does not know it in this item, and an attribute outside
+    the IOD makes the object Standard Extended, which some archives refuse.
     """
     item = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
@@ -435,7 +448,6 @@ def contributing_equipment(card: CardLike, software_version: str | None = None) 
         software_versions=software_version or str(card.version),
         contribution_description=_contribution_description(card),
     )
-    item.DeviceUID = card.device_uid
     return item
 
 
@@ -470,6 +482,8 @@ def summary(sr: Dataset) -> dict[str, Any]:
                     present = sub.ConceptCodeSequence[0].CodeValue == PRESENT.value
                 elif sub.ValueType == "NUM" and name.CodeValue == PROBABILITY.value:
                     probability = float(sub.MeasuredValueSequence[0].NumericValue)
+                elif sub.ValueType == "TEXT" and name.CodeValue == PROBABILITY.value:  # Basic Text SR
+                    probability = float(sub.TextValue)
             if finding is not None:
                 out[by_code[(*finding, site)]] = {"present": present, "probability": probability}
     return out
