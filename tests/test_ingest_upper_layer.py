@@ -159,3 +159,86 @@ def test_assembler_aborts_a_data_set_over_the_cap_and_resets_between_messages() 
     with pytest.raises(ul.Abort, match="larger than"):
         list(assembler.feed(bytearray(pdv(1, 0x03, command) + pdv(1, 0x00, b"ABCD")
                                       + pdv(1, 0x02, b"EFG"))))
+
+
+def test_read_pdu_buffer_follows_the_bytes_that_arrived_not_the_declared_length() -> None:
+    import tracemalloc
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(struct.pack(">BxI", 0x04, 16 * 1024 * 1024 - 1) + b"x" * 1000)
+        a.shutdown(socket.SHUT_WR)
+        tracemalloc.start()
+        try:
+            with pytest.raises(ul.PeerClosed):
+                ul.read_pdu(b, prealloc=1 << 20)  # declared over ``prealloc``: grown
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 2 * ul.GROW_STEP
+
+
+def test_read_pdu_deadlines_are_overall_not_per_recv() -> None:
+    import threading
+    import time
+
+    a, b = socket.socketpair()
+    with a, b:
+        with pytest.raises(ul.PeerSilent):
+            ul.read_pdu(b, deadline=time.monotonic() + 0.2)
+        a.sendall(struct.pack(">BxI", 0x04, 100))
+
+        def trickle() -> None:
+            for _ in range(20):
+                try:
+                    a.sendall(b"x")
+                except OSError:
+                    return
+                time.sleep(0.05)
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        started = time.monotonic()
+        with pytest.raises(ul.PeerTooSlow, match="not complete in time"):
+            ul.read_pdu(b, deadline=time.monotonic() + 10, pdu_seconds=0.3)
+        assert time.monotonic() - started < 0.6
+        sender.join()
+
+
+def _store_command() -> bytes:
+    return encode(_command(CommandField=1, MessageID=1, AffectedSOPClassUID=CTImageStorage,
+                           AffectedSOPInstanceUID="1.2.3", Priority=0, CommandDataSetType=0), True, True)
+
+
+def test_assembler_counts_empty_pdvs_and_keeps_none() -> None:
+    written: list[int] = []
+
+    class Sink:
+        def write(self, fragment: memoryview) -> None:
+            written.append(len(fragment))
+
+        def result(self) -> bytes:
+            return b""
+
+        def discard(self) -> None:
+            pass
+
+    assembler = ul.MessageAssembler({1: build_context(CTImageStorage)}, 64 * 1024,
+                                    open_dataset=lambda _cx, _command: Sink())
+    assert assembler.max_pdvs == ul.MIN_PDVS_PER_MESSAGE + 16
+    list(assembler.feed(bytearray(pdv(1, 0x03, _store_command()) + pdv(1, 0x00, b"AB"))))
+    with pytest.raises(ul.Abort, match="PDVs in one message"):
+        list(assembler.feed(bytearray(pdv(1, 0x00, b"") * 1000)))
+    assert written == [2]
+
+
+def test_assembler_bounds_the_command_set_and_refuses_an_empty_p_data() -> None:
+    assembler = ul.MessageAssembler({1: build_context(CTImageStorage)}, 1 << 30)
+    with pytest.raises(ul.Abort, match="command set over"):
+        for _ in range(10):
+            list(assembler.feed(bytearray(pdv(1, 0x01, b"\x00" * 16 * 1024))))
+    with pytest.raises(ul.Abort, match="command set over"):
+        list(ul.MessageAssembler({1: build_context(CTImageStorage)}, 1 << 30).feed(
+            bytearray(pdv(1, 0x01, b"") * (ul.MAX_COMMAND_PDVS + 1))))
+    with pytest.raises(ul.Abort, match="without a PDV"):
+        list(assembler.feed(bytearray()))

@@ -143,10 +143,11 @@ def _recv_exactly(
 ) -> bytearray:
     """``size`` bytes by ``deadline`` (monotonic; None: the socket's own timeout per recv).
 
-    The buffer starts at ``prealloc`` bytes at most and doubles as the bytes come:
-    its size follows what arrived, never only what the peer declared.
+    ``size`` up to ``prealloc`` is allocated at once; a larger one starts at
+    `GROW_STEP` and doubles as the bytes come, so its buffer follows what arrived,
+    never only what the peer declared.
     """
-    buffer = bytearray(min(size, prealloc))
+    buffer = bytearray(size if size <= prealloc else min(size, GROW_STEP))
     got = 0
     while got < size:
         if got == len(buffer):
@@ -189,7 +190,8 @@ def read_pdu(
         Time for the body once the header is in, else `PeerTooSlow` (overall, not per
         recv: a peer trickling a byte a second is cut).
     prealloc : int
-        Bytes of the body buffer allocated before any arrive.
+        A body up to this long is allocated before its bytes arrive (after admission:
+        the maximum PDU length the node announced); a longer one grows as they come.
     """
     try:
         header = bytes(_recv_exactly(sock, 6, deadline))
