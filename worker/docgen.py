@@ -106,12 +106,21 @@ _STATUS_MEANINGS = {
         "Refused: Out of Resources",
         "The database could not record the instance; nothing is acknowledged, resend later.",
     ),
+    "OBJECT_TOO_LARGE": (
+        "Refused: Out of Resources",
+        "A deflated data set inflates past `max_object_mb` (it is inflated in bounded steps "
+        "and refused there).",
+    ),
     "DATASET_DOES_NOT_MATCH_SOP_CLASS": (
         "Error: Data Set does not match SOP Class",
         "Required attributes are missing, the dataset's SOP Class differs from the "
-        "presentation context, or the pixel data is the wrong size.",
+        "presentation context, the pixel data is the wrong size, or the series or study is "
+        "already filed under another study or PatientID.",
     ),
-    "CANNOT_UNDERSTAND": ("Error: Cannot understand", "The header cannot be parsed."),
+    "CANNOT_UNDERSTAND": (
+        "Error: Cannot understand",
+        "The header cannot be parsed, or a deflated data set cannot be inflated.",
+    ),
     "INVALID_UID": (
         "Error: Cannot understand",
         "A Study, Series or SOP Instance UID is not a valid UID (PS3.5 9.1).",
