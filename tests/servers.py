@@ -426,10 +426,15 @@ class OrthancServer:
         Orthanc's own AE title.
     config : dict, optional
         Extra configuration keys, merged over the defaults (e.g. ``{"StableAge": 2}``).
+    users : dict, optional
+        HTTP basic-auth users (name -> password): the REST API and DICOMweb then need one
+        of them; this object's own requests use the first.
     """
 
-    def __init__(self, aet: str = "ORTHANC", config: dict | None = None) -> None:
+    def __init__(self, aet: str = "ORTHANC", config: dict | None = None,
+                 users: dict[str, str] | None = None) -> None:
         self.aet = aet
+        self.auth = next(iter(users.items())) if users else None
         self.dicom_port = free_port()
         self.http_port = free_port()
         while self.http_port == self.dicom_port:
@@ -468,6 +473,8 @@ class OrthancServer:
             "Plugins": [str(plugin)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
         }
+        if users:
+            settings.update(AuthenticationEnabled=True, RegisteredUsers=dict(users))
         settings.update(config or {})
         self.config_path = self.root / "orthanc.json"
         self.config_path.write_text(json.dumps(settings, indent=2))
@@ -491,7 +498,7 @@ class OrthancServer:
         return self.root / "orthanc.log"
 
     def _ready(self) -> bool:
-        response = httpx.get(self.http_url + "/system", timeout=2)
+        response = httpx.get(self.http_url + "/system", timeout=2, auth=self.auth)
         return response.status_code == 200 and port_open(self.dicom_port)
 
     def start(self) -> OrthancServer:
@@ -516,7 +523,7 @@ class OrthancServer:
 
     def get(self, path: str, **kwargs: object) -> httpx.Response:
         """GET on Orthanc's REST API (``path`` starts with ``/``)."""
-        return httpx.get(self.http_url + path, timeout=kwargs.pop("timeout", 30), **kwargs)
+        return httpx.get(self.http_url + path, timeout=kwargs.pop("timeout", 30), auth=self.auth, **kwargs)
 
     def instances(self) -> list[str]:
         """Orthanc identifiers of every stored instance."""

@@ -89,8 +89,10 @@ class SRClass(StrEnum):
 class Destination(BaseModel):
     """One PACS (or other peer) that receives the SR and overlay objects.
 
-    DIMSE peers get C-STORE (PS3.4 Annex B) from the node's AE title; DICOMweb peers get
-    STOW-RS (PS3.18 10.5) with an optional bearer token.
+    DIMSE peers get C-STORE (PS3.4 Annex B) from the node's AE title, over DICOM TLS when
+    ``tls`` is set; DICOMweb peers get STOW-RS (PS3.18 10.5) with a bearer token or HTTP basic
+    auth. Over TLS (either kind) the node presents its own certificate (``tls_cert``,
+    ``tls_key``) when it has one, for peers that require mutual TLS.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -108,6 +110,8 @@ class Destination(BaseModel):
     )
     url: str | None = Field(None, description="DICOMweb root, e.g. http://pacs/dicom-web (dicomweb)")
     token: SecretStr | None = Field(None, description="Bearer token for DICOMweb")
+    username: str | None = Field(None, description="HTTP basic auth user for DICOMweb (with password)")
+    password: SecretStr | None = Field(None, description="HTTP basic auth password for DICOMweb")
     timeout_s: float = Field(30.0, gt=0, description="Connect/response timeout in seconds")
     sr_class: SRClass = Field(
         SRClass.comprehensive_3d,
@@ -127,15 +131,22 @@ class Destination(BaseModel):
             ae = str(self.ae_title)
             if len(ae.strip()) > 16 or "\\" in ae or not ae.isprintable():
                 raise ValueError(f"destination {self.name!r}: ae_title must be 1-16 printable characters")
+            if self.token is not None or self.username is not None or self.password is not None:
+                raise ValueError(f"destination {self.name!r}: token, username and password are for dicomweb")
         elif not self.url or not self.url.startswith(("http://", "https://")):
             raise ValueError(f"destination {self.name!r} (dicomweb) needs an http(s):// url")
+        if (self.username is None) != (self.password is None):
+            raise ValueError(f"destination {self.name!r}: username and password go together")
+        if self.token is not None and self.username is not None:
+            raise ValueError(f"destination {self.name!r}: a bearer token or basic auth, not both")
         return self
 
     def masked(self) -> dict[str, Any]:
         """For display: token and URL password masked."""
         out = self.model_dump(mode="json")
-        if self.token is not None:
-            out["token"] = "********"
+        for secret in ("token", "password"):
+            if getattr(self, secret) is not None:
+                out[secret] = "********"
         if out.get("url"):
             out["url"] = _mask_url_password(out["url"])
         return out
@@ -297,7 +308,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(
         default_factory=list,
         description="Peers that receive the SR and overlays: JSON list of {name, kind: dimse|dicomweb, "
-        "ae_title, host, port, tls, tls_ca, url, token, timeout_s, sr_class, send_overlays}",
+        "ae_title, host, port, tls, tls_ca, url, token, username, password, timeout_s, sr_class, send_overlays}",
     )
     delivery_max_attempts: int = Field(
         8, ge=1, le=100, description="Tries per object and destination before it is dead-lettered"

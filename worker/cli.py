@@ -14,6 +14,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "worker.worker_cli",
     "worker.inference.triton_cli",
     "worker.outbox_cli",
+    "worker.destination_cli",
     "worker.docgen",
 )
 

@@ -84,7 +84,7 @@ def send(
         if destination.kind is DestinationKind.dimse:
             sent = _send_dimse(destination, ready, datasets, calling_ae, tls_cert, tls_key)
         else:
-            sent = _send_dicomweb(destination, ready, datasets)
+            sent = _send_dicomweb(destination, ready, datasets, tls_cert, tls_key)
         outcomes.update({o.item_id: o for o in sent})
     return [outcomes[i.item_id] for i in items]
 
@@ -92,7 +92,7 @@ def send(
 # --------------------------------------------------------------------------- DIMSE
 
 
-def _ssl_context(destination: Destination, tls_cert: Path | None, tls_key: Path | None) -> ssl.SSLContext:
+def ssl_context(destination: Destination, tls_cert: Path | None, tls_key: Path | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(
         ssl.Purpose.SERVER_AUTH, cafile=str(destination.tls_ca) if destination.tls_ca else None
     )
@@ -129,7 +129,7 @@ def _send_dimse(
 
     received: list[object] = []
     handlers = [(evt.EVT_ACSE_RECV, lambda event: received.append(event.primitive))]
-    tls_args = (_ssl_context(destination, tls_cert, tls_key), destination.host) if destination.tls else None
+    tls_args = (ssl_context(destination, tls_cert, tls_key), destination.host) if destination.tls else None
     try:
         assoc = ae.associate(
             destination.host,
@@ -197,19 +197,40 @@ def _association_failure(assoc: object, received: list[object]) -> tuple[Outcome
 # --------------------------------------------------------------------------- DICOMweb
 
 
-def _send_dicomweb(
-    destination: Destination, items: Sequence[SendItem], datasets: dict[int, Dataset]
-) -> list[SendOutcome]:
-    """STOW-RS (PS3.18 10.5), one request per study."""
+def dicomweb_session(
+    destination: Destination, tls_cert: Path | None = None, tls_key: Path | None = None
+) -> requests.Session:
+    """HTTP session for ``destination``: its CA, basic auth, and the node's own certificate
+    for mutual TLS on https:// URLs."""
     session = requests.Session()
     session.verify = str(destination.tls_ca) if destination.tls_ca else True
+    if destination.username is not None and destination.password is not None:
+        session.auth = (destination.username, destination.password.get_secret_value())
+    if str(destination.url).startswith("https://") and tls_cert is not None and tls_key is not None:
+        session.cert = (str(tls_cert), str(tls_key))
+    return session
+
+
+def dicomweb_client(destination: Destination, session: requests.Session) -> DICOMwebClient:
+    """DICOMweb client on ``session`` with the bearer token, if any, and no HTTP retries
+    (the outbox retries, with its own backoff)."""
     headers = {}
     if destination.token is not None:
         headers["Authorization"] = f"Bearer {destination.token.get_secret_value()}"
     client = DICOMwebClient(
         url=str(destination.url), session=session, headers=headers, timeout=destination.timeout_s
     )
-    client.set_http_retry_params(retry=False)  # the outbox retries, with its own backoff
+    client.set_http_retry_params(retry=False)
+    return client
+
+
+def _send_dicomweb(
+    destination: Destination, items: Sequence[SendItem], datasets: dict[int, Dataset],
+    tls_cert: Path | None = None, tls_key: Path | None = None,
+) -> list[SendOutcome]:
+    """STOW-RS (PS3.18 10.5), one request per study."""
+    session = dicomweb_session(destination, tls_cert, tls_key)
+    client = dicomweb_client(destination, session)
     by_study: dict[str, list[SendItem]] = defaultdict(list)
     for item in items:
         by_study[item.study_uid].append(item)
