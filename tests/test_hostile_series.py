@@ -92,12 +92,13 @@ def test_instances_filed_elsewhere_are_refused_cached_or_not_and_a_series_is_lef
 
     def hostile() -> list[tuple[Dataset, str]]:
         """Fresh instances each time (new SOP Instance UIDs) and the conflict each names."""
-        other_study = generate_uid()
+        other_patient = "StudyInstanceUID is already filed under another patient"
+        other_study = "SeriesInstanceUID is already filed under another study"
         return [
-            (instance(study_a, series_a, PATIENT_B), "StudyInstanceUID is already filed under another patient"),
-            (instance(other_study, series_a, PATIENT_B), "SeriesInstanceUID is already filed under another study"),
-            (instance(generate_uid(), series_a, PATIENT_A), "SeriesInstanceUID is already filed under another study"),
-            (instance(study_a, generate_uid(), PATIENT_B), "StudyInstanceUID is already filed under another patient"),
+            (instance(study_a, series_a, PATIENT_B), other_patient),
+            (instance(generate_uid(), series_a, PATIENT_B), other_study),
+            (instance(generate_uid(), series_a, PATIENT_A), other_study),
+            (instance(study_a, generate_uid(), PATIENT_B), other_patient),
         ]
 
     first = hostile()  # series A is in the listener's cache (stored just now)
