@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -245,6 +246,16 @@ class Settings(BaseSettings):
     # -- HTTP API ------------------------------------------------------------
     http_host: str = Field("127.0.0.1", description="Address the API binds")
     http_port: int = Field(8080, ge=1, le=65535, description="Port the API binds")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins (scheme://host[:port]) whose browser pages may call the API and "
+        "DICOMweb, e.g. a web viewer served elsewhere; empty: no cross-origin access",
+    )
+    viewer_url_template: str = Field(
+        "http://localhost:3000/viewer?StudyInstanceUIDs={study_uid}",
+        description="Link to open a study in a DICOMweb viewer ({study_uid} is replaced); "
+        "empty: no viewer link on the web page",
+    )
 
     # -- inference -----------------------------------------------------------
     inference_backend: InferenceBackend = Field(
@@ -366,6 +377,22 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(network, strict=False)
             except ValueError as exc:
                 raise ValueError(f"{entry!r}: {exc}") from None
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, value: list[str]) -> list[str]:
+        # A browser sends Origin as scheme://host[:port], never with a path or a slash.
+        for origin in value:
+            if not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r}: expected an origin like https://viewer.example:3000")
+        return value
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _check_viewer_url_template(cls, value: str) -> str:
+        if value and "{study_uid}" not in value:
+            raise ValueError("must contain {study_uid} (or be empty for no viewer link)")
         return value
 
     @field_validator("secret_key")
