@@ -38,6 +38,8 @@ __all__ = [
 
 #: Output produced per ``decompress`` call: what one step may allocate.
 STEP = 1 << 20
+#: Deflated bytes given to one ``decompress`` call.
+INPUT_STEP = 1 << 16
 _DEFLATED = str(DeflatedExplicitVRLittleEndian).encode()
 _SOP_CLASS_TAG, _SOP_INSTANCE_TAG = 0x00020002, 0x00020003
 _TRANSFER_SYNTAX_TAG = 0x00020010
@@ -143,19 +145,25 @@ def _inflate(deflated: memoryview, limit: int, keep: list[bytes] | None) -> int:
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
-    pending: bytes | memoryview = deflated
     try:
-        while True:
-            out = inflater.decompress(pending, STEP)
-            total += len(out)
-            if total > limit:
-                raise DeflateTooLarge(f"more than {limit} bytes")
-            if keep is not None and out:
-                keep.append(out)
-            pending = inflater.unconsumed_tail
-            # Output may still be buffered when a step filled up; stop once none is.
-            if inflater.eof or (not pending and len(out) < STEP):
-                break
+        # Input in small slices too: what a step leaves unread is copied (unconsumed_tail).
+        for start in range(0, len(deflated), INPUT_STEP):
+            pending: bytes | memoryview = deflated[start : start + INPUT_STEP]
+            while True:
+                out = inflater.decompress(pending, STEP)
+                total += len(out)
+                if total > limit:
+                    raise DeflateTooLarge(f"more than {limit} bytes")
+                if keep is not None and out:
+                    keep.append(out)
+                if inflater.eof:
+                    break
+                pending = inflater.unconsumed_tail
+                # A full step may leave output buffered: ask again until one is not full.
+                if not pending and len(out) < STEP:
+                    break
+            if inflater.eof:
+                break  # what follows the last block (a pad byte) is not data
     except zlib.error as exc:
         raise DeflateCorrupt(f"deflated data set cannot be inflated: {exc}") from None
     if not inflater.eof:
