@@ -80,3 +80,29 @@ def bench_load(
     typer.echo(json.dumps(result, indent=2) if as_json else markdown_section(result))
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+@bench_app.command("hostile")
+def bench_hostile(
+    per_kind: int = typer.Option(40, "--per-kind", min=1, max=100,
+                                 help="Hostile connections of each kind (idle, trickle, empty PDVs, command set)."),
+    sources: int = typer.Option(1, "--sources", min=1, max=50,
+                                help="Loopback addresses the hostile connections come from."),
+    slices: int = typer.Option(24, "--slices", min=1, help="Slices of the normal study."),
+    size: int = typer.Option(256, "--size", help="Slice matrix (size x size)."),
+    max_associations: int | None = typer.Option(
+        None, "--max-associations", min=1,
+        help="Both connection caps (in all, per source) instead of the defaults; above the "
+        "hostile count, every hostile connection gets in."),
+) -> None:
+    """Hostile connections of four kinds hold the DICOM port of a `triage-node serve` while one
+    normal study is sent: the node's peak RSS and whether the study was acknowledged (JSON)."""
+    from triage_node.bench.hostile import run_hostile_benchmark
+    from triage_node.logs import configure_logging
+
+    configure_logging("WARNING")
+    result = run_hostile_benchmark(per_kind=per_kind, sources=sources, slices=slices, size=size,
+                                   max_associations=max_associations, progress=lambda msg: typer.echo(msg, err=True))
+    typer.echo(json.dumps(result, indent=2))
+    if not result["ok"]:
+        raise typer.Exit(1)
