@@ -308,9 +308,31 @@ class Settings(BaseSettings):
     )
     webhook_attempts: int = Field(4, ge=1, le=20, description="Tries per webhook delivery")
     hl7_host: str | None = Field(
-        None, description="RIS host that receives HL7 v2 ORM^O01 priority updates over MLLP"
+        None,
+        description="RIS host that receives HL7 v2 ORM^O01 priority updates and ORU^R01 AI results over MLLP",
     )
     hl7_port: int = Field(2575, ge=1, le=65535, description="RIS MLLP port")
+    hl7_sending_application: str | None = Field(
+        None, max_length=180, description="MSH-3 Sending Application; unset: the node's ae_title"
+    )
+    hl7_sending_facility: str = Field("TRIAGE", max_length=180, description="MSH-4 Sending Facility")
+    hl7_receiving_application: str = Field(
+        "RIS", max_length=180, description="MSH-5 Receiving Application (the RIS's name for itself)"
+    )
+    hl7_receiving_facility: str = Field("RIS", max_length=180, description="MSH-6 Receiving Facility")
+    hl7_tls: bool = Field(
+        False, description="MLLP over TLS; the node presents tls_cert/tls_key when set (mutual TLS)"
+    )
+    hl7_tls_ca: Path | None = Field(
+        None, description="CA bundle that signs the RIS's certificate; unset: the system's CAs"
+    )
+    hl7_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Connect, send and ACK wait of one MLLP exchange (seconds)"
+    )
+    hl7_max_attempts: int = Field(
+        8, ge=1, le=100,
+        description="Tries per HL7 message without an ACK before it is dead-lettered (backoff as delivery_backoff_*)",
+    )
     routing_rules: Path | None = Field(
         None, description="YAML/JSON file with modality auto-routing rules; none: no routing"
     )
