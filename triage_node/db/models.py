@@ -231,6 +231,32 @@ class OutboxItem(Base):
     delivered_at: Mapped[datetime | None] = _ts()
 
 
+class HL7OutboxItem(Base):
+    """One HL7 v2 message to the RIS, kept as sent so that every retry repeats its MSH-10.
+
+    It carries patient identifiers (PID) like the studies table; never logged.
+    """
+
+    __tablename__ = "hl7_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    message_type: Mapped[str] = mapped_column(String(16))  # ORM^O01 | ORU^R01
+    control_id: Mapped[str] = mapped_column(String(20), unique=True)
+    # One message per job and type, so a re-run job does not tell the RIS twice; none for
+    # a person's priority change, each of which is sent.
+    dedup_key: Mapped[str | None] = mapped_column(String(96), unique=True)
+    trigger: Mapped[str] = mapped_column(String(32), default="result")
+    message: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default=OutboxState.pending, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ack_code: Mapped[str | None] = mapped_column(String(2))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = _ts()
+
 class WorklistEntry(Base):
     __tablename__ = "worklist"
 
