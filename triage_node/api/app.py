@@ -13,13 +13,14 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from triage_node import __version__
 from triage_node.api import stow
-from triage_node.api.auth import AuthGate
+from triage_node.api.auth import DICOMWEB_PREFIXES, AuthGate
 from triage_node.config import Settings
 from triage_node.logs import get_logger
 
@@ -106,7 +107,8 @@ def create_app(
         title="ICH triage node",
         version=__version__,
         description="Worklist, audit and DICOMweb (STOW-RS, QIDO-RS, WADO-RS) of the triage node. "
-        "Every /api and /dicomweb path, and this description, needs `Authorization: Bearer <token>`.",
+        "Every /api and /dicom-web path (and the /dicomweb alias), and this description, needs "
+        "`Authorization: Bearer <token>`.",
     )
     app.state.settings = settings
     app.state.session_factory = session_factory
@@ -116,13 +118,32 @@ def create_app(
     # so refusals are logged with it.
     app.add_middleware(AuthGate)
     app.add_middleware(RequestIdMiddleware)
+    if settings.cors_origins:
+        # Outermost, so a browser's preflight (which carries no token) is answered
+        # before the gate, and refusals (401, 403) still carry the CORS headers a page
+        # needs to read them. Tokens travel in the Authorization header, never cookies.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Accept", "Content-Type", REQUEST_ID_HEADER],
+            expose_headers=["Content-Location", "Content-Type", REQUEST_ID_HEADER, "WWW-Authenticate"],
+            allow_credentials=False,
+            max_age=600,
+        )
 
     @app.get("/healthz", tags=["health"], summary="Liveness (no token needed)")
     def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    app.include_router(stow.router)
-    # Worklist, studies, audit, readiness/metrics, DICOMweb read side and the web page.
+    # DICOMweb under its conventional root and the node's original one; the alias is
+    # left out of the API description.
+    from triage_node.api import dicomweb_pixels, dicomweb_read
+
+    for dicomweb_router in (stow.router, dicomweb_read.router, dicomweb_pixels.router):
+        for i, prefix in enumerate(DICOMWEB_PREFIXES):
+            app.include_router(dicomweb_router, prefix=prefix, include_in_schema=i == 0)
+    # Worklist, studies, audit, readiness/metrics and the web page.
     from triage_node.api import web
 
     web.install(app)

@@ -13,9 +13,11 @@ Roles
 ``admin``
     Everything, including changes to the worklist.
 
-Every path under ``/api`` and ``/dicomweb`` needs a valid token (`AuthGate`, in every
-environment, development included): 401 without one or with a bad one, 403 when the
-token's role is not enough (`require_role`). The API description (``/docs``,
+Every path under ``/api`` and DICOMweb's ``/dicom-web`` (and its alias ``/dicomweb``)
+needs a valid token (`AuthGate`, in every environment, development included): 401
+without one or with a bad one, 403 when the token's role is not enough
+(`require_role`). A browser's CORS preflight (``OPTIONS``, no token) is answered
+before the gate, for the origins in ``cors_origins`` only. The API description (``/docs``,
 ``/redoc``, ``/openapi.json``) needs a valid token too, from the ``Authorization``
 header or the web page's login cookie (a browser cannot send the header); a browser
 without one is sent to ``/login``. ``/readyz`` and ``/metrics`` are open to loopback
@@ -48,8 +50,11 @@ from triage_node.logs import get_logger
 log = get_logger(__name__)
 
 TOKEN_PREFIX = "tn_"
+#: DICOMweb roots: the conventional one first (PS3.18 examples, OHIF's default), then
+#: the node's original one, kept as an alias for clients and peers configured with it.
+DICOMWEB_PREFIXES = ("/dicom-web", "/dicomweb")
 #: Path prefixes that never admit an anonymous caller.
-PROTECTED_PREFIXES = ("/api", "/dicomweb")
+PROTECTED_PREFIXES = ("/api", *DICOMWEB_PREFIXES)
 #: The API description: it maps every route, so it is not given to anonymous callers.
 DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 #: Cookie the web page's login sets (``/login``); also accepted on `DOC_PATHS`.
@@ -154,7 +159,7 @@ def _unauthorized_body(detail: str) -> bytes:
 
 
 class AuthGate:
-    """ASGI middleware: no anonymous request reaches ``/api`` or ``/dicomweb``.
+    """ASGI middleware: no anonymous request reaches ``/api`` or DICOMweb.
 
     A valid token's `Principal` is put in ``request.state.principal`` for
     `require_role`. Other paths (``/healthz``, the web page's static files) pass.

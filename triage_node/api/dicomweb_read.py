@@ -2,19 +2,22 @@
 show what the node holds: the received series (spool) and the result series it wrote
 (the SR and the overlay secondary captures under ``<data_dir>/results/<job_id>/``).
 
-Implemented resources (PS3.18 10.4 Retrieve, 10.6 Search):
+Implemented resources (PS3.18 10.4 Retrieve, 10.6 Search), under ``/dicom-web`` and
+the alias ``/dicomweb`` (`triage_node.api.auth.DICOMWEB_PREFIXES`):
 
-- ``GET /dicomweb/studies`` (QIDO; matching on StudyInstanceUID, PatientID,
+- ``GET /studies`` (QIDO; matching on StudyInstanceUID, PatientID, PatientName,
   AccessionNumber, StudyDate, ModalitiesInStudy; ``limit``/``offset``)
-- ``GET /dicomweb/studies/{study}/series`` (QIDO; Modality, SeriesInstanceUID)
-- ``GET /dicomweb/studies/{study}/series/{series}/instances`` (QIDO)
-- ``GET /dicomweb/studies/{study}/series/{series}`` and
-  ``.../instances/{instance}`` (WADO-RS, ``multipart/related; type="application/dicom"``,
-  each object exactly as stored, its transfer syntax named in the part header)
-- ``GET .../series/{series}/metadata`` and ``.../instances/{instance}/metadata``
-  (``application/dicom+json`` without bulk data)
+- ``GET /studies/{study}/series`` (QIDO; Modality, SeriesInstanceUID)
+- ``GET /studies/{study}/series/{series}/instances`` (QIDO)
+- ``GET /studies/{study}``, ``.../series/{series}`` and ``.../instances/{instance}``
+  (WADO-RS, ``multipart/related; type="application/dicom"``, each object exactly as
+  stored, its transfer syntax named in the part header)
+- ``GET /studies/{study}/metadata``, ``.../series/{series}/metadata`` and
+  ``.../instances/{instance}/metadata`` (``application/dicom+json``; Pixel Data as a
+  BulkDataURI naming the instance's frames, PS3.18 F.2.6)
 
-Every resource needs a viewer token.
+Frames and rendered images are in `triage_node.api.dicomweb_pixels`. Every resource
+needs a viewer token.
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ from typing import Annotated, Any
 import pydicom
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from triage_node.api.auth import require_role
+from triage_node.api.auth import DICOMWEB_PREFIXES, require_role
 from triage_node.api.deps import SessionDep
 from triage_node.db.models import Instance, Series, Study
 from triage_node.worklist.queries import ObjectRef, result_objects
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+#: Mounted under each of `DICOMWEB_PREFIXES` by ``create_app``.
+router = APIRouter(tags=["dicomweb"])
 DICOM_JSON = "application/dicom+json"
 Viewer = Annotated[Any, Depends(require_role("viewer"))]
 
@@ -72,8 +76,12 @@ def _attr(vr: str, value: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": values}
 
 
-def _base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + "/dicomweb"
+def base_url(request: Request) -> str:
+    """The DICOMweb root the request came in on, for RetrieveURL and BulkDataURI values."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", "")
+    prefix = next((p for p in DICOMWEB_PREFIXES if path.startswith(p + "/")), DICOMWEB_PREFIXES[0])
+    return str(request.base_url).rstrip("/") + prefix
 
 
 # -- what the node holds --------------------------------------------------------------
@@ -133,14 +141,14 @@ def held_series(session: Session, study: Study) -> list[HeldSeries]:
     return spool + [s for s in _result_series(session, study) if s.series_uid not in known]
 
 
-def _study_or_404(session: Session, study_uid: str) -> Study:
+def study_or_404(session: Session, study_uid: str) -> Study:
     study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one_or_none()
     if study is None:
         raise HTTPException(404, "no such study")
     return study
 
 
-def _series_or_404(session: Session, study: Study, series_uid: str) -> HeldSeries:
+def series_or_404(session: Session, study: Study, series_uid: str) -> HeldSeries:
     for series in held_series(session, study):
         if series.series_uid == series_uid:
             return series
@@ -202,6 +210,7 @@ def search_studies(
     _p: Viewer,
     StudyInstanceUID: str | None = None,  # noqa: N803 - DICOM keywords as query names
     PatientID: str | None = None,  # noqa: N803
+    PatientName: str | None = None,  # noqa: N803
     AccessionNumber: str | None = None,  # noqa: N803
     StudyDate: str | None = None,  # noqa: N803
     ModalitiesInStudy: str | None = None,  # noqa: N803
@@ -214,7 +223,11 @@ def search_studies(
     for column, wanted in ((Study.patient_id, PatientID), (Study.accession_number, AccessionNumber)):
         if wanted:
             stmt = stmt.where(_sql_match(column, wanted))
-    base = _base_url(request)
+    if PatientName:
+        # PN matching is case-insensitive at most sites (PS3.4 C.2.2.2.1); viewers'
+        # study lists send ``*text*``.
+        stmt = stmt.where(_sql_match(func.lower(Study.patient_name), PatientName.lower()))
+    base = base_url(request)
     out = []
     # Series are looked at only for candidates, and only until the page is full.
     for study in session.scalars(stmt):
@@ -251,8 +264,8 @@ def search_series(
     Modality: str | None = None,  # noqa: N803
     SeriesInstanceUID: str | None = None,  # noqa: N803
 ) -> Response:
-    study = _study_or_404(session, study_uid)
-    base = _base_url(request)
+    study = study_or_404(session, study_uid)
+    base = base_url(request)
     out = [
         _series_json(study_uid, s, base)
         for s in held_series(session, study)
@@ -264,8 +277,8 @@ def search_series(
 @router.get("/studies/{study_uid}/series/{series_uid}/instances", summary="QIDO-RS: instances of a series")
 def search_instances(study_uid: str, series_uid: str, request: Request, session: SessionDep,
                      _p: Viewer) -> Response:
-    series = _series_or_404(session, _study_or_404(session, study_uid), series_uid)
-    base = _base_url(request)
+    series = series_or_404(session, study_or_404(session, study_uid), series_uid)
+    base = base_url(request)
     out = [
         {
             "00080016": _attr("UI", i.sop_class_uid),
@@ -281,7 +294,7 @@ def search_instances(study_uid: str, series_uid: str, request: Request, session:
 
 
 # -- WADO-RS --------------------------------------------------------------------------
-def _transfer_syntax(instance: HeldInstance) -> str:
+def transfer_syntax(instance: HeldInstance) -> str:
     if instance.transfer_syntax:
         return instance.transfer_syntax
     meta = pydicom.filereader.read_file_meta_info(instance.path)
@@ -291,7 +304,7 @@ def _transfer_syntax(instance: HeldInstance) -> str:
 def _multipart(instances: Iterable[HeldInstance], boundary: str) -> Iterator[bytes]:
     for instance in instances:
         yield (
-            f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={_transfer_syntax(instance)}"
+            f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={transfer_syntax(instance)}"
             f"\r\nContent-Location: {instance.sop_uid}\r\n\r\n"
         ).encode()
         yield instance.path.read_bytes()
@@ -308,13 +321,19 @@ def _retrieve(instances: list[HeldInstance]) -> StreamingResponse:
     return StreamingResponse(_multipart(instances, boundary), media_type=media)
 
 
+@router.get("/studies/{study_uid}", summary="WADO-RS: retrieve a study")
+def retrieve_study(study_uid: str, session: SessionDep, _p: Viewer) -> StreamingResponse:
+    series = held_series(session, study_or_404(session, study_uid))
+    return _retrieve([i for s in series for i in s.instances])
+
+
 @router.get("/studies/{study_uid}/series/{series_uid}", summary="WADO-RS: retrieve a series")
 def retrieve_series(study_uid: str, series_uid: str, session: SessionDep, _p: Viewer) -> StreamingResponse:
-    return _retrieve(_series_or_404(session, _study_or_404(session, study_uid), series_uid).instances)
+    return _retrieve(series_or_404(session, study_or_404(session, study_uid), series_uid).instances)
 
 
-def _instance_or_404(session: Session, study_uid: str, series_uid: str, sop_uid: str) -> HeldInstance:
-    series = _series_or_404(session, _study_or_404(session, study_uid), series_uid)
+def instance_or_404(session: Session, study_uid: str, series_uid: str, sop_uid: str) -> HeldInstance:
+    series = series_or_404(session, study_or_404(session, study_uid), series_uid)
     for instance in series.instances:
         if instance.sop_uid == sop_uid:
             return instance
@@ -325,26 +344,61 @@ def _instance_or_404(session: Session, study_uid: str, series_uid: str, sop_uid:
             summary="WADO-RS: retrieve an instance")
 def retrieve_instance(study_uid: str, series_uid: str, sop_uid: str, session: SessionDep,
                       _p: Viewer) -> StreamingResponse:
-    return _retrieve([_instance_or_404(session, study_uid, series_uid, sop_uid)])
+    return _retrieve([instance_or_404(session, study_uid, series_uid, sop_uid)])
 
 
-def _metadata(instance: HeldInstance) -> dict[str, Any]:
-    ds = pydicom.dcmread(instance.path, stop_before_pixels=True)
-    return ds.to_json_dict()
+def instance_url(base: str, study_uid: str, instance: HeldInstance) -> str:
+    return f"{base}/studies/{study_uid}/series/{instance.series_uid}/instances/{instance.sop_uid}"
+
+
+def _metadata(instance: HeldInstance, study_uid: str, base: str) -> dict[str, Any]:
+    """The instance as DICOM JSON, Pixel Data replaced by a BulkDataURI (PS3.18 F.2.6).
+
+    The URI names the instance's frames (``.../frames/1,2,...``), which a viewer fetches
+    as ``application/octet-stream`` parts; large values are read only when asked for.
+    """
+    if not instance.path.is_file():
+        raise HTTPException(410, f"object {instance.sop_uid} is no longer on disk")
+    ds = pydicom.dcmread(instance.path, defer_size=1024)
+    has_pixels = "PixelData" in ds
+    if has_pixels:
+        del ds.PixelData
+    out = ds.to_json_dict()
+    if has_pixels:
+        frames = ",".join(str(n) for n in range(1, int(ds.get("NumberOfFrames") or 1) + 1))
+        encapsulated = pydicom.uid.UID(transfer_syntax(instance)).is_compressed
+        vr = "OB" if encapsulated or int(ds.get("BitsAllocated") or 8) <= 8 else "OW"
+        out["7FE00010"] = {"vr": vr, "BulkDataURI": f"{instance_url(base, study_uid, instance)}/frames/{frames}"}
+    return out
+
+
+def _metadata_response(instances: Iterable[HeldInstance], study_uid: str, request: Request) -> Response:
+    base = base_url(request)
+    return JSONResponse([_metadata(i, study_uid, base) for i in instances], media_type=DICOM_JSON)
+
+
+@router.get("/studies/{study_uid}/metadata", summary="WADO-RS: study metadata")
+def study_metadata(study_uid: str, request: Request, session: SessionDep, _p: Viewer) -> Response:
+    series = held_series(session, study_or_404(session, study_uid))
+    return _metadata_response((i for s in series for i in s.instances), study_uid, request)
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/metadata", summary="WADO-RS: series metadata")
-def series_metadata(study_uid: str, series_uid: str, session: SessionDep, _p: Viewer) -> Response:
-    series = _series_or_404(session, _study_or_404(session, study_uid), series_uid)
-    return JSONResponse([_metadata(i) for i in series.instances], media_type=DICOM_JSON)
+def series_metadata(study_uid: str, series_uid: str, request: Request, session: SessionDep,
+                    _p: Viewer) -> Response:
+    series = series_or_404(session, study_or_404(session, study_uid), series_uid)
+    return _metadata_response(series.instances, study_uid, request)
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/metadata",
             summary="WADO-RS: instance metadata")
-def instance_metadata(study_uid: str, series_uid: str, sop_uid: str, session: SessionDep,
-                      _p: Viewer) -> Response:
-    return JSONResponse([_metadata(_instance_or_404(session, study_uid, series_uid, sop_uid))],
-                        media_type=DICOM_JSON)
+def instance_metadata(study_uid: str, series_uid: str, sop_uid: str, request: Request,
+                      session: SessionDep, _p: Viewer) -> Response:
+    instance = instance_or_404(session, study_uid, series_uid, sop_uid)
+    return _metadata_response([instance], study_uid, request)
 
 
-__all__ = ["held_series", "router"]
+__all__ = [
+    "DICOM_JSON", "HeldInstance", "Viewer", "base_url", "held_series", "instance_or_404",
+    "instance_url", "router", "transfer_syntax",
+]

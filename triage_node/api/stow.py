@@ -41,7 +41,8 @@ from triage_node.logs import get_logger
 
 log = get_logger(__name__)
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+#: Mounted under each of `triage_node.api.auth.DICOMWEB_PREFIXES` by ``create_app``.
+router = APIRouter(tags=["dicomweb"])
 
 DICOM_JSON = "application/dicom+json"
 #: FailureReason values (PS3.18 Table 10.5.3-3 refers to the PS3.4 status codes).

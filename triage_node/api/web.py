@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -109,6 +109,12 @@ def _human_wait(seconds: float) -> str:
     return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
 
 
+def viewer_url(settings: Any, study_uid: str) -> str | None:
+    """The study's link in the configured viewer (``viewer_url_template``), or None."""
+    template = settings.viewer_url_template
+    return template.replace("{study_uid}", quote(study_uid, safe="")) if template else None
+
+
 def _safe_next(value: str | None) -> str:
     return value if value and value.startswith("/") and not value.startswith("//") else "/worklist"
 
@@ -160,7 +166,8 @@ def _worklist_context(session: Any, settings: Any, status: list[str] | None) -> 
         web_thumb = None
         if item.thumbnail_url and row.result is not None:
             web_thumb = f"/web/objects/{item.study_uid}/{row.result.overlay_sop_uids[0]}.png?size=96"
-        items.append({"item": item, "wait": _human_wait(item.waiting_seconds), "thumb": web_thumb})
+        items.append({"item": item, "wait": _human_wait(item.waiting_seconds), "thumb": web_thumb,
+                      "viewer_url": viewer_url(settings, item.study_uid)})
     return {
         "items": items,
         "total": total,
@@ -187,7 +194,8 @@ def worklist_rows(request: Request, session: SessionDep, settings: SettingsDep, 
 
 # -- study --------------------------------------------------------------------------
 @router.get("/studies/{study_uid}", response_class=HTMLResponse)
-def study_page(study_uid: str, request: Request, session: SessionDep, user: WebUser) -> Response:
+def study_page(study_uid: str, request: Request, session: SessionDep, settings: SettingsDep,
+               user: WebUser) -> Response:
     study = get_study(study_uid, session, user)
     current = next((r for r in study.results if r.state != "superseded" and r.positive is not None), None)
     return TEMPLATES.TemplateResponse(
@@ -200,6 +208,7 @@ def study_page(study_uid: str, request: Request, session: SessionDep, user: WebU
             "statuses": [s.value for s in WorklistStatus],
             "priority_classes": [p.value for p in PriorityClass],
             "user": user,
+            "viewer_url": viewer_url(settings, study_uid),
         },
     )
 
@@ -276,9 +285,9 @@ def install(app: Any) -> None:
     """Add the worklist engineer's routers, static files and login redirect to ``app``."""
     from fastapi.staticfiles import StaticFiles
 
-    from triage_node.api import audit_api, dicomweb_read, health, studies_api, worklist
+    from triage_node.api import audit_api, health, studies_api, worklist
 
-    for module in (health, worklist, studies_api, audit_api, dicomweb_read):
+    for module in (health, worklist, studies_api, audit_api):
         app.include_router(module.router)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
