@@ -1,13 +1,16 @@
-"""Notifications after a job: signed webhooks and HL7 priority updates to the RIS.
+"""Notifications after a job: signed webhooks, and HL7 messages to the RIS.
 
-Call `notify_job` after the transaction that stored the result (or the failure) has
-committed; it does network I/O and writes its own audit rows (``notify.webhook``,
-``notify.hl7``) in a new transaction.
+Call `notify_job` (webhooks, ORM^O01 priority update) and `report_result` (ORU^R01 with
+the AI result) after the transaction that stored the result (or the failure) has
+committed; they do network I/O and write their own audit rows (``notify.webhook``,
+``notify.hl7``). HL7 messages go through the outbox (``outbox.py``): sent at once, and
+retried by the worker's periodic ``deliver_hl7_due`` until the RIS acknowledges them.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +24,17 @@ from triage_node.db import audit
 from triage_node.db.models import Job, JobState, Result, Series, Study, WorklistEntry
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
-from triage_node.notify.hl7 import HL7Error, PriorityUpdate, send_priority_update
+from triage_node.notify import outbox
+from triage_node.notify.hl7 import (
+    ORM,
+    ORU,
+    ClassFinding,
+    Envelope,
+    PriorityUpdate,
+    ResultReport,
+    build_orm,
+    build_oru,
+)
 from triage_node.notify.webhook import WebhookOutcome, send_event
 
 log = get_logger(__name__)
@@ -38,6 +51,31 @@ class NotifyReport:
     webhooks: list[WebhookOutcome] = field(default_factory=list)
     hl7_ack: str | None = None
     hl7_error: str | None = None
+
+
+def _send_now(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    item_id: int,
+) -> tuple[str | None, str | None]:
+    """Try one stored message at once; ``(ack code, error)``. A row not due (already sent,
+    or waiting for its next try) is left to the periodic delivery."""
+    report = outbox.deliver_due(session_factory, settings, ids=[item_id])
+    result = (report.results or {}).get(item_id)
+    if result is None:
+        return None, None
+    return result.ack_code, None if result.outcome == "accepted" else result.detail
+
+
+def _send_orm(settings: Settings, session_factory: sessionmaker[Session], update: PriorityUpdate, *,
+              job_id: int | None, trigger: str) -> tuple[str | None, str | None]:
+    message, control_id = build_orm(update, envelope=Envelope.from_settings(settings))
+    item_id = outbox.enqueue(
+        session_factory, message=message, control_id=control_id, message_type=ORM,
+        study_uid=update.study_uid, job_id=job_id, trigger=trigger,
+        dedup_key=f"job:{job_id}:{ORM}" if job_id is not None else None,
+    )
+    return _send_now(settings, session_factory, item_id)
 
 
 def positive_classes(result: Result) -> list[str]:
@@ -122,11 +160,6 @@ def notify_job(
                 note=_note(result),
             )
     report.webhooks = send_event(settings, report.event, payload, sleep=sleep)
-    if update is not None and settings.hl7_host:
-        try:
-            report.hl7_ack = send_priority_update(settings, update, sleep=sleep)
-        except HL7Error as exc:
-            report.hl7_error = str(exc)
     with transaction(session_factory) as session:
         for outcome in report.webhooks:
             audit.record(
@@ -142,19 +175,66 @@ def notify_job(
                 status_code=outcome.status_code,
                 error=outcome.error,
             )
-        if update is not None and settings.hl7_host:
-            audit.record(
-                session,
-                "notify.hl7",
-                actor="node",
-                outcome="ok" if report.hl7_error is None else "failed",
-                study_uid=update.study_uid,
-                job_id=job_id,
-                priority_class=update.priority_class,
-                ack=report.hl7_ack,
-                error=report.hl7_error,
-            )
+    if update is not None and settings.hl7_host:
+        report.hl7_ack, report.hl7_error = _send_orm(
+            settings, session_factory, update, job_id=job_id, trigger="result"
+        )
     return report
+
+
+def result_report(session: Session, job_id: int) -> ResultReport | None:
+    """The ORU^R01 content of a job's result, or None when the job wrote none."""
+    result = session.scalars(select(Result).where(Result.job_id == job_id)).one_or_none()
+    if result is None:
+        return None
+    job = session.get(Job, job_id)
+    assert job is not None
+    study = session.get(Study, job.study_id)
+    assert study is not None
+    series = session.get(Series, job.series_id)
+    probs = result.study_probabilities or {}
+    decisions = result.decisions or {}
+    names = ["any", *sorted(n for n in probs if n != "any")] if "any" in probs else sorted(probs)
+    created = result.created_at or datetime.now(UTC)
+    return ResultReport(
+        study_uid=study.study_uid,
+        accession_number=study.accession_number,
+        patient_id=study.patient_id,
+        patient_name=study.patient_name,
+        procedure=study.study_description or (series.description if series else None),
+        model_name=result.model_name,
+        model_version=result.model_version,
+        operating_point=result.operating_point,
+        device_uid=result.device_uid,
+        findings=tuple(
+            ClassFinding(n, bool(decisions.get(n)), min(1.0, max(0.0, float(probs[n])))) for n in names
+        ),
+        observed_at=created if created.tzinfo else created.replace(tzinfo=UTC),
+    )
+
+
+def report_result(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    job_id: int,
+) -> tuple[str | None, str | None] | None:
+    """Send the job's AI result to the RIS as ORU^R01 (positive or negative).
+
+    Returns ``(ack code, error)`` of the first try, or None when no RIS is configured or
+    the job wrote no result. A message not acknowledged stays in the outbox for retries.
+    """
+    if not settings.hl7_host:
+        return None
+    with session_factory() as session:
+        report = result_report(session, job_id)
+    if report is None:
+        return None
+    message, control_id = build_oru(report, envelope=Envelope.from_settings(settings))
+    item_id = outbox.enqueue(
+        session_factory, message=message, control_id=control_id, message_type=ORU,
+        study_uid=report.study_uid, job_id=job_id, trigger="result", dedup_key=f"job:{job_id}:{ORU}",
+    )
+    return _send_now(settings, session_factory, item_id)
 
 
 def notify_priority_change(
@@ -163,11 +243,11 @@ def notify_priority_change(
     study_uid: str,
     *,
     reason: str,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> str | None:
-    """Tell the RIS (HL7 over MLLP) the study's current priority after a person changed it.
+    """Tell the RIS (ORM^O01 over MLLP) the study's current priority after a person changed it.
 
-    Returns the ACK code, or None when no RIS is configured; audited as ``notify.hl7``.
+    Returns the ACK code of the first try, or None when no RIS is configured or it did not
+    acknowledge (the message then stays in the outbox); audited as ``notify.hl7``.
     """
     if not settings.hl7_host:
         return None
@@ -185,17 +265,7 @@ def notify_priority_change(
             procedure=study.study_description,
             note=f"Priority {entry.priority_class} set by a person: {reason}"[:200],
         )
-    ack, error = None, None
-    try:
-        ack = send_priority_update(settings, update, sleep=sleep)
-    except HL7Error as exc:
-        error = str(exc)
-    with transaction(session_factory) as session:
-        audit.record(
-            session, "notify.hl7", actor="node", outcome="ok" if error is None else "failed",
-            study_uid=study_uid, priority_class=update.priority_class, ack=ack, error=error,
-            trigger="manual priority",
-        )
+    ack, _ = _send_orm(settings, session_factory, update, job_id=None, trigger="manual priority")
     return ack
 
 
@@ -205,4 +275,6 @@ __all__ = [
     "NotifyReport",
     "notify_job",
     "notify_priority_change",
+    "report_result",
+    "result_report",
 ]
