@@ -114,7 +114,7 @@ def _unbind_task(**_: Any) -> None:
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
     """Periodic tasks of the embedded beat: due deliveries every few seconds (when there
-    are destinations), jobs of vanished workers every minute."""
+    are destinations; HL7 messages when there is a RIS), jobs of vanished workers every minute."""
     every = max(1.0, min(float(settings.delivery_backoff_base_s), 5.0))
     schedule: dict[str, Any] = {
         "requeue-stale": {
@@ -126,6 +126,12 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
     if settings.destinations:
         schedule["deliver-due"] = {
             "task": "worker.deliver_due",
+            "schedule": every,
+            "options": {"queue": "routine", "expires": 4 * every},
+        }
+    if settings.hl7_host:
+        schedule["deliver-hl7-due"] = {
+            "task": "worker.deliver_hl7_due",
             "schedule": every,
             "options": {"queue": "routine", "expires": 4 * every},
         }

@@ -13,9 +13,13 @@
     Sends again jobs left ``running`` by a vanished worker; run every minute by beat.
 ``worker.notify_job(job_id)``
     Webhooks and the HL7 priority update for a positive result or a failed job
-    (:func:`triage_node.notify.notify_job`), sent by the triage task after its result
+    (:func:`triage_node.notify.notify_job`), and the HL7 ORU^R01 of every result
+    (:func:`triage_node.notify.report_result`), sent by the triage task after its result
     (or failure) is committed, on the ``stat`` queue so a slow receiver never holds up
     triage itself.
+``worker.deliver_hl7_due()``
+    Sends HL7 messages the RIS has not acknowledged yet, when their next try is due
+    (:func:`triage_node.notify.outbox.deliver_due`); run periodically by beat.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def triage_job(self: Task, job_id: int, version: int) -> dict[str, Any]:
         raise
     summary = outcome.as_dict()
     if outcome.ran:
-        if outcome.positive:
+        if outcome.positive or ctx.settings.hl7_host:  # the RIS hears of every result
             send_notifications(ctx.settings, int(job_id))
         summary["delivery"] = deliver_for_job(ctx, int(job_id))
     return summary
@@ -98,18 +102,31 @@ def deliver_due() -> dict[str, Any]:
 
 @app.task(name="worker.notify_job", acks_late=True, ignore_result=True)
 def notify_job(job_id: int) -> dict[str, Any]:
-    """Send the webhooks and the HL7 update of one job; every send is audited."""
+    """Send the webhooks and the HL7 messages of one job; every send is audited."""
     from triage_node.notify import notify_job as send
+    from triage_node.notify import report_result
     from worker.pipeline.run import get_context
 
     ctx = get_context()
     report = send(ctx.settings, ctx.session_factory, int(job_id))
+    oru = report_result(ctx.settings, ctx.session_factory, int(job_id))
     return {
         "event": report.event,
         "webhooks": [w.delivered for w in report.webhooks],
         "hl7_ack": report.hl7_ack,
         "hl7_error": report.hl7_error,
+        "hl7_oru": list(oru) if oru else None,
     }
+
+
+@app.task(name="worker.deliver_hl7_due", acks_late=True, ignore_result=True)
+def deliver_hl7_due() -> dict[str, int]:
+    """Send every HL7 message whose next try is due."""
+    from triage_node.notify.outbox import deliver_due as deliver
+    from worker.pipeline.run import get_context
+
+    ctx = get_context()
+    return deliver(ctx.session_factory, ctx.settings).as_dict()
 
 
 @app.task(name="worker.requeue_stale", ignore_result=True)
