@@ -3,8 +3,8 @@ a web viewer (OHIF, or any client of the DICOMweb standard) can show what the no
 
 - ``GET .../instances/{instance}/frames/{frames}`` (``frames`` is ``1`` or ``1,3,5``):
   ``multipart/related``, one part per frame. By default (no Accept, ``*/*``, or
-  ``type="application/octet-stream"`` without a transfer syntax) each frame is native
-  little-endian pixel data (Explicit VR Little Endian, 1.2.840.10008.1.2.1), decoded
+  ``type="application/octet-stream"`` or ``type="*/*"`` without a transfer syntax) each
+  frame is native little-endian pixel data (Explicit VR Little Endian, 1.2.840.10008.1.2.1), decoded
   with pydicom and the pylibjpeg plugins when the object is stored compressed.
   ``transfer-syntax=*``, the stored transfer syntax, or the stored syntax's own media
   type (``image/jpeg``, ``image/jls``, ``image/jp2``, ``image/dicom-rle``) get the
@@ -150,11 +150,14 @@ def negotiate_frames(accept: str | None, stored: str) -> FrameEncoding:
             if syntax == "*" or syntax == stored:
                 # OHIF asks for this and decodes by the part's transfer-syntax parameter.
                 return FrameEncoding(OCTET_STREAM, as_stored.transfer_syntax, decode=False)
-        elif part_type in ("*/*", "image/*"):
-            if syntax in (None, "*") or syntax == as_stored.transfer_syntax:
-                return as_stored
-            if syntax == ExplicitVRLittleEndian:
+        elif part_type == "*/*":
+            if syntax in (None, ExplicitVRLittleEndian):
                 return native
+            if syntax == "*" or syntax == as_stored.transfer_syntax:
+                return as_stored
+        elif part_type == "image/*" and not stored_native:
+            if syntax in (None, "*", as_stored.transfer_syntax):
+                return as_stored
         elif part_type == as_stored.media_type and syntax in (None, "*", as_stored.transfer_syntax):
             return as_stored
     raise HTTPException(

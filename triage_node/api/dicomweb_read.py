@@ -78,8 +78,9 @@ def _attr(vr: str, value: Any) -> dict[str, Any]:
 
 def base_url(request: Request) -> str:
     """The DICOMweb root the request came in on, for RetrieveURL and BulkDataURI values."""
-    route = request.scope.get("route")
-    path = getattr(route, "path", "")
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    if root and path.startswith(root):  # servers differ on whether path includes root_path
+        path = path[len(root):]
     prefix = next((p for p in DICOMWEB_PREFIXES if path.startswith(p + "/")), DICOMWEB_PREFIXES[0])
     return str(request.base_url).rstrip("/") + prefix
 
