@@ -122,7 +122,7 @@ def object_out(study_uid: str, ref: ObjectRef, result: Result | None) -> ObjectO
         series_uid=ref.series_uid,
         kind="overlay" if overlay else "sr",
         png_url=f"/api/studies/{study_uid}/objects/{ref.sop_uid}.png" if overlay else None,
-        wado_url=f"/dicomweb/studies/{study_uid}/series/{ref.series_uid}/instances/{ref.sop_uid}",
+        wado_url=f"/dicom-web/studies/{study_uid}/series/{ref.series_uid}/instances/{ref.sop_uid}",
     )
 
 
