@@ -23,7 +23,7 @@ from sqlalchemy import select
 from structlog.testing import capture_logs
 
 from tests.servers import free_port
-from tests.worklist_factory import add_result, add_study, sqlite_database  # noqa: F401
+from tests.worklist_factory import add_result, add_study, database, sqlite_database  # noqa: F401
 from triage_node.config import load_settings
 from triage_node.db.models import AuditEvent, HL7OutboxItem, OutboxState
 from triage_node.db.session import transaction
@@ -255,22 +255,23 @@ def test_silent_ris_is_retried_with_backoff_then_dead_lettered(sqlite_database, 
     assert audits(sqlite_database, "notify.hl7.requeued")[0].actor == "cli"
 
 
-def test_ris_that_comes_up_late_receives_the_message_exactly_once(sqlite_database):
+def test_ris_that_comes_up_late_receives_the_message_exactly_once(database):
+    """On SQLite and PostgreSQL: the claim and the per-job uniqueness hold on both."""
     port = free_port()
     settings = ris_settings(port)
-    job_id, _, _ = positive_job(sqlite_database, settings)
-    ack, error = report_result(settings, sqlite_database.factory, job_id)
+    job_id, _, _ = positive_job(database, settings)
+    ack, error = report_result(settings, database.factory, job_id)
     assert ack is None and "ConnectionRefusedError" in (error or "")
     with Ris(port=port) as ris:
-        assert deliver_due(sqlite_database.factory, settings, later(1)).as_dict()["sent"] == 1
-        assert deliver_due(sqlite_database.factory, settings, later(60)).as_dict()["sent"] == 0
+        assert deliver_due(database.factory, settings, later(1)).as_dict()["sent"] == 1
+        assert deliver_due(database.factory, settings, later(60)).as_dict()["sent"] == 0
         # The job's notification task run again (a redelivered Celery message) stores nothing new.
-        assert report_result(settings, sqlite_database.factory, job_id) == (None, None)
-        assert deliver_due(sqlite_database.factory, settings, later(120)).as_dict()["sent"] == 0
+        assert report_result(settings, database.factory, job_id) == (None, None)
+        assert deliver_due(database.factory, settings, later(120)).as_dict()["sent"] == 0
         assert len(ris.messages) == 1
-    (row,) = rows(sqlite_database)
+    (row,) = rows(database)
     assert row.state == OutboxState.delivered and row.attempts == 2
-    assert [e.outcome for e in audits(sqlite_database)] == ["unreachable", "ok"]
+    assert [e.outcome for e in audits(database)] == ["unreachable", "ok"]
 
 
 @pytest.fixture(scope="module")
