@@ -152,7 +152,6 @@ def test_flush_writes_the_open_windows(factory) -> None:  # type: ignore[no-unty
     assert [(r.actor, r.detail.get("count")) for r in _refusals(factory)] == [("a", None), ("b", None), ("a", 4)]
 
 
-@pytest.mark.xfail(strict=True, reason="admission.py does not call audit.record_refusal yet (issue 17, finding 6)")
 def test_a_running_node_audits_a_flood_of_refused_associations_in_bounded_rows(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path / "data", env={"TRIAGE_ALLOWED_CALLERS": '["CT_SCANNER@127.0.0.1/32"]'})
     with node:

@@ -33,6 +33,7 @@ __all__ = [
     "MIN_PEER_MAX_PDU",
     "Admission",
     "audit_association",
+    "audit_rejection",
 ]
 
 log = get_logger(__name__)
@@ -51,6 +52,17 @@ ASSOCIATE_RJ_NO_REASON = (0x01, 0x01, 0x01)
 #: Smallest maximum PDU length (PS3.8 D.1) a caller may announce, 0 (no limit)
 #: aside: below it every response would be split into a PDU per few bytes.
 MIN_PEER_MAX_PDU = 1024
+
+
+def audit_rejection(session_factory: Any, calling_ae: str, peer: str, reason: str, **detail: Any) -> None:
+    """Audit an ``association.rejected``, rate-summarised per peer address and reason.
+
+    The first refusal of a window writes its row at once; the rest of a flood from that
+    address is counted into one summary row (`triage_node.db.audit.record_refusal`), so a
+    peer that retries in a loop cannot grow the audit table without bound.
+    """
+    audit.record_refusal(session_factory, "association.rejected", peer=peer, reason=reason,
+                         actor=f"ae:{calling_ae}@{peer}"[:64], **detail)
 
 
 def audit_association(
@@ -154,9 +166,9 @@ class Admission:
     def _audit_rejection(
         self, calling_ae: str, peer: str, called: str, why: str, reject: tuple[int, int, int]
     ) -> None:
-        """Audit row ``association.rejected``, committed before the A-ASSOCIATE-RJ goes out."""
-        audit_association(
-            self.store.session_factory, "association.rejected", calling_ae, peer, why,
+        """``association.rejected``, committed before the A-ASSOCIATE-RJ goes out (`audit_rejection`)."""
+        audit_rejection(
+            self.store.session_factory, calling_ae, peer, why,
             called_ae=called[:16], result=reject[0], source=reject[1], diagnostic=reject[2],
         )
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from triage_node.ingest.admission import ASSOCIATE_RJ_LOCAL_LIMIT, audit_association
+from triage_node.ingest.admission import ASSOCIATE_RJ_LOCAL_LIMIT, audit_rejection
 from triage_node.ingest.upper_layer import reject_pdu
 from triage_node.logs import get_logger
 
@@ -118,10 +118,8 @@ class RefusedConnections:
                 sock.close()
             log.warning("association rejected", reason=why, peer=peer, when="accepted")
             result, source, diagnostic = ASSOCIATE_RJ_LOCAL_LIMIT
-            audit_association(
-                self.session_factory, "association.rejected", "?", peer, why,
-                result=result, source=source, diagnostic=diagnostic,
-            )
+            audit_rejection(self.session_factory, "?", peer, why,
+                            result=result, source=source, diagnostic=diagnostic)
 
     def _readable(self, refused: _Refused) -> None:
         self._tell(refused)  # the request has begun: the rejection answers it
