@@ -1,20 +1,25 @@
 """Hostile-peer benchmark: a normal study sent while hostile connections hold the DICOM port.
 
 A real ``triage-node serve --no-api`` on a temporary data directory, with its default
-caps and deadlines, bound to loopback. Four kinds of hostile peer, ``per_kind`` of each
-(40 by default), all opened at once from ``sources`` loopback addresses (127.0.0.2, ...):
+caps, deadlines and object size limit, bound to loopback, and a real ``triage-node worker``
+beside it (embedded defaults: SQLite, the server-less broker, ONNX Runtime). Five kinds of
+hostile peer, ``per_kind`` of each (40 by default), all opened at once from ``sources``
+loopback addresses (127.0.0.2, ...):
 
 - ``idle``: declares a 1 MiB A-ASSOCIATE-RQ, sends two bytes of it and goes quiet;
 - ``trickle``: sends its A-ASSOCIATE-RQ one byte a second;
 - ``empty_pdvs``: associates, sends a C-STORE-RQ command, then empty PDVs without end;
-- ``command_set``: associates, then command-set fragments without a last one.
+- ``command_set``: associates, then command-set fragments without a last one;
+- ``deflate_bomb``: associates in Deflated Explicit VR Little Endian and sends a CT whose
+  data set (about 1.5 MiB on the wire) inflates to 1.5 GiB, over ``max_object_mb``.
 
-Meanwhile one normal study (``slices`` CT slices) is sent from 127.0.0.1 by a pynetdicom
-SCU that, as a modality would, tries again after a transient rejection. Measured: the
-node's peak resident set size (sampled every 0.2 s), whether every slice of the study
-was acknowledged with success, and how each hostile connection ended (rejected at
-accept, aborted by the node, or closed). Triage itself needs a worker and is not part
-of this run.
+One study (``slices`` CT slices) is sent before the hostile peers start and one while they
+hold the port, from 127.0.0.1, by a pynetdicom SCU that, as a modality would, tries again
+after a transient rejection. Measured: the node's peak resident set size (sampled every
+0.2 s), whether every slice of the second study was acknowledged with success, whether it
+was triaged (its job done by the worker), whether every instance acknowledged in either
+study is in the database and the spool at the end, and how each hostile connection ended
+(rejected at accept, aborted by the node, or closed).
 """
 
 from __future__ import annotations
@@ -36,16 +41,23 @@ from pathlib import Path
 from typing import Any
 
 from triage_node.bench.peers import free_port, write_ct_slices
-from triage_node.config import load_settings
+from triage_node.config import REPO_ROOT, load_settings
 from triage_node.db import schema
 
-__all__ = ["KINDS", "run_hostile_benchmark"]
+__all__ = ["JSON_PATH", "KINDS", "run_hostile_benchmark"]
+
+JSON_PATH = REPO_ROOT / "docs" / "bench" / "hostile.json"
 
 AET = "TRIAGE_NODE"
 HOST = "127.0.0.1"
-KINDS = ("idle", "trickle", "empty_pdvs", "command_set")
+KINDS = ("idle", "trickle", "empty_pdvs", "command_set", "deflate_bomb")
 #: Longest the hostile phase is watched (the default request deadline is 30 s).
 MAX_WATCH_S = 60.0
+#: Longest the worker may take to triage the study sent under attack.
+TRIAGE_WAIT_S = 180.0
+#: Inflated size of a deflate bomb: over the default max_object_mb (1024 MiB).
+BOMB_BYTES = 1536 * 1024 * 1024
+_STEP = 1024 * 1024
 
 
 class _Node:
@@ -61,9 +73,12 @@ class _Node:
                        TRIAGE_DICOM_HOST=HOST, TRIAGE_LOG_FORMAT="json", TRIAGE_LOG_LEVEL="WARNING",
                        TRIAGE_SECRET_KEY=secrets.token_hex(32), OMP_NUM_THREADS="1", **env)
         executable = Path(sys.executable).parent / "triage-node"
+        self.settings = settings
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([str(executable), "serve", "--no-api"], env=environ,
                                             stdout=log, stderr=subprocess.STDOUT)
+            self.worker = subprocess.Popen([str(executable), "worker", "--concurrency", "1"], env=environ,
+                                           stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while not _port_open(self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -79,12 +94,35 @@ class _Node:
         return 0.0
 
     def stop(self) -> None:
-        self.process.terminate()
+        for process in (self.worker, self.process):
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def study_state(self, study_uid: str, expected: int) -> dict[str, Any]:
+        """Instances of the study in the database with their spool files, and its job state."""
+        from sqlalchemy import select
+
+        from triage_node.db.models import Instance, Job, Series, Study
+        from triage_node.db.session import make_engine, make_sessionmaker
+
+        engine = make_engine(self.settings.effective_database_url)
         try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            with make_sessionmaker(engine)() as session:
+                paths = session.scalars(
+                    select(Instance.path).join(Series).join(Study).where(Study.study_uid == study_uid)
+                ).all()
+                jobs = session.scalars(
+                    select(Job.state).join(Study, Job.study_id == Study.id).where(Study.study_uid == study_uid)
+                ).all()
+        finally:
+            engine.dispose()
+        on_disk = sum(1 for p in paths if Path(p).is_file())
+        return {"acknowledged": expected, "in_database": len(paths), "in_spool": on_disk,
+                "lost": expected - min(len(paths), on_disk), "jobs": [str(j) for j in jobs]}
 
 
 def _port_open(port: int) -> bool:
@@ -104,9 +142,10 @@ def _pdv(control: int, fragment: bytes) -> bytes:
 
 
 def _requests() -> tuple[bytes, bytes]:
-    """An A-ASSOCIATE-RQ for CT Image Storage (context 1), and a C-STORE-RQ command set."""
+    """An A-ASSOCIATE-RQ for CT Image Storage (context 1; context 3 deflated), and a
+    C-STORE-RQ command set."""
     from pydicom.dataset import Dataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
     from pynetdicom import build_context
     from pynetdicom.dsutils import encode
     from pynetdicom.pdu import A_ASSOCIATE_RQ
@@ -115,10 +154,12 @@ def _requests() -> tuple[bytes, bytes]:
 
     context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
     context.context_id = 1
+    deflated = build_context(CTImageStorage, [DeflatedExplicitVRLittleEndian])
+    deflated.context_id = 3
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title, primitive.called_ae_title = "HOSTILE", AET
-    primitive.presentation_context_definition_list = [context]
+    primitive.presentation_context_definition_list = [context, deflated]
     length = MaximumLengthNotification()
     length.maximum_length_received = 16382
     primitive.user_information = [length]
@@ -132,7 +173,55 @@ def _requests() -> tuple[bytes, bytes]:
     return rq.encode(), encode(command, True, True)
 
 
-def _hostile(kind: str, port: int, source: str, rq: bytes, command: bytes, stop: threading.Event) -> str:
+def _bomb(template: Path) -> tuple[bytes, bytes]:
+    """(C-STORE-RQ command set, deflated data set) of a CT whose data set inflates to
+    `BOMB_BYTES`: the header of ``template``, then that many zeros of Pixel Data.
+
+    Built without holding the zeros: after a full flush the compressor starts from an
+    empty window, so each MiB of zeros deflates to the same bytes, repeated.
+    """
+    import zlib
+
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import generate_uid
+    from pynetdicom.dsutils import encode
+
+    ds = dcmread(template)
+    del ds.PixelData
+    ds.SOPInstanceUID = generate_uid()
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False  # as a deflated data set is before compression
+    write_dataset(buffer, ds)
+    header = buffer.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, BOMB_BYTES)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    head = deflater.compress(header) + deflater.flush(zlib.Z_FULL_FLUSH)
+    block = deflater.compress(bytes(_STEP)) + deflater.flush(zlib.Z_FULL_FLUSH)
+    data = head + block * (BOMB_BYTES // _STEP) + deflater.flush()
+    command = Dataset()
+    command.AffectedSOPClassUID = ds.SOPClassUID
+    command.CommandField, command.MessageID, command.Priority = 0x0001, 1, 0
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    return encode(command, True, True), data
+
+
+def _send_bomb(sock: socket.socket, bomb: tuple[bytes, bytes], stop: threading.Event) -> None:
+    command, data = bomb
+    sock.sendall(_pdu(0x04, _pdv(0x03, command)))  # context 3: deflated
+    fragment = 16 * 1024
+    for start in range(0, len(data), fragment):
+        if stop.is_set() or _replied(sock, 0.0):
+            return
+        last = start + fragment >= len(data)
+        sock.sendall(_pdu(0x04, struct.pack(">IBB", min(fragment, len(data) - start) + 2, 3,
+                                            0x02 if last else 0x00) + data[start:start + fragment]))
+
+
+def _hostile(kind: str, port: int, source: str, rq: bytes, command: bytes, stop: threading.Event,
+             bomb: tuple[bytes, bytes] | None = None) -> str:
     """One hostile connection of ``kind``; how it ended."""
     try:
         sock = socket.create_connection((HOST, port), timeout=MAX_WATCH_S, source_address=(source, 0))
@@ -155,6 +244,9 @@ def _hostile(kind: str, port: int, source: str, rq: bytes, command: bytes, stop:
                 if first != b"\x02":
                     return _ENDINGS.get(first, "closed")
                 sock.recv(65536)  # the rest of the A-ASSOCIATE-AC
+                if kind == "deflate_bomb" and bomb is not None:
+                    _send_bomb(sock, bomb, stop)
+                    return _ending(sock)
                 if kind == "empty_pdvs":
                     sock.sendall(_pdu(0x04, _pdv(0x03, command)))
                     flood = _pdu(0x04, _pdv(0x00, b"") * 4096)
@@ -223,6 +315,12 @@ def _send_study(paths: list[Path], port: int, budget_s: float) -> dict[str, Any]
     }
 
 
+def _study_uid(paths: list[Path]) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+
+
 def run_hostile_benchmark(
     per_kind: int = 40,
     sources: int = 1,
@@ -252,7 +350,9 @@ def run_hostile_benchmark(
     rq, command = _requests()
     root = Path(tempfile.mkdtemp(prefix="triage-hostile-"))
     try:
+        before = write_ct_slices(root / "before", slices, size=size, seed=1)
         study = write_ct_slices(root / "study", slices, size=size)
+        bomb = _bomb(study[0])
         caps = {} if max_associations is None else {
             "TRIAGE_MAX_ASSOCIATIONS": str(max_associations),
             "TRIAGE_MAX_ASSOCIATIONS_PER_SOURCE": str(max_associations),
@@ -269,11 +369,12 @@ def run_hostile_benchmark(
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
+            earlier = _send_study(before, node.port, budget_s=MAX_WATCH_S)
             endings: dict[str, Counter[str]] = {kind: Counter() for kind in KINDS}
             lock = threading.Lock()
 
             def hostile(kind: str, source: str) -> None:
-                ending = _hostile(kind, node.port, source, rq, command, stop)
+                ending = _hostile(kind, node.port, source, rq, command, stop, bomb)
                 with lock:
                     endings[kind][ending] += 1
 
@@ -295,18 +396,32 @@ def run_hostile_benchmark(
             done.set()
             sampler.join()
             alive = node.process.poll() is None
+            uids = [_study_uid(before), _study_uid(study)]
+            say(f"waiting up to {TRIAGE_WAIT_S:.0f} s for the worker to triage the study sent under attack")
+            deadline = time.monotonic() + TRIAGE_WAIT_S
+            while time.monotonic() < deadline and "done" not in node.study_state(uids[1], slices)["jobs"]:
+                time.sleep(1.0)
+            states = {"before": node.study_state(uids[0], earlier["statuses"].get("0x0000", 0)),
+                      "under_attack": node.study_state(uids[1], normal["statuses"].get("0x0000", 0))}
+            rss_end = node.rss_mb()
         finally:
             stop.set()
             node.stop()
+        triaged = "done" in states["under_attack"]["jobs"]
+        lost = sum(s["lost"] for s in states.values())
         return {
             "setup": {"per_kind": per_kind, "kinds": list(KINDS), "sources": sources,
                       "study": f"{slices} slices of {size}x{size}",
                       "max_associations": max_associations or "default",
-                      "node": "triage-node serve --no-api, default settings, loopback"},
-            "ok": alive and normal["acknowledged"],
+                      "node": "triage-node serve --no-api and triage-node worker, default settings, loopback"},
+            "ok": alive and normal["acknowledged"] and triaged and lost == 0,
             "node_alive": alive,
-            "rss_mb": {"start": round(rss[0], 1), "peak": round(max(rss), 1), "end": round(rss[-1], 1)},
+            "rss_mb": {"start": round(rss[0], 1), "peak": round(max(rss), 1), "end": round(rss_end, 1)},
+            "study_before": earlier,
             "normal_study": normal,
+            "triaged": triaged,
+            "acknowledged_lost": lost,
+            "studies": states,
             "hostile_endings": {kind: dict(counter) for kind, counter in endings.items()},
             "hostile_phase_s": hostile_s,
         }

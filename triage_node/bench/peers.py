@@ -202,6 +202,7 @@ def write_ct_slices(folder: Path, n: int, size: int = 512, seed: int = 0) -> lis
         ds.SeriesInstanceUID = series
         ds.FrameOfReferenceUID = frame
         ds.Modality = "CT"
+        ds.BodyPartExamined = "HEAD"  # so the node's series selection takes it for triage
         ds.PatientName = "Bench^Phantom"
         ds.PatientID = "BENCH0001"
         ds.StudyDate = "20260101"

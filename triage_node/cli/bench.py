@@ -85,7 +85,8 @@ def bench_load(
 @bench_app.command("hostile")
 def bench_hostile(
     per_kind: int = typer.Option(40, "--per-kind", min=1, max=100,
-                                 help="Hostile connections of each kind (idle, trickle, empty PDVs, command set)."),
+                                 help="Hostile connections of each kind (idle, trickle, empty PDVs, "
+                                 "command set, deflate bomb)."),
     sources: int = typer.Option(1, "--sources", min=1, max=50,
                                 help="Loopback addresses the hostile connections come from."),
     slices: int = typer.Option(24, "--slices", min=1, help="Slices of the normal study."),
@@ -94,15 +95,21 @@ def bench_hostile(
         None, "--max-associations", min=1,
         help="Both connection caps (in all, per source) instead of the defaults; above the "
         "hostile count, every hostile connection gets in."),
+    write: bool = typer.Option(True, "--write/--no-write",
+                               help="Write docs/bench/hostile.json (runs with default caps only)."),
 ) -> None:
-    """Hostile connections of four kinds hold the DICOM port of a `triage-node serve` while one
-    normal study is sent: the node's peak RSS and whether the study was acknowledged (JSON)."""
-    from triage_node.bench.hostile import run_hostile_benchmark
+    """Hostile connections of five kinds hold the DICOM port of a `triage-node serve` while a
+    study is sent and a worker triages it: the node's peak RSS, whether the study was
+    acknowledged and triaged, and whether anything acknowledged was lost (JSON)."""
+    from triage_node.bench.hostile import JSON_PATH, run_hostile_benchmark
     from triage_node.logs import configure_logging
 
     configure_logging("WARNING")
     result = run_hostile_benchmark(per_kind=per_kind, sources=sources, slices=slices, size=size,
                                    max_associations=max_associations, progress=lambda msg: typer.echo(msg, err=True))
+    if write and max_associations is None:
+        JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
+        JSON_PATH.write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(json.dumps(result, indent=2))
     if not result["ok"]:
         raise typer.Exit(1)
