@@ -88,6 +88,13 @@ def _uid_name(uid: str) -> str:
     return UID(uid).name
 
 
+def _decoder_plugins(uid: str) -> str:
+    """The pydicom decoding plugins installed for a compressed transfer syntax."""
+    from pydicom.pixels import get_decoder
+
+    return ", ".join(f"`{name}`" for name in sorted(get_decoder(uid).available_plugins))
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -172,7 +179,11 @@ def conformance_blocks() -> dict[str, str]:
     from pynetdicom import AllStoragePresentationContexts
 
     from triage_node.ingest import admission
-    from triage_node.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES, TRIAGED_SOP_CLASSES
+    from triage_node.ingest.scp import (
+        ACCEPTED_TRANSFER_SYNTAXES,
+        NATIVE_TRANSFER_SYNTAXES,
+        TRIAGED_SOP_CLASSES,
+    )
     from worker.pipeline.sr import CODES
     from worker.pipeline.sr_classes import SR_CLASS_UIDS
 
@@ -217,8 +228,12 @@ def conformance_blocks() -> dict[str, str]:
         "scp-triaged": _table(("SOP Class", "UID", "handling"), triaged),
         "scp-stored": _table(("SOP Class", "UID", "handling"), others),
         "scp-transfer-syntaxes": _table(
-            ("Transfer Syntax", "UID"),
-            [(_uid_name(str(t)), f"`{t}`") for t in ACCEPTED_TRANSFER_SYNTAXES],
+            ("Transfer Syntax", "UID", "decoded for inference by (pydicom plugins)"),
+            [
+                (_uid_name(str(t)), f"`{t}`",
+                 "none needed" if t in NATIVE_TRANSFER_SYNTAXES else _decoder_plugins(t))
+                for t in ACCEPTED_TRANSFER_SYNTAXES
+            ],
         ),
         "scp-statuses": _table(("status", "PS3.4 meaning", "when the node returns it"), _status_rows()),
         "association-rejects": _table(("constant", "result", "source", "reason/diag"), rejects),
