@@ -1,8 +1,8 @@
 """Helpers for the ingest tests: synthetic CT objects in every transfer syntax, a node to talk to.
 
 Objects are built with pydicom (uncompressed, deflated, RLE and JPEG 2000 encoders)
-and DCMTK ``dcmcjpeg`` (JPEG Lossless, processes 14 and 14 SV1), so each compressed
-file was produced by a real codec.
+and DCMTK ``dcmcjpeg`` (JPEG Lossless, processes 14 and 14 SV1) and ``dcmcjpls``
+(JPEG-LS lossless and near-lossless), so each compressed file was produced by a real codec.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
     generate_uid,
 )
@@ -47,10 +49,20 @@ ALL_TRANSFER_SYNTAXES = (
     DeflatedExplicitVRLittleEndian,
     JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     JPEG2000Lossless,
     JPEG2000,
     RLELossless,
 )
+
+#: DCMTK encoders of the syntaxes pydicom cannot encode here, with their options.
+DCMTK_ENCODERS = {
+    JPEGLossless: ("dcmcjpeg", "+el"),
+    JPEGLosslessSV1: ("dcmcjpeg", "+e1"),
+    JPEGLSLossless: ("dcmcjpls", "+el"),
+    JPEGLSNearLossless: ("dcmcjpls", "+en"),
+}
 
 PATIENT_NAME = "Zyxwv^Quentin"
 PATIENT_ID = "PID-778899"
@@ -119,6 +131,21 @@ def part10(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
     return buffer.getvalue()
 
 
+def encode_with_dcmtk(ds: Dataset, path: Path, transfer_syntax: str) -> None:
+    """Write ``ds`` to ``path`` in ``transfer_syntax`` with DCMTK's encoder for it."""
+    if transfer_syntax == JPEGLSNearLossless:
+        # dcmcjpls encodes near-lossless only unsigned pixels; these are all positive.
+        ds = ds.copy()
+        ds.PixelRepresentation = 0
+    tool, flag = DCMTK_ENCODERS[transfer_syntax]
+    source = path.with_name(f".{path.name}.src")
+    source.write_bytes(part10(ds))
+    try:
+        subprocess.run([require_binary(tool), flag, str(source), str(path)], check=True, capture_output=True)
+    finally:
+        source.unlink()
+
+
 def write_series(
     folder: Path, n: int, transfer_syntax: str = ExplicitVRLittleEndian, size: int = 32,
     study_uid: str | None = None, series_uid: str | None = None,
@@ -131,15 +158,8 @@ def write_series(
     for i in range(n):
         ds = ct_dataset(study_uid, series_uid, i, size=size)
         path = folder / f"{i:04d}.dcm"
-        if transfer_syntax in (JPEGLossless, JPEGLosslessSV1):
-            source = folder / f".{i:04d}.src"
-            source.write_bytes(part10(ds))
-            flag = "+el" if transfer_syntax == JPEGLossless else "+e1"
-            subprocess.run(
-                [require_binary("dcmcjpeg"), flag, str(source), str(path)],
-                check=True, capture_output=True,
-            )
-            source.unlink()
+        if transfer_syntax in DCMTK_ENCODERS:
+            encode_with_dcmtk(ds, path, transfer_syntax)
         else:
             path.write_bytes(part10(ds, transfer_syntax))
         written_ts = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID

@@ -19,6 +19,8 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     MRImageStorage,
     RLELossless,
     generate_uid,
@@ -96,6 +98,8 @@ def instance_rows(node: Node) -> list[Instance]:
 PROPOSE = {
     DeflatedExplicitVRLittleEndian: ("-xd",),
     JPEGLosslessSV1: ("-xs",),
+    JPEGLSLossless: ("-xt",),
+    JPEGLSNearLossless: ("-xu",),
     JPEG2000Lossless: ("-xv",),
     JPEG2000: ("-xw",),
     RLELossless: ("-xr",),
