@@ -8,10 +8,11 @@ a small script shipped in ``static/`` (no CDN: the node may have no internet).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -26,7 +27,17 @@ from triage_node.api.deps import SessionDep, SettingsDep
 from triage_node.api.worklist import actor_of, item_from_row
 from triage_node.db.models import PriorityClass, WorklistEntry, WorklistStatus
 from triage_node.worklist.priority import PriorityError, set_status
-from triage_node.worklist.queries import AuditFilter, WorklistFilter, audit_rows, list_audit, list_worklist
+from triage_node.worklist.feedback import latest_verdicts, list_feedback
+from triage_node.worklist.queries import (
+    FINDINGS,
+    SORT_KEYS,
+    AuditFilter,
+    WorklistFilter,
+    audit_rows,
+    list_audit,
+    list_worklist,
+    worklist_modalities,
+)
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
@@ -55,7 +66,15 @@ def person_name(value: str | None) -> str:
     return f"{family}, {given}" if given else family
 
 
+def iso_utc(value: datetime | None) -> str:
+    """ISO 8601 with offset, in UTC, for ``<time datetime>`` (the page's script shows local time)."""
+    if value is None:
+        return ""
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="seconds")
+
+
 TEMPLATES.env.filters["pn"] = person_name
+TEMPLATES.env.filters["iso"] = iso_utc
 TEMPLATES.env.globals["abbreviations"] = ABBREVIATIONS
 
 
@@ -157,9 +176,71 @@ def logout() -> Response:
 
 
 # -- worklist -----------------------------------------------------------------------
-def _worklist_context(session: Any, settings: Any, status: list[str] | None) -> dict[str, Any]:
-    statuses = tuple(status) if status else (WorklistStatus.new.value, WorklistStatus.reading.value)
-    rows, total = list_worklist(session, settings, WorklistFilter(status=statuses, limit=200))
+#: Sortable columns and the direction of the first click (longest waiting first, most
+#: probable first); the heat map has no order.
+FIRST_ORDER = {key: "asc" for key in SORT_KEYS} | {"probability": "desc", "finding": "desc"}
+PAGE_PARAMS = ("status", "priority", "finding", "modality", "q", "from", "to", "tz", "sort", "order")
+
+
+def _zone(name: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(name) if name else ZoneInfo("UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def _local_day(value: str | None, zone: ZoneInfo, days: int = 0) -> datetime | None:
+    """Midnight of a ``YYYY-MM-DD`` day (plus ``days``) in the browser's zone, as UTC."""
+    if not value:
+        return None
+    try:
+        day = date.fromisoformat(value) + timedelta(days=days)
+    except ValueError:
+        raise HTTPException(422, f"not a date (YYYY-MM-DD): {value!r}") from None
+    return datetime.combine(day, time(0), zone).astimezone(UTC)
+
+
+def page_filter(params: Any) -> tuple[WorklistFilter, dict[str, Any]]:
+    """The worklist filter of the page's query string, and the values to show in its form.
+
+    Dates are days in the browser's time zone (``tz``, an IANA name the script sends);
+    ``to`` includes its whole day. Unknown sort keys and findings fall back to the default.
+    """
+    status = [s for s in params.getlist("status") if s in {w.value for w in WorklistStatus}]
+    status = status or [WorklistStatus.new.value, WorklistStatus.reading.value]
+    priority = [p for p in params.getlist("priority") if p in {c.value for c in PriorityClass}]
+    finding = params.get("finding") if params.get("finding") in FINDINGS else None
+    sort = params.get("sort") if params.get("sort") in SORT_KEYS else "priority"
+    order = "desc" if params.get("order") == "desc" else "asc"
+    zone = _zone(params.get("tz"))
+    flt = WorklistFilter(
+        status=tuple(status), priority_class=tuple(priority), modality=params.get("modality") or None,
+        search=(params.get("q") or "").strip()[:200] or None, finding=finding,
+        since=_local_day(params.get("from"), zone), until=_local_day(params.get("to"), zone, days=1),
+        sort=sort, descending=order == "desc", limit=200,
+    )
+    shown = {"status": status, "priority": priority, "finding": finding or "", "sort": sort, "order": order,
+             **{k: params.get(k) or "" for k in ("modality", "q", "from", "to", "tz")}}
+    return flt, shown
+
+
+def sort_links(shown: dict[str, Any]) -> dict[str, str]:
+    """Per sortable column, the page's URL sorted by it (the other direction if it is the current one)."""
+    base = [(k, v) for k in PAGE_PARAMS if k not in ("sort", "order")
+            for v in (shown[k] if isinstance(shown[k], list) else [shown[k]]) if v]
+    links = {}
+    for key in SORT_KEYS:
+        order = FIRST_ORDER[key]
+        if key == shown["sort"]:
+            order = "desc" if shown["order"] == "asc" else "asc"
+        links[key] = "/worklist?" + urlencode(base + [("sort", key), ("order", order)])
+    return links
+
+
+def _worklist_context(session: Any, settings: Any, params: Any) -> dict[str, Any]:
+    flt, shown = page_filter(params)
+    rows, total = list_worklist(session, settings, flt)
+    verdicts = latest_verdicts(session, [row.study.study_uid for row in rows])
     items = []
     for row in rows:
         item = item_from_row(row)
@@ -167,29 +248,36 @@ def _worklist_context(session: Any, settings: Any, status: list[str] | None) -> 
         if item.thumbnail_url and row.result is not None:
             web_thumb = f"/web/objects/{item.study_uid}/{row.result.overlay_sop_uids[0]}.png?size=96"
         items.append({"item": item, "wait": _human_wait(item.waiting_seconds), "thumb": web_thumb,
-                      "viewer_url": viewer_url(settings, item.study_uid)})
+                      "viewer_url": viewer_url(settings, item.study_uid),
+                      "verdict": verdicts.get(item.study_uid)})
     return {
         "items": items,
         "total": total,
-        "statuses": statuses,
+        "statuses": shown["status"],
+        "shown": shown,
+        "sort_links": sort_links(shown),
         "subtypes": SUBTYPES,
+        "findings": FINDINGS,
+        "priority_classes": [p.value for p in PriorityClass],
         "refresh": REFRESH_SECONDS,
         "now": datetime.now(UTC),
     }
 
 
 @router.get("/worklist", response_class=HTMLResponse)
-def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, user: WebUser,
-                  status: Annotated[list[str] | None, Query()] = None) -> Response:
-    context = _worklist_context(session, settings, status)
+def worklist_page(request: Request, session: SessionDep, settings: SettingsDep, user: WebUser) -> Response:
+    """Filters and sort come from the query string (see `page_filter`), so a view can be bookmarked."""
+    context = _worklist_context(session, settings, request.query_params)
+    context["modalities"] = worklist_modalities(session)
     return TEMPLATES.TemplateResponse(request, "worklist.html", {**context, "user": user})
 
 
 @router.get("/worklist/rows", response_class=HTMLResponse)
-def worklist_rows(request: Request, session: SessionDep, settings: SettingsDep, _user: WebUser,
-                  status: Annotated[list[str] | None, Query()] = None) -> Response:
-    """The table body alone, for the auto-refresh script."""
-    return TEMPLATES.TemplateResponse(request, "_rows.html", _worklist_context(session, settings, status))
+def worklist_rows(request: Request, session: SessionDep, settings: SettingsDep, _user: WebUser) -> Response:
+    """The table body alone, for the page's script (refresh, sort, filters); the total in a header."""
+    context = _worklist_context(session, settings, request.query_params)
+    return TEMPLATES.TemplateResponse(request, "_rows.html", context,
+                                      headers={"X-Total-Count": str(context["total"])})
 
 
 # -- study --------------------------------------------------------------------------
@@ -198,6 +286,7 @@ def study_page(study_uid: str, request: Request, session: SessionDep, settings: 
                user: WebUser) -> Response:
     study = get_study(study_uid, session, user)
     current = next((r for r in study.results if r.state != "superseded" and r.positive is not None), None)
+    feedback = list_feedback(session, study_uid=study_uid)
     return TEMPLATES.TemplateResponse(
         request,
         "study.html",
@@ -209,6 +298,7 @@ def study_page(study_uid: str, request: Request, session: SessionDep, settings: 
             "priority_classes": [p.value for p in PriorityClass],
             "user": user,
             "viewer_url": viewer_url(settings, study_uid),
+            "feedback": list(reversed(feedback)),
         },
     )
 
@@ -285,10 +375,11 @@ def install(app: Any) -> None:
     """Add the worklist engineer's routers, static files and login redirect to ``app``."""
     from fastapi.staticfiles import StaticFiles
 
-    from triage_node.api import audit_api, health, studies_api, worklist
+    from triage_node.api import audit_api, feedback_api, health, studies_api, web_feedback, worklist
 
-    for module in (health, worklist, studies_api, audit_api):
+    for module in (health, worklist, studies_api, audit_api, feedback_api):
         app.include_router(module.router)
     app.include_router(router)
+    app.include_router(web_feedback.router)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     app.add_exception_handler(LoginRequired, login_redirect)

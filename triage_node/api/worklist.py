@@ -6,7 +6,7 @@ Dependencies (settings, a session per request) come from `triage_node.api.deps`.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,7 +17,17 @@ from triage_node.api.deps import SessionDep, SettingsDep
 from triage_node.db import audit
 from triage_node.db.models import PriorityClass, WorklistEntry, WorklistStatus
 from triage_node.worklist.priority import PriorityError, set_manual_priority, set_status
-from triage_node.worklist.queries import WorklistFilter, WorklistRow, list_worklist, worklist_row
+from triage_node.worklist.queries import (
+    FINDINGS,
+    SORT_KEYS,
+    WorklistFilter,
+    WorklistRow,
+    list_worklist,
+    worklist_row,
+)
+
+SortKey = Literal[SORT_KEYS]  # type: ignore[valid-type]
+Finding = Literal[FINDINGS]  # type: ignore[valid-type]
 
 router = APIRouter(tags=["worklist"])
 
@@ -117,6 +127,11 @@ def worklist_filter(
     since: Annotated[datetime | None, Query(description="Received at or after (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description="Received before (ISO 8601)")] = None,
     modality: str | None = None,
+    q: Annotated[str | None, Query(max_length=200,
+                                   description="Patient name, PatientID or accession (words, in order)")] = None,
+    finding: Annotated[Finding | None, Query(description="AI finding: any, a subtype, negative or pending")] = None,
+    sort: Annotated[SortKey, Query(description="Column to sort by; the priority order breaks ties")] = "priority",
+    order: Literal["asc", "desc"] = "asc",
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> WorklistFilter:
@@ -125,7 +140,11 @@ def worklist_filter(
         priority_class=tuple(p.value for p in priority_class or ()),
         since=since,
         until=until,
-        modality=modality,
+        modality=modality or None,
+        search=q or None,
+        finding=finding,
+        sort=sort,
+        descending=order == "desc",
         limit=limit,
         offset=offset,
     )

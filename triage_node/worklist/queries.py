@@ -15,11 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, Select, case, func, literal, select
+from sqlalchemy import Float, Select, and_, case, func, literal, or_, select
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.functions import FunctionElement
 
+from triage_node import SUBTYPES
 from triage_node.config import Settings
 from triage_node.db.models import (
     AuditEvent,
@@ -80,8 +81,28 @@ class WorklistFilter:
     since: datetime | None = None
     until: datetime | None = None
     modality: str | None = None
+    #: Words matched (case-insensitive, in order) in the patient name, PatientID or accession.
+    search: str | None = None
+    #: ``any`` (AI positive), a subtype (decided positive), ``negative`` or ``pending``.
+    finding: str | None = None
+    #: One of `SORT_KEYS`; the priority order breaks ties and is the default.
+    sort: str = "priority"
+    descending: bool = False
     limit: int = 50
     offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sort not in SORT_KEYS:
+            raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}, not {self.sort!r}")
+        if self.finding is not None and self.finding not in FINDINGS:
+            raise ValueError(f"finding must be one of {', '.join(FINDINGS)}, not {self.finding!r}")
+
+
+#: Columns the worklist sorts by (``WorklistFilter.sort``).
+SORT_KEYS = ("priority", "patient", "accession", "study", "modality", "finding", "probability",
+             "received", "status")
+#: Values of ``WorklistFilter.finding``.
+FINDINGS = ("any", *SUBTYPES, "negative", "pending")
 
 
 @dataclass
@@ -97,10 +118,87 @@ class WorklistRow:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def _latest_result_id() -> Any:
+    """Correlated subquery: the id of the study's newest result whose job is not superseded
+    (the row `latest_results` picks)."""
+    inner, job = aliased(Result), aliased(Job)
+    return (
+        select(inner.id)
+        .join(job, job.id == inner.job_id)
+        .where(inner.study_id == Study.id, job.state != JobState.superseded.value)
+        .order_by(inner.created_at.desc(), inner.id.desc())
+        .limit(1)
+        .correlate(Study)
+        .scalar_subquery()
+    )
+
+
+def _like_pattern(text: str) -> str:
+    """``%word1%word2%`` with LIKE's wildcards escaped: "novak adam" finds ``Novak^Adam``."""
+    words = [w for w in text.lower().replace(",", " ").replace("^", " ").split() if w]
+    escaped = [w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") for w in words]
+    return "%" + "%".join(escaped) + "%"
+
+
+def _search_clause(text: str) -> Any:
+    pattern = _like_pattern(text)
+    return or_(*(func.lower(col).like(pattern, escape="\\")
+                 for col in (Study.patient_name, Study.patient_id, Study.accession_number)))
+
+
+def _finding_clause(finding: str) -> Any:
+    if finding == "pending":
+        return Result.id.is_(None)
+    if finding == "negative":
+        return and_(Result.id.is_not(None), Result.positive.is_(False))
+    if finding == "any":
+        return Result.positive.is_(True)
+    return Result.decisions[finding].as_boolean().is_(True)
+
+
+def _nulls_last(expr: Any) -> Any:
+    # SQLite sorts NULL first and PostgreSQL last; say it once for both.
+    return case((expr.is_(None), 1), else_=0)
+
+
+def _status_rank() -> Any:
+    return case({"new": 0, "reading": 1, "done": 2}, value=WorklistEntry.status, else_=3)
+
+
+def _sort_keys(flt: WorklistFilter, eff: Any) -> list[Any]:
+    """ORDER BY for ``flt.sort``; the priority order follows as the tie-break."""
+    priority = [class_rank_expr(), eff.desc(), Study.received_at, WorklistEntry.id]
+    if flt.sort == "priority":
+        return [class_rank_expr().desc(), eff, Study.received_at.desc(), WorklistEntry.id.desc()] \
+            if flt.descending else priority
+    p_any = Result.study_probabilities["any"].as_float()
+    columns = {
+        "patient": [Study.patient_name],
+        "accession": [Study.accession_number],
+        "study": [Study.study_description, Study.modality],
+        "modality": [Study.modality],
+        # Positive above negative; within each, by probability of ICH.
+        "finding": [Result.positive, p_any],
+        "probability": [p_any],
+        "received": [Study.received_at],
+        "status": [_status_rank()],
+    }[flt.sort]
+    keys: list[Any] = []
+    for col in columns:
+        keys += [_nulls_last(col), col.desc() if flt.descending else col]
+    return keys + priority
+
+
+def _needs_result(flt: WorklistFilter) -> bool:
+    return flt.finding is not None or flt.sort in ("finding", "probability")
+
+
 def worklist_select(settings: Settings, flt: WorklistFilter, now: datetime) -> Select[Any]:
     """The ordered, filtered worklist as a SQL statement (without pagination)."""
     eff = effective_score_expr(settings, now).label("effective_score")
     stmt = select(WorklistEntry, Study, eff).join(Study, Study.id == WorklistEntry.study_id)
+    if _needs_result(flt):
+        stmt = stmt.outerjoin(Result, Result.id == _latest_result_id())
     if flt.status:
         stmt = stmt.where(WorklistEntry.status.in_(flt.status))
     if flt.priority_class:
@@ -111,7 +209,18 @@ def worklist_select(settings: Settings, flt: WorklistFilter, now: datetime) -> S
         stmt = stmt.where(Study.received_at < flt.until)
     if flt.modality:
         stmt = stmt.where(Study.modality == flt.modality)
-    return stmt.order_by(class_rank_expr(), eff.desc(), Study.received_at, WorklistEntry.id)
+    if flt.search and flt.search.strip():
+        stmt = stmt.where(_search_clause(flt.search))
+    if flt.finding is not None:
+        stmt = stmt.where(_finding_clause(flt.finding))
+    return stmt.order_by(*_sort_keys(flt, eff))
+
+
+def worklist_modalities(session: Session) -> list[str]:
+    """Modalities of the studies on the worklist (the page's filter choices)."""
+    stmt = (select(Study.modality).join(WorklistEntry, WorklistEntry.study_id == Study.id)
+            .where(Study.modality.is_not(None)).distinct().order_by(Study.modality))
+    return [m for m in session.scalars(stmt) if m]
 
 
 def latest_results(session: Session, study_ids: list[int]) -> dict[int, Result]:
@@ -272,6 +381,8 @@ def job_state_counts(session: Session) -> dict[str, int]:
 
 __all__ = [
     "AUDIT_CSV_COLUMNS",
+    "FINDINGS",
+    "SORT_KEYS",
     "ObjectRef",
     "result_objects",
     "study_objects",
@@ -289,6 +400,7 @@ __all__ = [
     "list_audit",
     "list_worklist",
     "study_detail",
+    "worklist_modalities",
     "worklist_row",
     "worklist_select",
 ]

@@ -1,60 +1,54 @@
-// ICH triage node: row clicks, live waiting times and auto-refresh of the worklist.
+// ICH triage node: shared by every page. Times come from the server in UTC (ISO 8601
+// with offset, in <time datetime>); they are shown here in the browser's own time zone,
+// with the zone named, because the reading room thinks in local time.
 // Plain JavaScript, no libraries (the node serves everything itself).
 (function () {
   "use strict";
 
-  function humanWait(seconds) {
-    seconds = Math.floor(seconds);
-    if (seconds < 60) return seconds + " s";
-    if (seconds < 3600) return Math.floor(seconds / 60) + " min";
-    if (seconds < 86400) {
-      var m = Math.floor((seconds % 3600) / 60);
-      return Math.floor(seconds / 3600) + " h " + (m < 10 ? "0" : "") + m + " min";
+  var zone = (Intl.DateTimeFormat().resolvedOptions().timeZone) || "UTC";
+  var formats = {};
+
+  function formatter(kind) {
+    if (!formats[kind]) {
+      var options = { hour: "2-digit", minute: "2-digit", hourCycle: "h23", timeZoneName: "short", timeZone: zone };
+      if (kind !== "time") { options.year = "numeric"; options.month = "2-digit"; options.day = "2-digit"; }
+      if (kind !== "minutes") options.second = "2-digit";
+      formats[kind] = new Intl.DateTimeFormat(undefined, options);
     }
-    return Math.floor(seconds / 86400) + " d " + Math.floor((seconds % 86400) / 3600) + " h";
+    return formats[kind];
   }
 
-  function bindRows(root) {
-    root.querySelectorAll("tr.entry[data-href]").forEach(function (row) {
-      row.addEventListener("click", function (event) {
-        if (event.target.closest("a, button")) return;
-        window.location.href = row.getAttribute("data-href");
-      });
+  // "2026-01-31 14:05 CET" whatever the locale's own order of the parts.
+  function localTime(date, kind) {
+    var p = {};
+    formatter(kind || "minutes").formatToParts(date).forEach(function (part) { p[part.type] = part.value; });
+    var clock = p.hour + ":" + p.minute + (p.second ? ":" + p.second : "");
+    var day = p.year ? p.year + "-" + p.month + "-" + p.day + " " : "";
+    return day + clock + " " + p.timeZoneName;
+  }
+
+  function zoneLabel() {
+    var short = formatter("time").formatToParts(new Date()).filter(function (part) {
+      return part.type === "timeZoneName";
+    })[0];
+    return zone + (short ? " (" + short.value + ")" : "");
+  }
+
+  function applyLocalTimes(root) {
+    (root || document).querySelectorAll("time.local[datetime]").forEach(function (el) {
+      var date = new Date(el.getAttribute("datetime"));
+      if (isNaN(date.getTime())) return;
+      el.textContent = localTime(date, el.getAttribute("data-format"));
+      el.title = date.toISOString().replace(".000Z", "Z") + " (UTC)";
     });
   }
 
-  function tickWaiting(started) {
-    var elapsed = (Date.now() - started) / 1000;
-    document.querySelectorAll("td.wait[data-seconds]").forEach(function (cell) {
-      cell.textContent = humanWait(Number(cell.getAttribute("data-seconds")) + elapsed);
-    });
-  }
+  window.Triage = { zone: zone, localTime: localTime, applyLocalTimes: applyLocalTimes };
 
   document.addEventListener("DOMContentLoaded", function () {
-    var table = document.querySelector("table.worklist");
-    if (!table) return;
-    var body = document.getElementById("worklist-rows");
-    var loadedAt = Date.now();
-    bindRows(body);
-    setInterval(function () { tickWaiting(loadedAt); }, 1000);
-    var every = Number(table.getAttribute("data-refresh") || "10") * 1000;
-    setInterval(function () {
-      fetch(table.getAttribute("data-rows-url"), { credentials: "same-origin" })
-        .then(function (response) {
-          if (response.redirected || !response.ok) { window.location.reload(); return null; }
-          return response.text();
-        })
-        .then(function (html) {
-          if (html === null) return;
-          body.innerHTML = html;
-          loadedAt = Date.now();
-          bindRows(body);
-          var total = document.getElementById("total");
-          if (total) total.textContent = String(body.querySelectorAll("tr.entry").length);
-          var stamp = document.getElementById("refreshed");
-          if (stamp) stamp.textContent = new Date().toISOString().substring(11, 19);
-        })
-        .catch(function () { /* keep the last list on a network blip */ });
-    }, every);
+    applyLocalTimes(document);
+    var label = document.getElementById("zone");
+    if (label) label.textContent = "Times in " + zoneLabel();
+    document.querySelectorAll(".zone-name").forEach(function (el) { el.textContent = "(" + zoneLabel() + ")"; });
   });
 })();
