@@ -115,6 +115,21 @@ class Series(Base):
     contrast_agent: Mapped[str | None] = mapped_column(String(64))
     # WindowWidth (0028,1051), first value: a brain window vs a bone window (selection).
     window_width: Mapped[float | None] = mapped_column(Float)
+    # Geometry of the first instance (PS3.3 C.7.6.2, C.7.6.3): series selection decides
+    # from it when ImageType is absent (de-identified exports).
+    image_orientation: Mapped[str | None] = mapped_column(String(128))
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    pixel_spacing_row: Mapped[float | None] = mapped_column(Float)
+    pixel_spacing_column: Mapped[float | None] = mapped_column(Float)
+    # From the instances' slice positions, at completion: median gap between slices and
+    # the largest departure of a gap from it, in mm.
+    slice_spacing: Mapped[float | None] = mapped_column(Float)
+    slice_spacing_deviation: Mapped[float | None] = mapped_column(Float)
+    # DerivationCodeSequence (0008,9215) as "scheme:value" codes and LossyImageCompression
+    # (0028,2110) "01" as its method: an image DERIVED only by lossy compression.
+    derivation_codes: Mapped[str | None] = mapped_column(String(128))
+    lossy_compression: Mapped[str | None] = mapped_column(String(64))
     sop_class_uid: Mapped[str | None] = mapped_column(String(64))
     expected_instances: Mapped[int | None] = mapped_column(Integer)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
