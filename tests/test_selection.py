@@ -1,15 +1,18 @@
 """Series selection for non-contrast head CT: hard filters, kernel and thickness ranking,
-custom rules files."""
+custom rules files, series without ImageType decided by geometry, lossy-compressed originals."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import math
 
 import pytest
 import yaml
 from pydicom.uid import generate_uid
 
 from triage_node.db.models import SelectionDecision, Series, Study
+from triage_node.studies import geometry
 from triage_node.studies.selection import (
     DEFAULT_RULES_PATH,
     KernelClass,
@@ -123,7 +126,8 @@ def test_window_width_and_description_decide_when_the_kernel_is_unknown():
         ({"image_type": "ORIGINAL\\PRIMARY\\LOCALIZER"}, "LOCALIZER"),
         ({"image_type": "ORIGINAL\\PRIMARY\\REFORMATTED"}, "REFORMATTED"),
         ({"image_type": "ORIGINAL\\PRIMARY\\OTHER"}, "not AXIAL"),
-        ({"image_type": None}, "is not ORIGINAL\\PRIMARY"),
+        ({"image_type": "SECONDARY\\PRIMARY\\AXIAL"}, "SECONDARY"),
+        ({"image_type": None}, "no ImageType, and no ImageOrientationPatient"),
         ({"contrast_agent": "Omnipaque 350"}, "contrast agent present"),
         ({"description": "CTA HEAD"}, "contrast in description"),
         ({"description": "HEAD POST CONTRAST"}, "contrast in description"),
@@ -215,3 +219,156 @@ def test_shipped_rules_file_is_valid():
     rules = load_rules()
     assert Path(rules.source) == DEFAULT_RULES_PATH.resolve()
     assert rules.thickness_preferred == (2.5, 5.0)
+
+
+# -- without ImageType: geometry decides ------------------------------------------------
+
+AXIAL = "1\\0\\0\\0\\1\\0"
+SAGITTAL = "0\\1\\0\\0\\0\\-1"
+CORONAL = "1\\0\\0\\0\\0\\-1"
+BARE_STUDY = Study(study_uid="1.2.6", study_description=None)
+
+
+def tilted(degrees: float) -> str:
+    """Axial orientation with the gantry tilted about the patient's left-right axis."""
+    t = math.radians(degrees)
+    return "\\".join(f"{v:.6f}" for v in (1, 0, 0, 0, math.cos(t), -math.sin(t)))
+
+
+def deidentified(number: int = 2, **overrides) -> Series:
+    """A series as an RSNA-challenge export has it: no ImageType, names, kernel or thickness."""
+    values = dict(
+        image_type=None, body_part=None, description=None, protocol_name=None,
+        convolution_kernel=None, slice_thickness=None, window_width=80.0,
+        image_orientation=AXIAL, rows=512, columns=512,
+        pixel_spacing_row=0.488281, pixel_spacing_column=0.488281,
+        slice_spacing=5.0, slice_spacing_deviation=0.02,
+    )
+    values.update(overrides)
+    return series(number, **values)
+
+
+def test_series_without_image_type_is_selected_by_its_geometry_and_the_reason_says_so():
+    verdict, why = decide(deidentified(), study=BARE_STUDY)[2]
+    assert verdict is SELECTED
+    assert why.startswith("no ImageType: axial by orientation, 5.0 mm spacing, 250 mm field of view; ")
+    assert "brain window width 80" in why
+
+
+def test_gantry_tilt_is_still_axial():
+    verdict, why = decide(deidentified(image_orientation=tilted(20)), study=BARE_STUDY)[2]
+    assert verdict is SELECTED and "axial by orientation (tilted 20°)" in why
+    verdict, why = decide(deidentified(image_orientation=tilted(45)), study=BARE_STUDY)[2]
+    assert verdict is REJECTED and "oblique by orientation (45° from axial, at most 30°)" in why
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"image_orientation": SAGITTAL}, "no ImageType, and sagittal by orientation (90° from axial"),
+        ({"image_orientation": CORONAL}, "no ImageType, and coronal by orientation (90° from axial"),
+        ({"image_orientation": "1\\0\\0\\1\\0\\0"}, "no ImageOrientationPatient to tell the plane"),
+        ({"image_orientation": None}, "no ImageOrientationPatient"),
+        ({"slice_spacing_deviation": 2.5}, "slice spacing inconsistent (a gap departs 2.5 mm from the median 5.0 mm)"),
+        ({"slice_spacing": 0.0, "slice_spacing_deviation": 0.0}, "slice spacing inconsistent"),
+        ({"slice_spacing": None, "slice_spacing_deviation": None}, "no slice spacing"),
+        ({"pixel_spacing_row": 0.2, "pixel_spacing_column": 0.2}, "a 102 mm field of view is not head-sized (150-320 mm)"),
+        ({"pixel_spacing_row": 0.9, "pixel_spacing_column": 0.9}, "a 461 mm field of view is not head-sized"),
+        ({"rows": 512, "columns": 1024}, "a 250 x 500 mm field of view is not head-sized"),
+        ({"pixel_spacing_row": None, "pixel_spacing_column": None}, "no Rows, Columns and PixelSpacing"),
+    ],
+)
+def test_series_without_image_type_that_is_not_an_axial_head_stack_is_rejected(overrides, reason):
+    verdict, why = decide(deidentified(**overrides), study=BARE_STUDY)[2]
+    assert verdict is REJECTED
+    assert reason in why
+
+
+def test_geometry_does_not_override_the_other_filters():
+    assert "body part CHEST" in decide(deidentified(body_part="CHEST"), study=BARE_STUDY)[2][1]
+    assert "3 instances" in decide(deidentified(instance_count=3), study=BARE_STUDY)[2][1]
+    assert "contrast" in decide(deidentified(description="CTA HEAD"), study=BARE_STUDY)[2][1]
+    # With ImageType present, ImageType decides and the geometry is not consulted.
+    verdict, why = decide(deidentified(image_type="ORIGINAL\\PRIMARY\\AXIAL", body_part="HEAD",
+                                       image_orientation=SAGITTAL))[2]
+    assert verdict is SELECTED and "ImageType" not in why
+
+
+def test_a_head_sized_field_of_view_stands_for_anatomy_only_when_the_rules_say_so(tmp_path):
+    data = yaml.safe_load(DEFAULT_RULES_PATH.read_text())
+    data["geometry"]["identifies_head"] = False
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(data))
+    verdict, why = decide(deidentified(), study=BARE_STUDY, rules=load_rules(path))[2]
+    assert verdict is REJECTED and "not identified as a head" in why
+    # Named anatomy still counts without ImageType.
+    assert decide(deidentified(), study=STUDY, rules=load_rules(path))[2][0] is SELECTED
+
+
+def test_geometry_rules_are_optional_and_checked(tmp_path):
+    data = yaml.safe_load(DEFAULT_RULES_PATH.read_text())
+    del data["geometry"]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_rules(path).field_of_view_mm == (150.0, 320.0)
+    data["geometry"] = {"field_of_view_mm": [300, 100]}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RulesError, match="geometry.field_of_view_mm"):
+        load_rules(path)
+
+
+def test_slice_spacing_from_positions():
+    assert geometry.slice_spacing([10.0, 0.0, 5.0, 15.0]) == (5.0, 0.0)
+    median, deviation = geometry.slice_spacing([0.0, 5.0, 10.0, 20.0, 25.0])
+    assert median == 5.0 and deviation == 5.0  # a missing slice
+    assert geometry.slice_spacing([0.0, 5.0, None]) == (None, None)
+    assert geometry.slice_spacing([0.0]) == (None, None)
+
+
+def test_plane_of_an_orientation():
+    assert geometry.plane(geometry.orientation(AXIAL)).name == "axial"
+    assert geometry.plane(geometry.orientation(SAGITTAL)).name == "sagittal"
+    assert geometry.plane(geometry.orientation(CORONAL)).name == "coronal"
+    assert round(geometry.plane(geometry.orientation(tilted(15))).from_axial) == 15
+    assert geometry.orientation("1\\0\\0") is None and geometry.orientation("a\\b") is None
+
+
+# -- DERIVED only by lossy compression ----------------------------------------------------
+
+
+def lossy(number: int = 2, **overrides) -> Series:
+    """What DCMTK's dcmcjpls +en writes: DERIVED, DCM 113040 "Lossy Compression"."""
+    values = dict(image_type="DERIVED\\PRIMARY\\AXIAL", derivation_codes="DCM:113040",
+                  lossy_compression="ISO_14495_1")
+    values.update(overrides)
+    return series(number, **values)
+
+
+def test_a_lossy_compressed_original_is_selected_and_the_reason_names_the_compression():
+    verdict, why = decide(lossy())[2]
+    assert verdict is SELECTED
+    assert why.startswith("original before lossy compression (ISO_14495_1); soft-tissue kernel H30s")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"derivation_codes": "DCM:113040\\DCM:113076"},  # also segmented
+        {"derivation_codes": None},  # derived, nobody says how
+        {"lossy_compression": None},
+        {"image_type": "DERIVED\\SECONDARY\\AXIAL"},
+        {"image_type": "DERIVED\\PRIMARY\\AXIAL\\MPR"},
+    ],
+)
+def test_other_derived_images_stay_rejected(overrides):
+    verdict, why = decide(lossy(**overrides))[2]
+    assert verdict is REJECTED and "image type" in why
+
+
+def test_lossy_compressed_originals_can_be_refused_by_the_rules(tmp_path):
+    data = yaml.safe_load(DEFAULT_RULES_PATH.read_text())
+    data["image_type"]["lossy_compressed_original"] = False
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(data))
+    verdict, why = decide(lossy(), rules=load_rules(path))[2]
+    assert verdict is REJECTED and "DERIVED" in why

@@ -40,6 +40,7 @@ from triage_node.ingest.header import (
     _Refused,
     _requested_priority,
     _text,
+    series_geometry,
 )
 
 __all__ = ["FILED_ELSEWHERE", "Filing", "FilingCache", "file_series"]
@@ -163,6 +164,7 @@ def file_series(
         slice_thickness=_float(ds, "SliceThickness"),
         contrast_agent=_text(ds, "ContrastBolusAgent"),
         sop_class_uid=header.sop_class_uid,
+        **series_geometry(ds),
         expected_instances=expected,
         instance_count=0,
         state="receiving",

@@ -151,6 +151,53 @@ def _requested_priority(ds: Dataset) -> str | None:
     return None
 
 
+def _values(ds: Dataset, keyword: str, count: int) -> list[float] | None:
+    """A multi-valued number attribute with exactly ``count`` finite values, or None."""
+    value = ds.get(keyword)
+    try:
+        values = [float(v) for v in value] if value is not None else []
+    except (TypeError, ValueError):
+        return None
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        return None
+    return values
+
+
+#: LossyImageCompression (0028,2110) value of an image that has been lossy compressed.
+LOSSY_COMPRESSED = "01"
+
+
+def series_geometry(ds: Dataset) -> dict[str, object]:
+    """Series columns for geometry and derivation, from one instance's header.
+
+    ImageOrientationPatient (0020,0037) as received, Rows/Columns, PixelSpacing
+    (0028,0030) row and column spacing (PS3.3 C.7.6.2, C.7.6.3); DerivationCodeSequence
+    (0008,9215) codes as ``scheme:value`` and LossyImageCompressionMethod (0028,2114)
+    when LossyImageCompression is "01" (C.7.6.1.1.5).
+    """
+    cosines = _values(ds, "ImageOrientationPatient", 6)
+    spacing = _values(ds, "PixelSpacing", 2)
+    codes = []
+    try:
+        for item in ds.get("DerivationCodeSequence") or []:
+            codes.append(f"{str(item.get('CodingSchemeDesignator', '')).strip()}:"
+                         f"{str(item.get('CodeValue', '')).strip()}")
+    except (TypeError, AttributeError):
+        codes = []
+    lossy = None
+    if _text(ds, "LossyImageCompression", 2) == LOSSY_COMPRESSED:
+        lossy = _text(ds, "LossyImageCompressionMethod") or "unnamed method"
+    return {
+        "image_orientation": "\\".join(f"{v + 0.0:g}" for v in cosines) if cosines else None,
+        "rows": _int(ds, "Rows"),
+        "columns": _int(ds, "Columns"),
+        "pixel_spacing_row": spacing[0] if spacing else None,
+        "pixel_spacing_column": spacing[1] if spacing else None,
+        "derivation_codes": "\\".join(codes)[:128] or None,
+        "lossy_compression": lossy,
+    }
+
+
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 

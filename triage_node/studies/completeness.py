@@ -54,6 +54,7 @@ from triage_node.db.models import (
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
 from triage_node.queue import JobEnqueuer, choose_queue, make_client, reconcile_queued_jobs
+from triage_node.studies.geometry import slice_spacing
 from triage_node.studies.selection import SelectionRules, load_rules, select_series
 from triage_node.worklist.priority import compute_priority
 
@@ -345,6 +346,8 @@ class CompletenessTracker:
         series.completion_reason = reason
         if series.window_width is None:
             series.window_width = _window_width(session, series.id)
+        # Recomputed at each completion: late instances may fill or break the spacing.
+        series.slice_spacing, series.slice_spacing_deviation = slice_spacing(stats.positions)
         study = session.get(Study, series.study_id)
         audit.record(
             session, "series.complete", actor=ACTOR, study_uid=study.study_uid,

@@ -5,7 +5,10 @@ or ``settings.selection_rules``). `select_series` applies them in two steps:
 
 1. Hard filters, each with a reason when it fails: Modality (0008,0060), SOP Class,
    ImageType (0008,0008) ``ORIGINAL\\PRIMARY\\AXIAL`` (PS3.3 C.8.2.1.1.1; never
-   ``LOCALIZER`` nor ``DERIVED\\SECONDARY`` such as dose summaries), descriptions of
+   ``LOCALIZER`` nor ``DERIVED\\SECONDARY`` such as dose summaries; ``DERIVED`` only
+   by lossy compression counts as ``ORIGINAL``), or without ImageType an axial,
+   evenly spaced, head-sized stack by its geometry (`triage_node.studies.geometry`),
+   descriptions of
    non-diagnostic series, head anatomy (BodyPartExamined (0018,0015), descriptions,
    protocol), no contrast (ContrastBolusAgent (0018,0010) empty, PS3.3 C.7.6.4), a
    minimum number of instances.
@@ -30,8 +33,13 @@ from typing import Any
 import yaml
 
 from triage_node.db.models import SelectionDecision, Series, Study
+from triage_node.studies import geometry
 
 DEFAULT_RULES_PATH = Path(__file__).with_name("selection_rules.yaml")
+
+#: DerivationCodeSequence (0008,9215) of an image derived only by lossy compression:
+#: DCM 113040 "Lossy Compression" (PS3.16 CID 7203), as recorded by the store.
+LOSSY_COMPRESSION_ONLY = "DCM:113040"
 
 
 class RulesError(ValueError):
@@ -103,6 +111,11 @@ class SelectionRules:
     thickness_min: float
     thickness_max: float
     min_instances: int
+    lossy_compressed_original: bool = True
+    axial_max_tilt_deg: float = 30.0
+    spacing_tolerance: float = 0.1
+    field_of_view_mm: tuple[float, float] = (150.0, 320.0)
+    geometry_identifies_head: bool = True
     source: str = field(default="")
 
     @classmethod
@@ -123,6 +136,11 @@ class SelectionRules:
             or not float(preferred[0]) <= float(preferred[1])
         ):
             raise RulesError("thickness.preferred: expected [low, high] in mm")
+        # Optional, with the shipped values as defaults (rules files copied before they existed).
+        shape = data.get("geometry") or {}
+        fov = shape.get("field_of_view_mm", [150, 320])
+        if not isinstance(fov, list) or len(fov) != 2 or not float(fov[0]) <= float(fov[1]):
+            raise RulesError("geometry.field_of_view_mm: expected [low, high] in mm")
         policy = str(_get(kernel, "bone_policy", "kernel."))
         if policy not in ("fallback", "reject"):
             raise RulesError("kernel.bone_policy: expected 'fallback' or 'reject'")
@@ -154,6 +172,11 @@ class SelectionRules:
             thickness_min=float(_get(thickness, "min", "thickness.")),
             thickness_max=float(_get(thickness, "max", "thickness.")),
             min_instances=int(data.get("min_instances", 1)),
+            lossy_compressed_original=bool(it.get("lossy_compressed_original", True)),
+            axial_max_tilt_deg=float(shape.get("axial_max_tilt_deg", 30.0)),
+            spacing_tolerance=float(shape.get("spacing_tolerance", 0.1)),
+            field_of_view_mm=(float(fov[0]), float(fov[1])),
+            geometry_identifies_head=bool(shape.get("identifies_head", True)),
             source=source,
         )
 
@@ -250,8 +273,86 @@ def _has_contrast(series: Series, study: Study | None, rules: SelectionRules) ->
     return None
 
 
-def _anatomy(series: Series, study: Study | None, rules: SelectionRules) -> str | None:
-    """None when the series is a head; otherwise why not."""
+def _mm(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _fov_text(fov: tuple[float, float]) -> str:
+    rows, columns = fov
+    return f"{rows:.0f}" if round(rows) == round(columns) else f"{rows:.0f} x {columns:.0f}"
+
+
+def _by_geometry(series: Series, rules: SelectionRules) -> tuple[str | None, str | None]:
+    """For a series without ImageType: (why it is not an axial head stack, None) or
+    (None, what its geometry shows)."""
+    cosines = geometry.orientation(series.image_orientation)
+    found = geometry.plane(cosines) if cosines else None
+    if found is None:
+        return "no ImageType, and no ImageOrientationPatient to tell the plane", None
+    limit = rules.axial_max_tilt_deg
+    if found.from_axial > limit:
+        name = found.name if min(found.from_coronal, found.from_sagittal) <= limit else "oblique"
+        return (f"no ImageType, and {name} by orientation ({found.from_axial:.0f}° from axial, "
+                f"at most {limit:g}°)"), None
+    median, deviation = series.slice_spacing, series.slice_spacing_deviation
+    if median is None or deviation is None:
+        return "no ImageType, and no slice spacing (slice positions missing)", None
+    if median <= 0 or deviation > rules.spacing_tolerance * median:
+        return (f"no ImageType, and slice spacing inconsistent (a gap departs {_mm(deviation)} mm "
+                f"from the median {_mm(median)} mm)"), None
+    fov = geometry.field_of_view(series)
+    if fov is None:
+        return "no ImageType, and no Rows, Columns and PixelSpacing for the field of view", None
+    low, high = rules.field_of_view_mm
+    if not all(low <= side <= high for side in fov):
+        return (f"no ImageType, and a {_fov_text(fov)} mm field of view is not head-sized "
+                f"({low:g}-{high:g} mm)"), None
+    tilt = f" (tilted {found.from_axial:.0f}°)" if found.from_axial >= 1 else ""
+    return None, (f"no ImageType: axial by orientation{tilt}, {_mm(median)} mm spacing, "
+                  f"{_fov_text(fov)} mm field of view")
+
+
+def _lossy_original(series: Series, rules: SelectionRules) -> bool:
+    """DERIVED only because it was lossy compressed (PS3.3 C.7.6.1.1.2, C.7.6.1.1.5)."""
+    return (
+        rules.lossy_compressed_original
+        and series.lossy_compression is not None
+        and series.derivation_codes == LOSSY_COMPRESSION_ONLY
+    )
+
+
+def _image_type(series: Series, rules: SelectionRules) -> tuple[str | None, str | None]:
+    """(why ImageType, or the geometry in its absence, excludes the series, None) or
+    (None, evidence worth naming in the selection reason, if any)."""
+    if not (series.image_type or "").strip():
+        return _by_geometry(series, rules)
+    values = image_type_values(series.image_type)
+    lossy_original = values[0] == "DERIVED" and _lossy_original(series, rules)
+    if lossy_original:
+        values[0] = "ORIGINAL"
+    banned = sorted(set(values) & rules.image_type_reject)
+    if banned:
+        return f"image type {series.image_type} ({', '.join(banned)})", None
+    if values[0] not in rules.image_type_value1 or len(values) < 2 or (
+        values[1] not in rules.image_type_value2
+    ):
+        return f"image type {series.image_type} is not ORIGINAL\\PRIMARY", None
+    if not set(values[2:]) & rules.image_type_axial:
+        return f"image type {series.image_type} is not AXIAL", None
+    if lossy_original:
+        return None, f"original before lossy compression ({series.lossy_compression})"
+    if series.lossy_compression:
+        return None, f"lossy compressed ({series.lossy_compression})"
+    return None, None
+
+
+def _anatomy(series: Series, study: Study | None, rules: SelectionRules,
+             head_by_geometry: bool = False) -> str | None:
+    """None when the series is a head; otherwise why not.
+
+    ``head_by_geometry``: the series has no ImageType and a head-sized field of view,
+    which stands for anatomy when nothing names it (research exports drop the names).
+    """
     body = (series.body_part or "").strip().upper()
     if body:
         if body in rules.body_parts:
@@ -261,7 +362,8 @@ def _anatomy(series: Series, study: Study | None, rules: SelectionRules) -> str 
     texts = (series.description, series.protocol_name, study_description)
     if _search(rules.anatomy_description, *texts):
         return None
-    if rules.accept_unknown_anatomy and not any(t and t.strip() for t in texts):
+    unnamed = not any(t and t.strip() for t in texts)
+    if unnamed and (rules.accept_unknown_anatomy or head_by_geometry):
         return None
     return "not identified as a head (body part, description, protocol)"
 
@@ -273,20 +375,14 @@ def hard_filter(series: Series, study: Study | None, rules: SelectionRules) -> s
         return f"modality {modality or 'missing'} is not {'/'.join(sorted(rules.modalities))}"
     if rules.sop_classes and series.sop_class_uid and series.sop_class_uid not in rules.sop_classes:
         return f"SOP class {series.sop_class_uid} is not a CT image storage class"
-    values = image_type_values(series.image_type)
-    banned = sorted(set(values) & rules.image_type_reject)
-    if banned:
-        return f"image type {series.image_type} ({', '.join(banned)})"
-    if values[0] not in rules.image_type_value1 or len(values) < 2 or (
-        values[1] not in rules.image_type_value2
-    ):
-        return f"image type {series.image_type or 'missing'} is not ORIGINAL\\PRIMARY"
-    if not set(values[2:]) & rules.image_type_axial:
-        return f"image type {series.image_type} is not AXIAL"
+    problem, evidence = _image_type(series, rules)
+    if problem:
+        return problem
     pattern = _search(rules.reject_description, series.description, series.protocol_name)
     if pattern is not None:
         return f"description {series.description or series.protocol_name!r} names a non-diagnostic series"
-    anatomy = _anatomy(series, study, rules)
+    head_by_geometry = rules.geometry_identifies_head and bool(evidence) and not series.image_type
+    anatomy = _anatomy(series, study, rules, head_by_geometry)
     if anatomy:
         return anatomy
     contrast = _has_contrast(series, study, rules)
@@ -311,6 +407,7 @@ class _Candidate:
     kernel_reason: str
     thickness: ThicknessClass
     thickness_reason: str
+    evidence: str | None = None
 
     def key(self, rules: SelectionRules) -> tuple[Any, ...]:
         low, high = rules.thickness_preferred
@@ -328,7 +425,8 @@ class _Candidate:
         )
 
     def describe(self) -> str:
-        return f"{self.kernel_reason}, {self.thickness_reason}"
+        ranked = f"{self.kernel_reason}, {self.thickness_reason}"
+        return f"{self.evidence}; {ranked}" if self.evidence else ranked
 
 
 def select_series(
@@ -366,7 +464,10 @@ def select_series(
             decisions[index] = (SelectionDecision.rejected, kernel_reason)
             continue
         thickness, thickness_reason = classify_thickness(series, rules)
-        candidates.append(_Candidate(series, kernel, kernel_reason, thickness, thickness_reason))
+        evidence = _image_type(series, rules)[1]
+        candidates.append(
+            _Candidate(series, kernel, kernel_reason, thickness, thickness_reason, evidence)
+        )
     if candidates:
         ranked = sorted(candidates, key=lambda c: c.key(rules))
         best = ranked[0]
