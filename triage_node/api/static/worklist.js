@@ -102,7 +102,8 @@
 
     // A changed view: new URL (bookmarkable), new alert baseline, rows at once.
     function changed() {
-      window.history.replaceState(null, "", "/worklist?" + query());
+      shownQuery = query();
+      window.history.replaceState(null, "", "/worklist?" + shownQuery);
       showSort();
       if (alerts) alerts.reset();
       refresh();
@@ -110,10 +111,14 @@
 
     form.addEventListener("submit", function (event) { event.preventDefault(); changed(); });
     form.addEventListener("change", function (event) { if (event.target !== search) changed(); });
-    search.addEventListener("input", function () {
+    // Typing waits for a pause; Escape in a search box clears it (Chromium) without an input event.
+    var shownQuery = query();
+    function typed(delay) {
       clearTimeout(typingTimer);
-      typingTimer = setTimeout(changed, 250);
-    });
+      typingTimer = setTimeout(function () { if (query() !== shownQuery) changed(); }, delay);
+    }
+    search.addEventListener("input", function () { typed(250); });
+    search.addEventListener("search", function () { typed(0); });
 
     table.querySelector("thead").addEventListener("click", function (event) {
       var th = event.target.closest("th[data-sort]");
@@ -156,7 +161,10 @@
     document.addEventListener("keydown", function (event) {
       if (event.ctrlKey || event.metaKey || event.altKey) return;
       if (typing(event.target)) {
-        if (event.key === "Escape") event.target.blur();
+        if (event.key === "Escape") {
+          event.target.blur();
+          if (event.target === search) typed(0);
+        }
         return;
       }
       if (event.key === "Enter" && event.target.closest && event.target.closest("a, button")) return;
