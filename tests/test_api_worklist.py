@@ -129,3 +129,66 @@ def test_patch_status_and_manual_priority_are_audited(api, tmp_path):
     manual = next(e for e in events if e.action == "worklist.manual_priority")
     assert manual.detail["reason"] == "clinician called"
     assert any(d.actor == "token:viewer-user" for d in denied)
+
+
+def _uids(response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [i["study_uid"] for i in response.json()["items"]]
+
+
+def test_sort_by_any_column_both_ways_with_the_priority_order_as_tie_break(api, tmp_path):
+    uids = seed(api, tmp_path)
+    client = api.client()
+    by_name = _uids(client.get("/api/worklist", params={"sort": "patient"}))
+    assert by_name == [uids["neg_new"], uids["neg_old"], uids["pos"], uids["stat"]]  # New, Old, Positive, Stat
+    assert _uids(client.get("/api/worklist", params={"sort": "patient", "order": "desc"})) == by_name[::-1]
+    # Probability of ICH, highest first; the STAT order without a result last either way.
+    assert _uids(client.get("/api/worklist", params={"sort": "probability", "order": "desc"})) == [
+        uids["pos"], uids["neg_new"], uids["neg_old"], uids["stat"]]
+    assert _uids(client.get("/api/worklist", params={"sort": "probability"}))[-1] == uids["stat"]
+    assert _uids(client.get("/api/worklist", params={"sort": "finding", "order": "desc"}))[0] == uids["pos"]
+    assert _uids(client.get("/api/worklist", params={"sort": "received"})) == [
+        uids["neg_old"], uids["stat"], uids["neg_new"], uids["pos"]]
+    # Equal keys (all CT, all new) keep the priority order.
+    default = _uids(client.get("/api/worklist"))
+    for key in ("modality", "status", "accession"):
+        assert _uids(client.get("/api/worklist", params={"sort": key})) == default, key
+    assert _uids(client.get("/api/worklist", params={"sort": "priority", "order": "desc"})) == default[::-1]
+    assert client.get("/api/worklist", params={"sort": "colour"}).status_code == 422
+
+
+def test_search_by_patient_name_id_or_accession_and_filter_by_finding(api, tmp_path):
+    uids = seed(api, tmp_path)
+    client = api.client()
+    assert _uids(client.get("/api/worklist", params={"q": "positive bleed"})) == [uids["pos"]]
+    assert _uids(client.get("/api/worklist", params={"q": "BLEED"})) == [uids["pos"]]
+    assert _uids(client.get("/api/worklist", params={"q": "bleed positive"})) == []  # words in order
+    with api.db.factory() as session:
+        from triage_node.db.models import Study
+
+        pid = session.query(Study).filter_by(study_uid=uids["stat"]).one().patient_id
+    assert _uids(client.get("/api/worklist", params={"q": pid.lower()})) == [uids["stat"]]
+    assert len(_uids(client.get("/api/worklist", params={"q": "acc1"}))) == 4
+    assert _uids(client.get("/api/worklist", params={"q": "100%"})) == []  # LIKE wildcards are literal
+    assert _uids(client.get("/api/worklist", params={"q": "_"})) == []
+    assert _uids(client.get("/api/worklist", params={"finding": "any"})) == [uids["pos"]]
+    assert _uids(client.get("/api/worklist", params={"finding": "subdural"})) == [uids["pos"]]
+    assert _uids(client.get("/api/worklist", params={"finding": "subarachnoid"})) == []  # 0.4: not decided
+    assert _uids(client.get("/api/worklist", params={"finding": "pending"})) == [uids["stat"]]
+    assert set(_uids(client.get("/api/worklist", params={"finding": "negative"}))) == {uids["neg_old"], uids["neg_new"]}
+    assert client.get("/api/worklist", params={"finding": "tumour"}).status_code == 422
+
+
+def test_finding_filter_reads_the_current_result_not_a_superseded_one(api, tmp_path):
+    from triage_node.db.models import JobState
+
+    with transaction(api.db.factory) as session:
+        study = add_study(session, patient_name="Rerun^Study")
+        add_result(session, study, {"any": 0.9, "epidural": 0.8}, state=JobState.superseded.value,
+                   created_at=NOW - timedelta(minutes=5))
+        add_result(session, study, {"any": 0.1}, created_at=NOW)
+        compute_priority(session, study, api.settings)
+        uid = study.study_uid
+    client = api.client()
+    assert _uids(client.get("/api/worklist", params={"finding": "epidural"})) == []
+    assert _uids(client.get("/api/worklist", params={"finding": "negative"})) == [uid]
