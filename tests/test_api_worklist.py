@@ -149,6 +149,8 @@ def test_sort_by_any_column_both_ways_with_the_priority_order_as_tie_break(api, 
     assert _uids(client.get("/api/worklist", params={"sort": "finding", "order": "desc"}))[0] == uids["pos"]
     assert _uids(client.get("/api/worklist", params={"sort": "received"})) == [
         uids["neg_old"], uids["stat"], uids["neg_new"], uids["pos"]]
+    assert _uids(client.get("/api/worklist", params={"sort": "waiting", "order": "desc"})) == [
+        uids["neg_old"], uids["stat"], uids["neg_new"], uids["pos"]]
     # Equal keys (all CT, all new) keep the priority order.
     default = _uids(client.get("/api/worklist"))
     for key in ("modality", "status", "accession"):

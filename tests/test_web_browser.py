@@ -245,8 +245,17 @@ def test_worklist_sorts_searches_filters_and_moves_by_keyboard_in_local_time(sql
         page.click("th[data-sort='probability'] a")  # most probable first, pending last
         expect(page.locator("tr.entry td.patient a.study-link").first).to_have_text("Novak, Adam")
         assert names(page)[-1] == "Lindqvist, Eva"
-        page.click("th[data-sort='received'] a")  # longest waiting first
+        page.click("th[data-sort='waiting'] a")  # longest waiting first
         expect(page.locator("tr.entry td.patient a.study-link").first).to_have_text("Berg, Ida")
+        expect(page.locator("th[data-sort='waiting']")).to_have_attribute("aria-sort", "descending")
+        page.click("th[data-sort='received'] a")  # earliest first, the same order
+        expect(page.locator("th[data-sort='received']")).to_have_attribute("aria-sort", "ascending")
+        assert names(page)[0] == "Berg, Ida" and names(page)[-1] == "Lindqvist, Eva"
+        page.click("th[data-sort='status'] a")
+        expect(page.locator("th[data-sort='status']")).to_have_attribute("aria-sort", "ascending")
+        page.click("th[data-sort='study'] a")
+        expect(page.locator("tr.entry td.patient a.study-link").first).to_have_text("Lindqvist, Eva")  # CT HEAD TRAUMA
+        assert names(page)[-1] == "Berg, Ida"  # MR HEAD
 
         # "/" goes to the search; patient name, PatientID or accession.
         page.keyboard.press("/")

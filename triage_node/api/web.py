@@ -178,7 +178,7 @@ def logout() -> Response:
 # -- worklist -----------------------------------------------------------------------
 #: Sortable columns and the direction of the first click (longest waiting first, most
 #: probable first); the heat map has no order.
-FIRST_ORDER = {key: "asc" for key in SORT_KEYS} | {"probability": "desc", "finding": "desc"}
+FIRST_ORDER = {key: "asc" for key in SORT_KEYS} | {"probability": "desc", "finding": "desc", "waiting": "desc"}
 PAGE_PARAMS = ("status", "priority", "finding", "modality", "q", "from", "to", "tz", "sort", "order")
 
 

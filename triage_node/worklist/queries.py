@@ -100,7 +100,7 @@ class WorklistFilter:
 
 #: Columns the worklist sorts by (``WorklistFilter.sort``).
 SORT_KEYS = ("priority", "patient", "accession", "study", "modality", "finding", "probability",
-             "received", "status")
+             "received", "waiting", "status")
 #: Values of ``WorklistFilter.finding``.
 FINDINGS = ("any", *SUBTYPES, "negative", "pending")
 
@@ -171,6 +171,9 @@ def _sort_keys(flt: WorklistFilter, eff: Any) -> list[Any]:
     if flt.sort == "priority":
         return [class_rank_expr().desc(), eff, Study.received_at.desc(), WorklistEntry.id.desc()] \
             if flt.descending else priority
+    descending = flt.descending
+    if flt.sort == "waiting":  # the longest wait is the earliest arrival
+        descending = not descending
     p_any = Result.study_probabilities["any"].as_float()
     columns = {
         "patient": [Study.patient_name],
@@ -181,11 +184,12 @@ def _sort_keys(flt: WorklistFilter, eff: Any) -> list[Any]:
         "finding": [Result.positive, p_any],
         "probability": [p_any],
         "received": [Study.received_at],
+        "waiting": [Study.received_at],
         "status": [_status_rank()],
     }[flt.sort]
     keys: list[Any] = []
     for col in columns:
-        keys += [_nulls_last(col), col.desc() if flt.descending else col]
+        keys += [_nulls_last(col), col.desc() if descending else col]
     return keys + priority
 
 

@@ -4,7 +4,8 @@
 (function () {
   "use strict";
 
-  var FIRST_DESC = { probability: true, finding: true };  // first click: most probable first
+  // First click: most probable first, longest waiting first; the others A to Z, oldest first.
+  var FIRST_DESC = { probability: true, finding: true, waiting: true };
 
   function humanWait(seconds) {
     seconds = Math.floor(seconds);
