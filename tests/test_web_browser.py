@@ -408,3 +408,19 @@ def test_feedback_agree_disagree_and_comment_from_rows_and_the_study_page(sqlite
     assert {e.actor for e in events} == {"token:viewer-user"}
     assert events[0].detail["positive_classes"] == ["intraparenchymal", "subdural"]
     assert events[0].job_id is not None and events[0].detail["model_version"] == "0.1.0"
+
+
+def test_page_filter_reads_days_in_the_browsers_zone_and_forgives_odd_values():
+    from starlette.datastructures import QueryParams
+
+    flt, shown = web.page_filter(QueryParams("from=2026-03-08&to=2026-03-08&tz=America/New_York&sort=x&finding=y"))
+    # The day DST starts in New York: 23 hours long, from 05:00 UTC to 04:00 UTC the next day.
+    assert flt.since == datetime(2026, 3, 8, 5, tzinfo=UTC) and flt.until == datetime(2026, 3, 9, 4, tzinfo=UTC)
+    assert flt.sort == "priority" and flt.finding is None and flt.status == ("new", "reading")
+    assert shown["tz"] == "America/New_York"
+    flt, _ = web.page_filter(QueryParams("from=2026-03-08&tz=../../etc/passwd&status=done&priority=STAT-AI"))
+    assert flt.since == datetime(2026, 3, 8, tzinfo=UTC) and flt.status == ("done",)
+    assert flt.priority_class == ("STAT-AI",)
+    for bad in ("from=yesterday", "to=9999-12-31"):
+        with pytest.raises(web.HTTPException):
+            web.page_filter(QueryParams(bad))

@@ -195,7 +195,7 @@ def _local_day(value: str | None, zone: ZoneInfo, days: int = 0) -> datetime | N
         return None
     try:
         day = date.fromisoformat(value) + timedelta(days=days)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise HTTPException(422, f"not a date (YYYY-MM-DD): {value!r}") from None
     return datetime.combine(day, time(0), zone).astimezone(UTC)
 
