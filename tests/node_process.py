@@ -149,7 +149,9 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
         env.update({"OMP_NUM_THREADS": "1", "TRIAGE_INFERENCE_THREADS": "1", "TRIAGE_LOG_FORMAT": "json",
-                    "TRIAGE_KEY_SLICES_PER_CLASS": "1"})
+                    "TRIAGE_KEY_SLICES_PER_CLASS": "1",
+                    # the worker refuses to start without one; the test process has a random one
+                    "TRIAGE_SECRET_KEY": os.environ["TRIAGE_SECRET_KEY"]})
         env.update(self.env_settings)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(

@@ -160,8 +160,10 @@ def test_a_running_node_audits_a_flood_of_refused_associations_in_bounded_rows(t
         ae.add_requested_context(Verification)
         for _ in range(200):
             assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="TRIAGE_NODE")
-            assert assoc.is_rejected
+            # On a busy machine the node may still be closing earlier connections, so one may
+            # meet the per-address cap at accept instead: refused too, under its own reason.
+            assert assoc.is_rejected or assoc.is_aborted
         node.stop()  # closes the window: its summary row is written at shutdown
         rows = _refusals(node.session_factory)
-    assert len(rows) <= 4
+    assert len(rows) <= 4  # per reason: the first row and one summary
     assert sum(r.detail["count"] if r.detail.get("summary") else 1 for r in rows) == 200
