@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.sql.expression import false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -94,6 +95,8 @@ class Study(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
+    # Retention never deletes a study on hold (``triage-node retention hold``).
+    legal_hold: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
@@ -221,6 +224,8 @@ class Result(Base):
     overlay_sop_uids: Mapped[list[Any]] = mapped_column(JSON, default=list)
     output_dir: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Set when retention removed the SR/SC files; the finding itself stays.
+    files_deleted_at: Mapped[datetime | None] = _ts()
 
     job: Mapped[Job] = relationship(back_populates="result")
 
@@ -306,6 +311,20 @@ class AuditEvent(Base):
     sop_uid: Mapped[str | None] = mapped_column(String(64))
     job_id: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class AuditPruneGate(Base):
+    """SQLite only: while retention prunes audit rows, the one row here says up to when.
+
+    The DELETE trigger of ``audit_events`` lets a row go only when it is older than
+    ``before``; the row exists only inside the pruning transaction (migration 0007).
+    PostgreSQL uses the transaction-local setting ``triage.audit_prune_before`` instead.
+    """
+
+    __tablename__ = "audit_prune_gate"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    before: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class ApiToken(Base):
