@@ -114,7 +114,8 @@ def _unbind_task(**_: Any) -> None:
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
     """Periodic tasks of the embedded beat: due deliveries every few seconds (when there
-    are destinations; HL7 messages when there is a RIS), jobs of vanished workers every minute."""
+    are destinations; HL7 messages when there is a RIS), jobs of vanished workers every minute,
+    and the retention cleaner every ``retention_interval_s`` (when enabled)."""
     every = max(1.0, min(float(settings.delivery_backoff_base_s), 5.0))
     schedule: dict[str, Any] = {
         "requeue-stale": {
@@ -134,5 +135,12 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "task": "worker.deliver_hl7_due",
             "schedule": every,
             "options": {"queue": "routine", "expires": 4 * every},
+        }
+    if settings.retention_enabled:
+        # The cleaner: eligibility is re-checked per study, so a late or doubled run is harmless.
+        schedule["retention"] = {
+            "task": "worker.retention",
+            "schedule": settings.retention_interval_s,
+            "options": {"queue": "routine", "expires": settings.retention_interval_s},
         }
     return schedule

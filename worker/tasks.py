@@ -142,3 +142,15 @@ def requeue_stale() -> list[int]:
         return requeue_stale_jobs(ctx.session_factory, ctx.settings, enqueuer.enqueue)
     finally:
         client.close()
+
+
+@app.task(name="worker.retention", acks_late=True, ignore_result=True)
+def retention() -> dict[str, object]:
+    """Delete what the retention policy allows (`triage_node.retention.run`); audited per batch."""
+    from triage_node.retention import run
+    from worker.pipeline.run import get_context
+
+    ctx = get_context()
+    report = run(ctx.settings, ctx.session_factory)
+    return {"studies": len(report.studies), "bytes": report.image_bytes + report.result_bytes,
+            "batches": report.batches}

@@ -4,7 +4,7 @@ Both doors call it: the DIMSE listener (``source="dimse"``, fragment by fragment
 `begin`, `IncomingObject.write`, `finish`) and the STOW-RS endpoint (``source="stow"``,
 the whole file at once: `store`). For each Part 10 object it
 
-1. checks the free-disk watermark (0xA700 below it),
+1. checks the free-disk watermark and the retention quota (0xA700 past either),
 2. writes the bytes to a temporary file in the spool as they arrive
    (`triage_node.ingest.incoming.IncomingObject`),
 3. once the object is complete, inflates a deflated one within ``max_object_mb``
@@ -28,6 +28,7 @@ Status codes are those of the Storage Service Class, PS3.4 Annex B.2.3, Table B.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -109,6 +110,8 @@ _UPDATE_SERIES = {
     (new, expected): _series_update(new, expected) for new in (True, False) for expected in (True, False)
 }
 _INSERT_RETRIES = 3
+#: Seconds the stored-bytes figure of the quota watermark is reused.
+QUOTA_REFRESH_S = 1.0
 #: Refusals kept in memory while the database is away (then written, oldest first).
 _DEFERRED_AUDIT_LIMIT = 10_000
 
@@ -199,6 +202,7 @@ class InstanceStore:
         self._deferred_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._sop_locks = [threading.Lock() for _ in range(64)]
+        self._quota_used, self._quota_checked_at = 0, -QUOTA_REFRESH_S
         # fsyncs and digests run here (two per object at once), overlapping the
         # header checks and SQL work of the same object.
         self._io = ThreadPoolExecutor(
@@ -207,8 +211,30 @@ class InstanceStore:
 
     # -- watermark -----------------------------------------------------------------
     def below_watermark(self) -> bool:
-        """True when the spool's free space is below ``settings.min_free_disk_mb``."""
-        return self.spool.free_mb() < self.settings.min_free_disk_mb
+        """True when the spool's free space is below ``settings.min_free_disk_mb``, or the
+        stored images fill ``retention_disk_quota_mb`` (when set)."""
+        if self.spool.free_mb() < self.settings.min_free_disk_mb:
+            return True
+        return bool(self.settings.retention_disk_quota_mb) and self._quota_full()
+
+    def _watermark_reason(self) -> str:
+        if self.spool.free_mb() < self.settings.min_free_disk_mb:
+            return f"free disk below {self.settings.min_free_disk_mb} MiB on the spool"
+        return f"stored images fill retention_disk_quota_mb ({self.settings.retention_disk_quota_mb} MiB)"
+
+    def _quota_full(self) -> bool:
+        # The sum over instances is read at most every QUOTA_REFRESH_S: the watermark is
+        # checked per association and per object, and the listener, STOW-RS and
+        # retention change the figure from different processes.
+        now = time.monotonic()
+        if now - self._quota_checked_at >= QUOTA_REFRESH_S:
+            try:
+                with self.session_factory() as session:
+                    used = session.scalar(select(func.coalesce(func.sum(_INSTANCES.c.size_bytes), 0)))
+            except SQLAlchemyError:
+                return False  # the database being away is answered when the row is written
+            self._quota_used, self._quota_checked_at = int(used or 0), now
+        return self._quota_used >= self.settings.retention_disk_quota_mb * 2**20
 
     # -- the door ------------------------------------------------------------------
     def store(
@@ -261,9 +287,7 @@ class InstanceStore:
         """
         refused = None
         if self.below_watermark():
-            refused = _Refused(
-                OUT_OF_RESOURCES, f"free disk below {self.settings.min_free_disk_mb} MiB on the spool"
-            )
+            refused = _Refused(OUT_OF_RESOURCES, self._watermark_reason())
         return IncomingObject(self.spool, hash_from=hash_from, refused=refused)
 
     def finish(
