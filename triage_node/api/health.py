@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.config import InferenceBackend, Settings
 from triage_node.db import schema
-from triage_node.db.models import AuditEvent, Instance, Job, JobState, OutboxItem, OutboxState
+from triage_node.db.models import AuditEvent, Instance, Job, JobState, OutboxItem, OutboxState, Study
 
 router = APIRouter(tags=["health"])
 
@@ -194,6 +194,10 @@ class NodeCollector(Collector):
                     OutboxItem.state != OutboxState.delivered.value
                 )
             ) or 0
+            retention = list(session.scalars(
+                select(AuditEvent.detail).where(AuditEvent.action == "retention.deleted")
+            ))
+            held = session.scalar(select(func.count()).select_from(Study).where(Study.legal_hold.is_(True))) or 0
             stamps = session.execute(
                 select(*(getattr(Job, c) for c in {c for _, a, b in STAGE_COLUMNS for c in (a, b)}))
                 .where(Job.reported_at.is_not(None))
@@ -220,6 +224,7 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "triage_delivery_failed_attempts", "Failed tries of objects not yet delivered", value=retries
         )
+        yield from _retention_metrics(retention, held)
         h = HistogramMetricFamily("triage_stage_seconds", "Pipeline stage latency", labels=["stage"])
         for stage, start_col, end_col in STAGE_COLUMNS:
             values = []
@@ -231,6 +236,37 @@ class NodeCollector(Collector):
             buckets.append(("+Inf", len(values)))
             h.add_metric([stage], buckets, sum_value=sum(values))
         yield h
+
+
+def _retention_metrics(details: list[dict[str, Any]], held: int) -> Iterator[Any]:
+    """Counted from the ``retention.deleted`` audit rows (one per batch), so deletions by
+    the worker's cleaner and by ``triage-node retention run`` are both seen here."""
+    studies = instances = 0
+    size: dict[str, int] = {"studies": 0, "results": 0}
+    rows: dict[str, int] = {}
+    for d in details:
+        kind = d.get("kind")
+        if kind == "studies":
+            studies += int(d.get("studies", 0))
+            instances += int(d.get("instances", 0))
+        if kind in size:
+            size[kind] += int(d.get("bytes", 0))
+        for table, n in (d.get("rows") or {}).items():
+            rows[table] = rows.get(table, 0) + int(n)
+    yield CounterMetricFamily("triage_retention_deleted_studies", "Studies deleted by retention", value=studies)
+    yield CounterMetricFamily(
+        "triage_retention_deleted_instances", "Received instances deleted by retention", value=instances
+    )
+    c = CounterMetricFamily("triage_retention_deleted_bytes", "Bytes deleted by retention", labels=["kind"])
+    c.add_metric(["images"], size["studies"])
+    c.add_metric(["results"], size["results"])
+    yield c
+    c = CounterMetricFamily("triage_retention_deleted_rows", "Rows deleted by retention", labels=["table"])
+    for table in sorted(rows):
+        c.add_metric([table], rows[table])
+    yield c
+    yield CounterMetricFamily("triage_retention_batches", "Audited retention batches", value=len(details))
+    yield GaugeMetricFamily("triage_studies_on_legal_hold", "Studies retention never deletes", value=held)
 
 
 def metrics_registry(session_factory: sessionmaker[Session]) -> CollectorRegistry:

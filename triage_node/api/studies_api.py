@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from pydantic import BaseModel, Field
 
 from triage_node.api.auth import require_role
-from triage_node.api.deps import SessionDep
+from triage_node.api.deps import Admin, SessionDep, SessionFactoryDep
 from triage_node.db.models import Job, Result
+from triage_node.retention.hold import UnknownStudy, set_legal_hold
 from triage_node.worklist.queries import ObjectRef, study_detail, study_objects
 
 router = APIRouter(tags=["studies"])
@@ -274,3 +275,29 @@ def get_object_png(
 
 
 __all__ = ["render_png", "router", "stage_seconds"]
+
+
+class LegalHoldIn(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    held: bool = Field(description="True: retention never deletes the study; false: release it")
+    reason: str = Field("", max_length=500, description="Why (kept in the audit row; no patient names)")
+
+
+class LegalHoldOut(BaseModel):
+    study_uid: str
+    held: bool
+    changed: bool
+
+
+@router.put("/api/studies/{study_uid}/legal-hold", response_model=LegalHoldOut,
+            summary="Put a study on legal hold or release it (admin)")
+def put_legal_hold(
+    study_uid: str, body: LegalHoldIn, factory: SessionFactoryDep, principal: Admin
+) -> LegalHoldOut:
+    """Audited as ``study.legal_hold`` / ``study.legal_hold_released``."""
+    try:
+        changed = set_legal_hold(factory, study_uid, body.held, actor=principal.actor, reason=body.reason)
+    except UnknownStudy:
+        raise HTTPException(404, "no such study") from None
+    return LegalHoldOut(study_uid=study_uid, held=body.held, changed=changed)

@@ -36,7 +36,15 @@ from triage_node.db.models import (
 from triage_node.db.session import transaction
 from triage_node.ingest.spool import InvalidUID, validate_uid
 from triage_node.logs import get_logger
-from triage_node.retention.eligibility import Plan, ResultFiles, StudyVerdict, make_plan, recheck, study_verdicts
+from triage_node.retention.eligibility import (
+    Plan,
+    ResultFiles,
+    StudyVerdict,
+    delivered_before,
+    make_plan,
+    recheck,
+    study_verdicts,
+)
 from triage_node.retention.policy import DiskUse, Policy, disk_use
 
 log = get_logger(__name__)
@@ -245,8 +253,8 @@ class _Cleaner:
             counts = {}
             for model, name in ((OutboxItem, "outbox"), (HL7OutboxItem, "hl7_outbox")):
                 counts[name] = session.execute(
-                    delete(model).where(model.state == OutboxState.delivered.value,
-                                        model.delivered_at <= cutoff)
+                    delete(model).where(*delivered_before(model, cutoff))
+                    .execution_options(synchronize_session=False)
                 ).rowcount or 0
             if any(counts.values()):
                 audit.record(session, ACTION, actor=ACTOR, kind="outbox", rows=counts,

@@ -229,13 +229,19 @@ def _with_reason(v: StudyVerdict, reason: str) -> StudyVerdict:
                         v.finished, reason)
 
 
+def delivered_before(model: Any, cutoff: datetime) -> list[Any]:
+    """Outbox rows delivered before ``cutoff``, except those of studies on legal hold."""
+    held = select(Study.study_uid).where(Study.legal_hold.is_(True))
+    return [model.state == OutboxState.delivered.value, model.delivered_at <= cutoff,
+            model.study_uid.not_in(held)]
+
+
 def _count_rows(session: Session, policy: Policy, plan: Plan) -> None:
     cutoff = Policy.cutoff(plan.now, policy.outbox_days)
     if cutoff is not None:
         for model, attr in ((OutboxItem, "outbox_rows"), (HL7OutboxItem, "hl7_rows")):
             setattr(plan, attr, session.scalar(
-                select(func.count()).select_from(model)
-                .where(model.state == OutboxState.delivered.value, model.delivered_at <= cutoff)
+                select(func.count()).select_from(model).where(*delivered_before(model, cutoff))
             ) or 0)
     plan.audit_before = Policy.cutoff(plan.now, policy.audit_days)
     if plan.audit_before is not None:
