@@ -51,7 +51,7 @@ STOPS = {"&&", "||", "|", ";", "&", ">", ">>", "<", "2>", "2>&1", ")"}
 SAFE = {
     ("version",), ("config", "show"), ("db", "upgrade"), ("db", "current"),
     ("token", "create"), ("token", "list"), ("studies",), ("audit",), ("outbox", "list"),
-    ("triton", "check"), ("synth",),
+    ("triton", "check"), ("synth",), ("retention",),
 }
 #: ``synth`` lines asking for more studies than this are only parsed, not run.
 SYNTH_MAX_STUDIES = 2
@@ -136,6 +136,8 @@ def split_path(app: typer.Typer, argv: tuple[str, ...]) -> tuple[list[str], list
     path: list[str] = []
     rest = list(argv)
     while hasattr(command, "commands"):  # a group
+        if getattr(command, "invoke_without_command", False) and (not rest or rest[0].startswith("-")):
+            break  # a group that runs by itself with options (`retention --dry-run`)
         assert rest, f"`triage-node {' '.join(path)}` needs a subcommand"
         name = rest.pop(0)
         assert name in command.commands, (
