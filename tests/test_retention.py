@@ -29,6 +29,7 @@ from tests.ingest_support import (
     database_url,  # noqa: F401  (fixture)
     part10,
 )
+from tests.worklist_factory import add_study, sqlite_api, sqlite_database  # noqa: F401  (fixtures)
 from triage_node.api.health import metrics_registry
 from triage_node.cli import build_app
 from triage_node.config import load_settings
@@ -313,3 +314,19 @@ def test_a_long_run_at_the_quota_keeps_accepting_because_finished_studies_go(
         assert "retention_disk_quota_mb" in node.audit("instance.rejected")[0].detail["reason"]
     finally:
         node.engine.dispose()
+
+
+def test_admins_set_and_release_the_legal_hold_over_http(sqlite_api) -> None:  # noqa: F811
+    with transaction(sqlite_api.db.factory) as s:
+        uid = add_study(s).study_uid
+    body = {"held": True, "reason": "case 9"}
+    assert sqlite_api.client("viewer").put(f"/api/studies/{uid}/legal-hold", json=body).status_code == 403
+    with sqlite_api.client("admin") as admin:
+        answer = admin.put(f"/api/studies/{uid}/legal-hold", json=body)
+        assert answer.status_code == 200 and answer.json() == {"study_uid": uid, "held": True, "changed": True}
+        assert admin.put("/api/studies/1.2.3/legal-hold", json=body).status_code == 404
+        assert admin.put(f"/api/studies/{uid}/legal-hold", json={"held": False}).json()["changed"] is True
+    with sqlite_api.db.factory() as s:
+        actions = list(s.scalars(select(AuditEvent.action).where(AuditEvent.study_uid == uid)
+                                 .where(AuditEvent.action.like("study.legal_hold%"))))
+    assert actions == ["study.legal_hold", "study.legal_hold_released"]
