@@ -172,7 +172,11 @@ def test_no_update_or_delete_path_for_audit_rows_in_the_code() -> None:
                 offenders.append(f"{path.relative_to(REPO)}: {match.group(0)}")
             if "AuditEvent" in source and re.search(r"session\.delete\(\s*(event|audit|row|e)\b", source):
                 offenders.append(f"{path.relative_to(REPO)}: session.delete of an audit row")
-    assert offenders == []
+    # The one sanctioned path: retention prunes rows past `retention_audit_days`, after
+    # recording the pruning, through the gate the triggers check (migration 0007).
+    sanctioned = "triage_node/retention/deletion.py: delete(AuditEvent"
+    assert offenders.count(sanctioned) == 1
+    assert [o for o in offenders if o != sanctioned] == []
     # The pattern finds what it looks for.
     assert WRITE_PATHS.search("session.execute(update(AuditEvent).values(outcome='ok'))")
     assert WRITE_PATHS.search("DELETE FROM audit_events WHERE id = 1")
