@@ -69,12 +69,15 @@ def test_basic_text_sr_refuses_a_document_it_cannot_hold() -> None:
 
 
 @pytest.fixture
-def archives(tmp_path: Path) -> Iterator[dict[str, StoreSCP]]:
-    """A legacy archive that stores only Basic Text SR and one that stores Enhanced SR and SC."""
+def archives(tmp_path: Path) -> Iterator[dict[SRClass, StoreSCP]]:
+    """One archive per SR class that stores only that class (the enhanced one also takes SC)."""
     scps = {
-        "legacy": StoreSCP(tmp_path / "legacy", aet="LEGACY", sop_classes=[SR_CLASS_UIDS[SRClass.basic_text]]),
-        "enhanced": StoreSCP(tmp_path / "enhanced", aet="ENHANCED",
-                             sop_classes=[SR_CLASS_UIDS[SRClass.enhanced], SecondaryCaptureImageStorage]),
+        sr_class: StoreSCP(
+            tmp_path / str(sr_class), aet=f"ONLY_{sr_class.name.upper()}"[:16],
+            sop_classes=[SR_CLASS_UIDS[sr_class],
+                         *([SecondaryCaptureImageStorage] if sr_class is SRClass.enhanced else [])],
+        )
+        for sr_class in SRClass
     }
     try:
         yield {name: scp.start() for name, scp in scps.items()}
@@ -93,10 +96,9 @@ def test_each_destination_gets_the_class_it_accepts(tmp_path: Path, archives, or
     destinations = [
         {"name": "pacs", "kind": "dimse", "ae_title": orthanc.aet, "host": "127.0.0.1",
          "port": orthanc.dicom_port, "timeout_s": 10},
-        _dimse("legacy", archives["legacy"], sr_class="basic-text", send_overlays=False),
-        _dimse("enhanced", archives["enhanced"], sr_class="enhanced"),
-        # the same restricted archive asked for the default class: refused, never "sent"
-        _dimse("misconfigured", archives["legacy"]),
+        *(_dimse(str(c), scp, sr_class=str(c), send_overlays=c is SRClass.enhanced) for c, scp in archives.items()),
+        # an archive of Basic Text SR only, asked for the default class: refused, never "sent"
+        _dimse("misconfigured", archives[SRClass.basic_text]),
     ]
     settings = load_settings(
         data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'triage.db'}",
@@ -118,22 +120,19 @@ def test_each_destination_gets_the_class_it_accepts(tmp_path: Path, archives, or
         overlays = len(outcome.overlay_sop_uids)
         assert len(by_destination["pacs"]) == len(by_destination["enhanced"]) == overlays + 1
         assert len(by_destination["misconfigured"]) == overlays + 1
-        assert len(by_destination["legacy"]) == 1
-        for name in ("pacs", "legacy", "enhanced"):
+        for sr_class in SRClass:
+            name = str(sr_class)
             assert {i.state for i in by_destination[name]} == {OutboxState.delivered}, name
+            received = [pydicom.dcmread(p) for p in archives[sr_class].files()]
+            reports = [ds for ds in received if ds.SOPClassUID == SR_CLASS_UIDS[sr_class]]
+            assert len(reports) == 1, name
+            assert summary(reports[0])["any"]["present"] is True, name
+            referenced = {i.ReferencedSOPSequence[0].ReferencedSOPClassUID
+                          for vt, _, i in _concepts(reports[0]) if vt == "IMAGE"}
+            # a report references the overlay series only where the archive holds it
+            assert (SecondaryCaptureImageStorage in referenced) is (sr_class is SRClass.enhanced), name
+            assert len(received) == 1 + (overlays if sr_class is SRClass.enhanced else 0), name
         assert OutboxState.delivered not in {i.state for i in by_destination["misconfigured"]}
-
-        (legacy,) = [pydicom.dcmread(p) for p in archives["legacy"].files()]
-        assert legacy.SOPClassUID == SR_CLASS_UIDS[SRClass.basic_text]
-        # no reference to the overlay series this archive does not hold
-        referenced = {i.ReferencedSOPSequence[0].ReferencedSOPClassUID
-                      for vt, _, i in _concepts(legacy) if vt == "IMAGE"}
-        assert SecondaryCaptureImageStorage not in referenced
-        assert summary(legacy)["any"]["present"] is True
-
-        received = [pydicom.dcmread(p, stop_before_pixels=True) for p in archives["enhanced"].files()]
-        classes = sorted(str(ds.SOPClassUID) for ds in received)
-        assert classes == sorted([SR_CLASS_UIDS[SRClass.enhanced], *[SecondaryCaptureImageStorage] * overlays])
 
         sr_classes_at_orthanc = set()
         for ident in orthanc.instances():
