@@ -287,6 +287,26 @@ class Settings(BaseSettings):
         1, ge=1, le=32, description="Worker processes of `triage-node worker` (each loads the models)"
     )
 
+    # -- monitoring ----------------------------------------------------------------
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535,
+        description="Port of the worker's own /metrics (latency histograms, deliveries), "
+        "summed over its pool processes; 0: not served",
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="Address the worker's /metrics binds (no token: counts only); "
+        "0.0.0.0 in a container on the monitoring network",
+    )
+    expected_positive_rate: dict[str, float] = Field(
+        default_factory=dict,
+        description="Expected share of positive studies per class at the operating point (JSON, "
+        'e.g. {"any": 0.66}); overrides the model card\'s expected_positive_rate',
+    )
+    positive_rate_band: float = Field(
+        2.0, gt=1.0, le=100.0,
+        description="The positive rate alarm fires outside expected/band .. expected*band",
+    )
+
     # -- worklist, notifications, routing --------------------------------------
     subtype_weights: dict[str, float] = Field(
         default_factory=lambda: {
@@ -420,6 +440,14 @@ class Settings(BaseSettings):
         if audit and (images == 0 or audit < images):
             raise ValueError("retention_audit_days must be 0 (forever) or at least retention_instances_days")
         return self
+
+    @field_validator("expected_positive_rate")
+    @classmethod
+    def _rates_are_shares(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = sorted(k for k, v in value.items() if not 0.0 < v < 1.0)
+        if bad:
+            raise ValueError(f"expected_positive_rate must be between 0 and 1 (exclusive): {', '.join(bad)}")
+        return value
 
     @field_validator("destinations")
     @classmethod

@@ -58,6 +58,11 @@ def worker_argv(queues: list[str], concurrency: int, loglevel: str, pool: str, b
     return argv
 
 
+def beat_argv(loglevel: str, data_dir: Path) -> list[str]:
+    """argv of ``celery beat``; the schedule file keeps last-run times across restarts."""
+    return ["beat", "-s", str(data_dir.resolve() / "celerybeat-schedule"), "--loglevel", loglevel]
+
+
 def register(app: typer.Typer) -> None:
     from triage_node.cli.bench import bench_app
     from worker.bench_e2e import register as register_bench_e2e
@@ -74,7 +79,8 @@ def register(app: typer.Typer) -> None:
         backend: str | None = typer.Option(None, "--backend", help="onnx or triton (overrides settings)."),
         pool: str = typer.Option("prefork", "--pool", help="Celery pool: prefork or solo."),
         beat: bool = typer.Option(True, "--beat/--no-beat",
-                                  help="Run the periodic tasks (delivery retries, lost jobs) in this worker."),
+                                  help="Run the periodic tasks (delivery retries, lost jobs) in this worker; "
+                                       "with several workers run `triage-node beat` once instead."),
     ) -> None:
         """Run a Celery worker: triage jobs from the stat queue first, then routine."""
         overrides = {"data_dir": data_dir, "inference_backend": backend}
@@ -105,10 +111,36 @@ def register(app: typer.Typer) -> None:
         use_beat = beat and pool != "solo"
         if use_beat:
             celery_app.conf.beat_schedule = beat_schedule(settings)
+        if settings.worker_metrics_port:
+            from triage_node.metrics import BuildInfo
+            from worker import metrics
+
+            # Before the pool forks, so that its processes write where the server reads.
+            metrics.enable_multiprocess()
+            metrics.start_server(settings.worker_metrics_host, settings.worker_metrics_port,
+                                 BuildInfo.from_settings(settings))
         celery_app.worker_main(worker_argv(
             names, concurrency or settings.worker_concurrency, settings.log_level, pool, use_beat,
             settings.data_dir,
         ))
+
+    @app.command("beat")
+    def beat_command(
+        data_dir: Path | None = DATA_DIR,
+    ) -> None:
+        """Run the periodic tasks' scheduler (delivery retries, lost jobs, retention): one
+        per site, however many workers (which then run with --no-beat)."""
+        settings = settings_or_exit(data_dir=data_dir)
+        if data_dir is not None:
+            os.environ["TRIAGE_DATA_DIR"] = str(data_dir)
+        get_settings.cache_clear()
+        from worker.celery_app import app as celery_app
+        from worker.celery_app import beat_schedule
+
+        schedule = beat_schedule(settings)
+        celery_app.conf.beat_schedule = schedule
+        typer.echo(f"triage beat: {', '.join(sorted(schedule))}", err=True)
+        celery_app.start(beat_argv(settings.log_level, settings.data_dir))
 
     @app.command("demo")
     def demo_command(

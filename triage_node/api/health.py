@@ -16,14 +16,13 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,20 +30,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from triage_node.config import InferenceBackend, Settings
 from triage_node.db import schema
 from triage_node.db.models import AuditEvent, Instance, Job, JobState, OutboxItem, OutboxState, Study
+from triage_node.metrics import BuildInfo, BuildInfoCollector, expected_positive_rates, positive_rate_metrics
+from triage_node.retention.policy import DiskUse, disk_use, existing_parent
 
 router = APIRouter(tags=["health"])
 
 #: Models the worker serves (deploy/triton/models), checked by /readyz.
 MODELS = ("ich_slice_cnn", "ich_sequence")
-#: Histogram buckets for stage latencies, in seconds.
-BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
-STAGE_COLUMNS = (
-    ("completeness", "last_instance_at", "series_complete_at"),
-    ("queue_wait", "enqueued_at", "started_at"),
-    ("inference", "started_at", "inferred_at"),
-    ("reporting", "inferred_at", "reported_at"),
-    ("end_to_end", "last_instance_at", "reported_at"),
-)
 
 
 @dataclass
@@ -161,22 +153,22 @@ def readyz(request: Request) -> JSONResponse:
 
 
 # -- metrics ------------------------------------------------------------------------
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 class NodeCollector(Collector):
-    """Reads the metrics from the database at scrape time, so that every process
-    (listener, worker, API) is counted, not only the one serving ``/metrics``."""
+    """Reads state from the database at scrape time (queues, outbox, disk, positive
+    rate), so that every process is counted, not only the one serving ``/metrics``.
+    Each query is bounded by current state or by a day's results, never by history;
+    latency histograms are observed at the event by the worker (`worker.metrics`)."""
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(self, session_factory: sessionmaker[Session], settings: Settings | None = None) -> None:
         self.session_factory = session_factory
+        self.settings = settings
+        self.expected = expected_positive_rates(settings) if settings is not None else {}
 
     def collect(self) -> Iterator[Any]:
         with self.session_factory() as session:
             received = session.scalar(select(func.count()).select_from(Instance)) or 0
+            # Ids only grow (a PostgreSQL sequence), so retention does not make it fall.
+            studies = session.scalar(select(func.max(Study.id))) or 0
             rejected = session.scalar(
                 select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "instance.rejected")
             ) or 0
@@ -198,10 +190,10 @@ class NodeCollector(Collector):
                 select(AuditEvent.detail).where(AuditEvent.action == "retention.deleted")
             ))
             held = session.scalar(select(func.count()).select_from(Study).where(Study.legal_hold.is_(True))) or 0
-            stamps = session.execute(
-                select(*(getattr(Job, c) for c in {c for _, a, b in STAGE_COLUMNS for c in (a, b)}))
-                .where(Job.reported_at.is_not(None))
-            ).mappings().all()
+            rates = list(positive_rate_metrics(session, self.settings, expected=self.expected)) \
+                if self.settings is not None else []
+            disk = disk_use(self.settings, session) if self.settings is not None else None
+        yield CounterMetricFamily("triage_studies_received", "Studies filed (highest study id)", value=studies)
         yield CounterMetricFamily("triage_instances_received", "DICOM objects stored", value=received)
         yield CounterMetricFamily("triage_instances_rejected", "DICOM objects refused", value=rejected)
         g = GaugeMetricFamily("triage_jobs", "Jobs by state", labels=["state"])
@@ -225,17 +217,28 @@ class NodeCollector(Collector):
             "triage_delivery_failed_attempts", "Failed tries of objects not yet delivered", value=retries
         )
         yield from _retention_metrics(retention, held)
-        h = HistogramMetricFamily("triage_stage_seconds", "Pipeline stage latency", labels=["stage"])
-        for stage, start_col, end_col in STAGE_COLUMNS:
-            values = []
-            for row in stamps:
-                start, end = _aware(row[start_col]), _aware(row[end_col])
-                if start is not None and end is not None:
-                    values.append(max(0.0, (end - start).total_seconds()))
-            buckets = [(str(b), sum(v <= b for v in values)) for b in BUCKETS]
-            buckets.append(("+Inf", len(values)))
-            h.add_metric([stage], buckets, sum_value=sum(values))
-        yield h
+        yield from rates
+        if disk is not None and self.settings is not None:
+            yield from _disk_metrics(self.settings, disk)
+
+
+def _disk_metrics(settings: Settings, disk: DiskUse) -> Iterator[Any]:
+    yield GaugeMetricFamily(
+        "triage_disk_used_percent", f"Use of the spool's {disk.basis} (what retention compares)",
+        value=disk.percent,
+    )
+    yield GaugeMetricFamily(
+        "triage_disk_high_watermark_percent", "retention_disk_high_percent",
+        value=settings.retention_disk_high_percent,
+    )
+    yield GaugeMetricFamily(
+        "triage_disk_free_bytes", "Free bytes on the spool's file system",
+        value=shutil.disk_usage(existing_parent(settings.spool_dir)).free,
+    )
+    yield GaugeMetricFamily(
+        "triage_disk_min_free_bytes", "min_free_disk_mb: below it the listener refuses objects",
+        value=settings.min_free_disk_mb * 2**20,
+    )
 
 
 def _retention_metrics(details: list[dict[str, Any]], held: int) -> Iterator[Any]:
@@ -269,10 +272,15 @@ def _retention_metrics(details: list[dict[str, Any]], held: int) -> Iterator[Any
     yield GaugeMetricFamily("triage_studies_on_legal_hold", "Studies retention never deletes", value=held)
 
 
-def metrics_registry(session_factory: sessionmaker[Session]) -> CollectorRegistry:
-    """A registry of its own per app (tests build many apps in one process)."""
+def metrics_registry(
+    session_factory: sessionmaker[Session], settings: Settings | None = None
+) -> CollectorRegistry:
+    """A registry of its own per app (tests build many apps in one process). Without
+    settings: the database state only (no build, disk or expected-rate metrics)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(session_factory))
+    registry.register(NodeCollector(session_factory, settings))
+    if settings is not None:
+        registry.register(BuildInfoCollector(BuildInfo.from_settings(settings)))
     return registry
 
 
@@ -282,7 +290,9 @@ def metrics(request: Request) -> Response:
     _loopback_or_viewer(request)
     registry = getattr(request.app.state, "metrics_registry", None)
     if registry is None:
-        registry = request.app.state.metrics_registry = metrics_registry(request.app.state.session_factory)
+        registry = request.app.state.metrics_registry = metrics_registry(
+            request.app.state.session_factory, request.app.state.settings
+        )
     started = time.perf_counter()
     body = generate_latest(registry)
     return Response(

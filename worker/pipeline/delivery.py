@@ -34,9 +34,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.config import Destination, Settings
 from triage_node.db import audit
-from triage_node.db.models import OutboxItem, OutboxState
+from triage_node.db.models import Job, OutboxItem, OutboxState
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
+from worker import metrics
 from worker.pipeline.destinations import SendItem, SendOutcome, send
 
 log = get_logger(__name__)
@@ -305,6 +306,7 @@ def _record(
     outcomes: Sequence[SendOutcome],
 ) -> Counter:
     counts: Counter = Counter()
+    arrived: list[tuple[datetime | None, datetime]] = []
     with transaction(session_factory) as session:
         for o in outcomes:
             item = session.get(OutboxItem, o.item_id)
@@ -327,6 +329,9 @@ def _record(
                 item.last_error = None
                 audit.record(session, "delivery.sent", outcome="ok", **common)
                 counts["sent"] += 1
+                if item.job_id is not None and item.reason == "result" and _job_complete_at(session, item):
+                    job = session.get(Job, item.job_id)
+                    arrived.append((job.last_instance_at if job else None, item.delivered_at))
                 continue
             item.last_error = f"{o.outcome}: {o.detail}"[:2000]
             audit.record(session, "delivery.failed", outcome=o.outcome, detail_text=o.detail[:500], **common)
@@ -356,7 +361,27 @@ def _record(
                 attempts=item.attempts,
                 state=str(item.state),
             )
+    # Observed once committed, so a rolled-back batch is not counted.
+    for o in outcomes:
+        metrics.count_try(destination.name, o.outcome)
+    for last_instance_at, delivered_at in arrived:
+        metrics.observe_delivered(destination.name, last_instance_at, delivered_at)
     return counts
+
+
+def _job_complete_at(session: Session, item: OutboxItem) -> bool:
+    """True when ``item`` (just marked delivered) was the job's last result object still
+    owed to its destination: the moment the whole result is at that PACS."""
+    session.flush()
+    left = session.scalar(
+        select(func.count()).select_from(OutboxItem).where(
+            OutboxItem.job_id == item.job_id,
+            OutboxItem.destination == item.destination,
+            OutboxItem.reason == "result",
+            OutboxItem.state != OutboxState.delivered,
+        )
+    )
+    return not left
 
 
 def requeue(

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node import CLASSES
@@ -426,12 +426,16 @@ def record(
     for attempt in (1, 2):
         try:
             with transaction(ctx.session_factory) as session:
-                return _record_in(session, ctx, claim_, values, written, stamps, compute_priority)
+                state = _record_in(session, ctx, claim_, values, written, stamps, compute_priority)
         except IntegrityError:
             # Another delivery of the same message raced us to the Result row: the
             # second pass finds it and updates it.
             if attempt == 2:
                 raise
+            continue
+        if state == JobState.done:
+            _observe_stages(ctx, claim_.job_id)
+        return state
     raise AssertionError("unreachable")
 
 
@@ -484,6 +488,19 @@ def _record_in(
         seconds_started_to_reported=round((stamps["reported"] - claim_.started_at).total_seconds(), 3),
     )
     return str(JobState.done)
+
+
+def _observe_stages(ctx: WorkerContext, job_id: int) -> None:
+    """Stage latencies into the worker's histogram, once the result is committed."""
+    from worker import metrics
+
+    try:
+        with ctx.session_factory() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                metrics.observe_stages(job)
+    except SQLAlchemyError as exc:  # the result is safe; only a sample is lost
+        log.warning("job.stages_not_observed", job_id=job_id, error=type(exc).__name__)
 
 
 # -- the job -------------------------------------------------------------------------------
