@@ -34,8 +34,11 @@ def test_services_of_a_site_are_there(compose):
         "orthanc",
         "node",
         "worker",
+        "beat",
         "flower",
         "migrate",
+        "prometheus",
+        "grafana",
     }
 
 
@@ -101,7 +104,7 @@ def test_commands_are_real_cli_commands(compose):
 
     app = build_app()
     runner = CliRunner()
-    for name in ("migrate", "node", "worker", "worker-extra"):
+    for name in ("migrate", "node", "worker", "beat"):
         argv = compose["services"][name]["command"]
         assert argv[0] == "triage-node"
         result = runner.invoke(app, [*argv[1:], "--help"])
@@ -135,7 +138,7 @@ def test_no_caller_is_allowed_until_the_site_lists_its_own(compose):
 
 def test_secrets_have_no_default(compose):
     text = COMPOSE.read_text()
-    for name in ("TRIAGE_SECRET_KEY", "POSTGRES_PASSWORD"):
+    for name in ("TRIAGE_SECRET_KEY", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
         uses = re.findall(r"\$\{" + name + r"(:?[-?=+]?)", text)
         assert uses and set(uses) == {":?"}, f"{name} must be required (${{{name}:?...}})"
     # The example's placeholder is refused, so a copied .env cannot start a node.
@@ -149,3 +152,35 @@ def test_ports_do_not_collide(compose):
         p.rsplit(":", 1)[0] for s in compose["services"].values() for p in s.get("ports", [])
     ]
     assert len(published) == len(set(published))
+
+
+def test_one_scheduler_however_many_workers(compose):
+    services = compose["services"]
+    beats = [n for n, s in services.items() if s.get("command", [])[:2] == ["triage-node", "beat"]]
+    assert beats == ["beat"]
+    assert "replicas" not in services["beat"].get("deploy", {})
+    workers = [n for n, s in services.items() if s.get("command", [])[:2] == ["triage-node", "worker"]]
+    assert workers
+    for name in workers:
+        assert "--no-beat" in services[name]["command"], f"{name} runs an embedded beat"
+
+
+def test_prometheus_and_grafana_on_the_monitoring_network(compose):
+    services = compose["services"]
+    assert "monitoring" in compose["networks"]
+    assert services["prometheus"]["networks"] == ["monitoring"]
+    assert services["grafana"]["networks"] == ["monitoring"]
+    for name in ("node", "worker"):
+        assert "monitoring" in services[name]["networks"] and "default" in services[name]["networks"]
+    for name in ("postgres", "redis", "triton", "orthanc"):
+        assert "monitoring" not in services[name].get("networks", [])
+    # The workers' /metrics (no token) listens inside the container, published nowhere.
+    env = _env(services["worker"])
+    assert env["TRIAGE_WORKER_METRICS_PORT"] == "9101" and env["TRIAGE_WORKER_METRICS_HOST"] == "0.0.0.0"
+    assert not services["worker"].get("ports")
+    mounts = services["prometheus"]["volumes"] + services["grafana"]["volumes"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in mounts
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+    assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
+    # The node labels build_info with the model it serves.
+    assert "./deploy/triton/model_card.json:/model_card.json:ro" in services["node"]["volumes"]
