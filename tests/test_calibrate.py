@@ -29,8 +29,8 @@ from worker.model.calibrate import (
     target_sensitivity_point,
     write_site_file,
 )
-from worker.model.card import load_model_card
-from worker.model.site import SITE_FILE, Sample, SiteCalibrationError
+from worker.inference.card import load_model_card
+from worker.inference.site import SITE_FILE, Sample, SiteCalibrationError
 from worker.pipeline.sr import algorithm_identification
 
 SHIPPED = DEFAULT_MODEL_CARD.parent

@@ -211,7 +211,7 @@ def test_fold_thresholds_never_come_from_the_fold_itself():
 def test_short_studies_get_a_sensible_answer_from_the_shipped_model(n_slices, synthetic_series):
     """A study of one or two slices: inputs with repeated edges, a sequence model that corrects, not overturns."""
     from triage_node.config import DEFAULT_MODEL_CARD, DEFAULT_MODEL_REPOSITORY
-    from worker.model.card import load_model_card
+    from worker.inference.card import load_model_card
     from worker.pipeline.inference_core import card_inputs, onnx_callables, run_study
 
     card = load_model_card(DEFAULT_MODEL_CARD)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from triage_node import CLASSES
-from worker.model.card import ModelCard, ServedModel, load_model_card, write_model_card
+from worker.inference.card import ModelCard, ServedModel, load_model_card, write_model_card
 from worker.model.export import TRITON_BATCHING, export_repository
 from worker.model.networks import SequenceModel, SliceCNN
 from worker.pipeline.inference_core import onnx_callables, run_study

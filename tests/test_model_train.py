@@ -11,7 +11,7 @@ import torch
 
 from triage_node import CLASSES
 from triage_node.synth import write_dataset
-from worker.model.card import load_model_card
+from worker.inference.card import load_model_card
 from worker.model.data import build_cache, index_dataset, patient_split, read_label_csv
 from worker.model.evaluate import evaluate
 from worker.model.train import TrainConfig, fit

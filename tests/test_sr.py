@@ -26,7 +26,7 @@ SYNTHETIC_USE = (
 
 @dataclass(frozen=True)
 class Card:
-    """The fields of worker.model.card.ModelCard that the writers read."""
+    """The fields of worker.inference.card.ModelCard that the writers read."""
 
     name: str = "ich-effnet-b0"
     version: str = "0.3.1"

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from triage_node.config import DEFAULT_MODEL_CARD, DEFAULT_MODEL_REPOSITORY
 from worker.inference.triton_check import check_repository
-from worker.model.card import load_model_card
+from worker.inference.card import load_model_card
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ from tests.servers import free_port
 from tests.worker_support import build_small_repository
 from triage_node.config import load_settings
 from worker.inference import BackendUnavailable, ModelMismatch, make_backend
-from worker.model.card import load_model_card
+from worker.inference.card import load_model_card
 from worker.pipeline.inference_core import run_study
 
 

@@ -23,7 +23,7 @@ from triage_node.db import schema
 from triage_node.db.models import AuditEvent, Job, JobState, OutboxItem, Result, WorklistEntry
 from triage_node.db.session import make_engine, make_sessionmaker, transaction
 from worker.inference import ModelMismatch, make_backend
-from worker.model.card import load_model_card
+from worker.inference.card import load_model_card
 from worker.pipeline.run import JobError, build_context, mark_failed, run_job
 
 DESTINATIONS = [

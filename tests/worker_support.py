@@ -24,7 +24,7 @@ def build_small_repository(out_dir: Path, size: int = 64, seed: int = 0, thresho
     """
     import torch
 
-    from worker.model.card import ModelCard, ServedModel, write_model_card
+    from worker.inference.card import ModelCard, ServedModel, write_model_card
     from worker.model.export import SEQUENCE_MODEL, SLICE_MODEL, export_repository
     from worker.model.networks import SequenceModel, SliceCNN
     from worker.pipeline.preprocess import WINDOWS, channel_plan

@@ -37,7 +37,7 @@ def read_card(path: Path) -> dict[str, Any]:
     """The model card as plain JSON, or ``{}`` when it is missing or unreadable.
 
     Metrics must not fail because of the card: the worker validates it at start
-    (`worker.model.card`), the node only labels its metrics with it.
+    (`worker.inference.card`), the node only labels its metrics with it.
     """
     try:
         data = json.loads(Path(path).read_text())

@@ -340,7 +340,7 @@ def run_e2e_benchmark(
     ``triton_url`` (gRPC ``host:port``): measure the ``triton`` backend against that server
     (e.g. the official image serving ``deploy/triton/models-gpu``) instead of a local one.
     """
-    from worker.model.card import load_model_card
+    from worker.inference.card import load_model_card
 
     settings = load_settings(model_repository=model_repository, model_card=model_card)
     card = load_model_card(settings.model_card)

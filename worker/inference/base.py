@@ -76,7 +76,7 @@ def expected_specs(card: Any) -> dict[str, dict[str, list[TensorSpec]]]:
 
     Parameters
     ----------
-    card : worker.model.card.ModelCard
+    card : worker.inference.card.ModelCard
         Uses ``classes``, ``input_size``, ``embedding_dim``, ``feature_channels``,
         ``feature_map_size`` and the served models' names.
     """

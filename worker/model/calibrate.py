@@ -15,7 +15,7 @@ per class:
 
 A sample too small for the ``any`` class is refused (:class:`CalibrationRefused`); a
 subtype with too few positives or negatives keeps the model card's thresholds, and the
-site file says so. The result is a :class:`worker.model.site.SiteThresholds`, written
+site file says so. The result is a :class:`worker.inference.site.SiteThresholds`, written
 beside the card; weights and card are not changed.
 """
 
@@ -34,8 +34,8 @@ from triage_node.logs import get_logger
 from worker.files import write_atomic
 from worker.model import metrics as M
 from worker.model.metrics import target_sensitivity_point
-from worker.model.card import OPERATING_POINTS, ModelCard, json_safe, load_model_card
-from worker.model.site import SITE_FILE, Sample, SiteThresholds, thresholds_digest
+from worker.inference.card import OPERATING_POINTS, ModelCard, json_safe, load_model_card
+from worker.inference.site import SITE_FILE, Sample, SiteThresholds, thresholds_digest
 
 log = get_logger(__name__)
 
@@ -102,7 +102,7 @@ def choose_thresholds(
     -------
     dict
         ``operating_points`` {op: {class: threshold}}, ``results`` {op: {class: dict}}
-        (``worker.model.site.ClassResult`` fields), ``rules`` {op: text},
+        (``worker.inference.site.ClassResult`` fields), ``rules`` {op: text},
         ``kept_card_threshold`` {class: reason}, ``min_positives``, ``min_negatives``.
 
     Raises
@@ -188,7 +188,7 @@ def calibrate(
     ------
     CalibrationRefused
         Sample too small for ``any``.
-    worker.model.site.SiteCalibrationError
+    worker.inference.site.SiteCalibrationError
         A site file beside the card was made for other weights (from ``load_model_card``).
     ValueError, FileNotFoundError
         Unknown format, no label file, no series that could be read.

@@ -72,7 +72,7 @@ def calibrate(
 
     from worker.model.calibrate import CalibrationRefused, site_file_path, write_site_file
     from worker.model.calibrate import calibrate as run
-    from worker.model.site import SITE_FILE
+    from worker.inference.site import SITE_FILE
 
     settings = settings_or_exit(data_dir=data_dir)
     engine = make_engine(settings.effective_database_url)

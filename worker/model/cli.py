@@ -122,7 +122,7 @@ def export(
     """Re-export a trained run to ONNX (parity-checked against PyTorch) with its model card."""
     import torch
 
-    from worker.model.card import load_model_card, write_model_card
+    from worker.inference.card import load_model_card, write_model_card
     from worker.model.export import export_repository
     from worker.model.runs import load_run, reselect_operating_points
 

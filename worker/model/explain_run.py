@@ -40,7 +40,7 @@ from scipy import ndimage
 from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.model import physionet
-from worker.model.card import json_safe, load_model_card
+from worker.inference.card import json_safe, load_model_card
 from worker.model.data import SeriesRecord, index_dataset, load_record, record_inputs
 from worker.model.metrics import clopper_pearson
 from worker.pipeline.explain import METHODS, blood_region, overlay, slice_heatmaps

@@ -27,7 +27,7 @@ from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.model import metrics as M
 from worker.model.augment import augment
-from worker.model.card import INTENDED_USE, INTENDED_USE_RESEARCH, ModelCard, ServedModel, write_model_card
+from worker.inference.card import INTENDED_USE, INTENDED_USE_RESEARCH, ModelCard, ServedModel, write_model_card
 from worker.model.data import (
     SYNTH_PREFIX,
     CachedSet,

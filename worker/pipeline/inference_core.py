@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from triage_node import CLASSES
-from worker.model.card import ModelCard
+from worker.inference.card import ModelCard
 from worker.pipeline.input_frame import InputFrame
 from worker.pipeline.preprocess import series_inputs
 

@@ -115,7 +115,7 @@ def build_context(settings: Settings, backend: InferenceBackend | None = None) -
     """
     from triage_node.db.schema import require_current
     from worker.inference import make_backend
-    from worker.model.card import load_model_card
+    from worker.inference.card import load_model_card
 
     card = load_model_card(settings.model_card)
     weight, _bias = card.head_weights()

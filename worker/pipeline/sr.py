@@ -137,7 +137,7 @@ class PredictionLike(Protocol):
 
 
 class CardLike(Protocol):
-    """What the writers need of ``worker.model.card.ModelCard``."""
+    """What the writers need of ``worker.inference.card.ModelCard``."""
 
     name: str
     version: str
@@ -221,7 +221,7 @@ def overlay_class(ds: Dataset) -> str | None:
 def threshold_parameter(card: CardLike) -> str:
     """``thresholds=site:<digest>`` when a site calibration set them, else ``thresholds=model-card``.
 
-    Read as ``card.site`` (``worker.model.site.SiteThresholds``); a card object without that
+    Read as ``card.site`` (``worker.inference.site.SiteThresholds``); a card object without that
     attribute uses the card's own thresholds.
     """
     site = getattr(card, "site", None)

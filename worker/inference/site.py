@@ -2,13 +2,13 @@
 
 A site sets its own operating points on a labelled sample of its own studies
 (``triage-node calibrate``, :mod:`worker.model.calibrate`); the weights and the model card
-stay as shipped. When the file sits next to the card, :func:`worker.model.card.load_model_card`
+stay as shipped. When the file sits next to the card, :func:`worker.inference.card.load_model_card`
 attaches it to the card and ``ModelCard.thresholds`` returns its thresholds. The file names
 the Device UID it was calibrated for: a file made for other weights is refused at load, never
 skipped, since serving the card's thresholds where the site expects its own would change the
 sensitivity without anyone noticing.
 
-This module imports nothing from :mod:`worker.model.card`, which imports it.
+This module imports nothing from :mod:`worker.inference.card`, which imports it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from triage_node import CLASSES
 
 if TYPE_CHECKING:
-    from worker.model.card import ModelCard
+    from worker.inference.card import ModelCard
 
 SITE_FILE = "site_thresholds.json"
 KIND = "ich-triage-node site thresholds v1"

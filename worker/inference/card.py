@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from triage_node import CLASSES
-from worker.model.site import SiteThresholds, site_thresholds_for
+from worker.inference.site import SiteThresholds, site_thresholds_for
 
 INTENDED_USE = (
     "Intended use: pipeline verification only. Trained on synthetic phantoms, not on patient "
@@ -132,7 +132,7 @@ def load_model_card(path: str | Path) -> ModelCard:
     """Read and validate a model card; ``path`` may be the JSON file or its directory.
 
     A ``site_thresholds.json`` beside the card is attached as ``site`` (see
-    :mod:`worker.model.site`); one made for other weights raises ``SiteCalibrationError``.
+    :mod:`worker.inference.site`); one made for other weights raises ``SiteCalibrationError``.
     """
     p = Path(path)
     if p.is_dir():
