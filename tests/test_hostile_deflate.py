@@ -28,12 +28,19 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
 
-from tests.ingest_support import ct_dataset, part10
+from tests.ingest_support import ct_dataset, database_url, part10  # noqa: F401 - fixture
 from tests.node_process import AET, NodeProcess
 from tests.pipeline_helpers import multipart_related
 from triage_node.db.models import AuditEvent, Instance
-from triage_node.ingest.header import CANNOT_UNDERSTAND, OBJECT_TOO_LARGE, dataset_offset_from_bytes
-from triage_node.ingest.inflate import DeflateCorrupt, DeflateTooLarge, inflate_part10, is_deflated
+from triage_node.ingest.header import CANNOT_UNDERSTAND, OBJECT_TOO_LARGE, OUT_OF_RESOURCES, dataset_offset_from_bytes
+from triage_node.ingest.inflate import (
+    DeflateBusy,
+    DeflateCorrupt,
+    DeflateTooLarge,
+    InflationBudget,
+    inflate_part10,
+    is_deflated,
+)
 
 STEP = 1 << 20
 #: Pixel Data declared and deflated: 2.25 GiB of zeros.
@@ -117,6 +124,40 @@ def test_a_valid_deflated_object_becomes_explicit_vr_little_endian_with_the_same
     assert _split(inflated)[1] == zlib.decompress(_split(data)[1], -zlib.MAX_WBITS)
     with pytest.raises(DeflateTooLarge):
         inflate_part10(data, len(inflated) - 1)
+
+
+def test_the_inflation_budget_lets_one_object_in_alone_and_refuses_what_does_not_fit_beside_it() -> None:
+    budget = InflationBudget(100)
+    assert budget.take(500)  # alone: any object within the size limit
+    assert not budget.take(1) and budget.used == 500
+    budget.give_back(500)
+    assert budget.take(60) and budget.take(40) and not budget.take(1)
+    with pytest.raises(DeflateBusy):
+        inflate_part10(deflated_ct(size=64), 2**30, reserve=lambda size: False)
+
+
+def test_objects_inflating_near_the_limit_on_many_connections_get_out_of_resources(
+    database_url: str, tmp_path: Path,  # noqa: F811
+) -> None:
+    """Each near-limit object costs a megabyte on the wire and the limit in memory: while
+    the budget is held, the next one is refused with 0xA700 (try again), audited, nothing
+    kept; once the budget is free it is stored."""
+    from tests.test_ingest_store import Env
+
+    env = Env(database_url, tmp_path / "data", inflation_budget_mb=1)
+    try:
+        held = env.store.inflation
+        assert held.take(512 * 1024)  # another connection's object, still being stored
+        data = deflated_ct(size=512)  # inflates to about 0.5 MiB: no longer fits beside it
+        refused = env.put(data)
+        assert refused.status == OUT_OF_RESOURCES and "inflation budget" in refused.reason
+        assert env.instances() == [] and env.spooled() == []
+        assert env.audit("instance.rejected")
+        held.give_back(512 * 1024)
+        assert env.put(data).status == 0x0000
+        assert held.used == 0  # given back once the object was stored
+    finally:
+        env.engine.dispose()
 
 
 # -- a running node --------------------------------------------------------------------

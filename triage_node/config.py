@@ -228,6 +228,12 @@ class Settings(BaseSettings):
         description="Largest object received (C-STORE data set or STOW-RS part), MiB; a larger "
         "one ends its association with A-ABORT, or its request with HTTP 413",
     )
+    inflation_budget_mb: int = Field(
+        256,
+        ge=1,
+        description="Inflated bytes of deflated objects (C-STORE and STOW-RS) held in memory at "
+        "once, MiB; an object that does not fit while others are held gets 0xA700 (try again)",
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate for DICOM TLS")
     tls_key: Path | None = Field(None, description="PEM private key for DICOM TLS")
     tls_ca: Path | None = Field(

@@ -40,7 +40,14 @@ from triage_node.ingest.header import (
     dataset_offset_from_bytes,
     parse_header,
 )
-from triage_node.ingest.inflate import DeflateCorrupt, DeflateTooLarge, inflate_part10, is_deflated
+from triage_node.ingest.inflate import (
+    DeflateBusy,
+    DeflateCorrupt,
+    DeflateTooLarge,
+    InflationBudget,
+    inflate_part10,
+    is_deflated,
+)
 from triage_node.ingest.spool import Spool, write_all
 
 __all__ = ["IncomingObject", "dataset_digest"]
@@ -78,6 +85,8 @@ class IncomingObject:
         self.refused = refused
         self._fd: int | None = None
         self._temp: Path | None = None
+        self._budget: InflationBudget | None = None
+        self._reserved = 0
         if refused is None:
             try:
                 self._fd, self._temp = spool.open_temp()
@@ -109,7 +118,7 @@ class IncomingObject:
             self._chunks = [b"".join(self._chunks)]
         return self._chunks[0]  # type: ignore[return-value]
 
-    def inflate(self, limit: int) -> bool:
+    def inflate(self, limit: int, budget: InflationBudget | None = None) -> bool:
         """Keep a deflated object as Explicit VR Little Endian (`triage_node.ingest.inflate`).
 
         The inflated object replaces the received bytes in memory and in the temporary
@@ -120,13 +129,25 @@ class IncomingObject:
         ------
         _Refused
             0xA702 when it inflates past ``limit`` bytes, 0xC000 when the deflated
-            stream is corrupt, 0xA700 when the spool write fails.
+            stream is corrupt, 0xA700 when the spool write fails or the inflated bytes
+            do not fit in ``budget`` now (held until `discard`).
         """
         data = self.data()
         if not is_deflated(data):
             return False
+
+        def reserve(size: int) -> bool:
+            if budget is None:
+                return True
+            if not budget.take(size):
+                return False
+            self._budget, self._reserved = budget, size
+            return True
+
         try:
-            inflated = inflate_part10(data, limit)
+            inflated = inflate_part10(data, limit, reserve)
+        except DeflateBusy as exc:
+            raise _Refused(OUT_OF_RESOURCES, f"{exc}: try again later") from None
         except DeflateTooLarge as exc:
             raise _Refused(OBJECT_TOO_LARGE, f"{exc} (max_object_mb)") from None
         except DeflateCorrupt as exc:
@@ -170,6 +191,9 @@ class IncomingObject:
         if self._temp is not None:
             self._spool.discard(self._temp)  # gone already once published: a no-op
         self._chunks = []
+        if self._budget is not None:
+            self._budget.give_back(self._reserved)
+            self._budget, self._reserved = None, 0
 
     def result(self) -> IncomingObject:
         """The complete object, for the DIMSE message that carried it."""

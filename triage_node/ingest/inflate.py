@@ -8,7 +8,10 @@ the file, so the node inflates it itself, before anything else reads it:
    ``max_length``): a bomb is refused once it passes the object size limit
    (``max_object_mb``, the limit every other object has), having cost at most that
    much CPU and 1 MiB of memory;
-2. then into memory, once it is known to fit.
+2. then into memory, once it is known to fit, and only while the inflated bytes held
+   by all connections together stay within `InflationBudget`: a peer that sends objects
+   inflating to just under the size limit gets 0xA700 (try again later) instead of a
+   gigabyte of memory per connection.
 
 The object is then kept as Explicit VR Little Endian: the file meta's
 TransferSyntaxUID (0002,0010) is rewritten and the data set bytes are exactly the
@@ -22,15 +25,19 @@ the wire only; the store records the transfer syntax as received in the audit ro
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
+from collections.abc import Callable
 from io import BytesIO
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 __all__ = [
+    "DeflateBusy",
     "DeflateCorrupt",
     "DeflateError",
     "DeflateTooLarge",
+    "InflationBudget",
     "inflate_part10",
     "is_deflated",
     "meta_sop_uids",
@@ -57,6 +64,41 @@ class DeflateTooLarge(DeflateError):
 
 class DeflateCorrupt(DeflateError):
     """The deflated stream is not valid (``zlib.error``), or it ends early."""
+
+
+class DeflateBusy(DeflateError):
+    """The inflated object does not fit in what `InflationBudget` has left just now."""
+
+
+class InflationBudget:
+    """Inflated bytes held in memory at once by every connection of the process.
+
+    A deflated object costs a thousandth of its inflated size on the wire, so without a
+    shared bound a handful of peers could each make the node hold ``max_object_mb``.
+    One object is always let in when nothing else is held, so any object within the
+    size limit can be stored on an idle node.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (nothing reserved) when they do not fit now."""
+        with self._lock:
+            if self._used and self._used + size > self.limit:
+                return False
+            self._used += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self._used = max(0, self._used - size)
 
 
 _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
@@ -185,7 +227,7 @@ def _explicit_meta(data: bytes, elements: list[tuple[int, int, int]]) -> bytes:
     return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
-def inflate_part10(data: bytes, limit: int) -> bytes:
+def inflate_part10(data: bytes, limit: int, reserve: Callable[[int], bool] | None = None) -> bytes:
     """A deflated Part 10 object as Explicit VR Little Endian, at most ``limit`` bytes.
 
     Parameters
@@ -195,6 +237,9 @@ def inflate_part10(data: bytes, limit: int) -> bytes:
     limit : int
         Largest object the node takes, in bytes (``max_object_mb``): the whole object,
         file meta included, once inflated.
+    reserve : callable, optional
+        Called with the inflated size between the counting and the keeping pass
+        (`InflationBudget.take`); False stops before anything is kept.
 
     Returns
     -------
@@ -203,7 +248,7 @@ def inflate_part10(data: bytes, limit: int) -> bytes:
 
     Raises
     ------
-    DeflateTooLarge, DeflateCorrupt
+    DeflateTooLarge, DeflateCorrupt, DeflateBusy
     """
     walked = _meta_elements(data)
     if walked is None or not walked[0]:
@@ -214,9 +259,11 @@ def inflate_part10(data: bytes, limit: int) -> bytes:
     deflated = memoryview(data)[end:]
     # First count (bounded memory), then keep: a bomb never holds more than one step.
     try:
-        _inflate(deflated, room, None)
+        size = _PREAMBLE + len(meta) + _inflate(deflated, room, None)
     except DeflateTooLarge:
         raise DeflateTooLarge(f"the object inflates to more than {limit / 2**20:g} MiB") from None
+    if reserve is not None and not reserve(size):
+        raise DeflateBusy(f"{size / 2**20:.0f} MiB inflated would exceed the inflation budget now")
     chunks: list[bytes] = [data[:_PREAMBLE], meta]
     _inflate(deflated, room, chunks)
     return b"".join(chunks)

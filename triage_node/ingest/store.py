@@ -63,6 +63,7 @@ from triage_node.ingest.header import (
 )
 from triage_node.ingest.filing import FILED_ELSEWHERE, Filing, FilingCache, file_series
 from triage_node.ingest.incoming import IncomingObject, dataset_digest
+from triage_node.ingest.inflate import InflationBudget
 from triage_node.ingest.spool import Spool
 from triage_node.logs import get_logger, remember_identifiers
 
@@ -197,6 +198,7 @@ class InstanceStore:
         self.on_stored = on_stored
         self.spool = Spool(settings.spool_dir)
         self._filed = FilingCache()
+        self.inflation = InflationBudget(settings.inflation_budget_mb * 2**20)
         # Refusals that could not be audited (database away), written once it is back.
         self._deferred_audit: list[dict[str, Any]] = []
         self._deferred_lock = threading.Lock()
@@ -311,7 +313,7 @@ class InstanceStore:
             if incoming.refused is not None:
                 raise incoming.refused
             # Deflated: inflated once, within the object size limit, and kept inflated.
-            inflated = incoming.inflate(self.settings.max_object_mb * 2**20)
+            inflated = incoming.inflate(self.settings.max_object_mb * 2**20, self.inflation)
             # The bytes are in the temporary file already: its fsync and the digest
             # run in the I/O pool (neither holds the GIL) while this thread checks the
             # header and stages the rows. A refused object's file is dropped.
