@@ -39,6 +39,7 @@ from triage_node.db.models import Job, JobState, Series, Study
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
 from triage_node.queue import QUEUES, enqueue_job, reconcile_queued_jobs
+from triage_node.timeutil import as_utc
 
 log = get_logger(__name__)
 
@@ -147,11 +148,6 @@ class Resent:
     def sent(self) -> bool:
         return self.task_id is not None
 
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:  # SQLite returns naive UTC
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def lost_job_candidates(session: Session, grace: timedelta) -> list[Job]:

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from triage_node.logs import get_logger
 from triage_node.metrics import AT_PACS_BUCKETS, STAGE_BUCKETS, BuildInfo, BuildInfoCollector
+from triage_node.timeutil import as_utc
 
 log = get_logger(__name__)
 
@@ -68,14 +69,9 @@ STAGES = (
 )
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
-    start, end = _aware(start), _aware(end)
+    start, end = as_utc(start), as_utc(end)
     if start is None or end is None:
         return None
     return max(0.0, (end - start).total_seconds())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +16,7 @@ from triage_node.api.deps import Admin, SessionDep, SessionFactoryDep
 from triage_node.db.models import Job, Result
 from triage_node.retention.hold import UnknownStudy, set_legal_hold
 from triage_node.worklist.queries import ObjectRef, study_detail, study_objects
+from triage_node.timeutil import as_utc
 
 router = APIRouter(tags=["studies"])
 
@@ -94,24 +95,19 @@ class StudyOut(BaseModel):
     results: list[ResultOut] = Field(description="All job versions, newest first")
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
 
 def stage_seconds(job: Job) -> tuple[dict[str, float], float | None]:
     """Per-stage durations from the job's timestamps, and the end-to-end time."""
     out: dict[str, float] = {}
-    previous = _aware(job.last_instance_at)
+    previous = as_utc(job.last_instance_at)
     for attr, stage in STAGES:
-        stamp = _aware(getattr(job, attr))
+        stamp = as_utc(getattr(job, attr))
         if stamp is None:
             continue
         if stage is not None and previous is not None:
             out[stage] = round((stamp - previous).total_seconds(), 3)
         previous = stamp
-    start, end = _aware(job.last_instance_at), _aware(job.reported_at)
+    start, end = as_utc(job.last_instance_at), as_utc(job.reported_at)
     total = round((end - start).total_seconds(), 3) if start and end else None
     return out, total
 

@@ -11,7 +11,8 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from triage_node.db.models import AuditEvent, utcnow
+from triage_node.db.models import AuditEvent
+from triage_node.timeutil import utcnow
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
 

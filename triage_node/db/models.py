@@ -6,7 +6,7 @@ shows them to radiologists; they are never logged.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -26,9 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.sql.expression import false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+from triage_node.timeutil import utcnow
 
 
 class Base(DeclarativeBase):

@@ -21,7 +21,7 @@ dead-lettered rows back. Logs and audit rows name the study and MSH-10, never th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -33,19 +33,13 @@ from triage_node.db.models import HL7OutboxItem, OutboxState
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
 from triage_node.notify.mllp import Endpoint, SendResult, send
+from triage_node.timeutil import as_utc, utcnow
 
 log = get_logger(__name__)
 
 ACTION = "notify.hl7"
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(dt: datetime) -> datetime:
-    """SQLite returns naive datetimes; everything here is UTC."""
-    return dt.astimezone(UTC) if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
 def enqueue(
@@ -76,7 +70,7 @@ def enqueue(
             item = HL7OutboxItem(
                 job_id=job_id, study_uid=study_uid, message_type=message_type, control_id=control_id,
                 dedup_key=dedup_key, trigger=trigger, message=message, state=OutboxState.pending,
-                attempts=0, next_attempt_at=_utcnow(),
+                attempts=0, next_attempt_at=utcnow(),
             )
             session.add(item)
             session.flush()
@@ -144,7 +138,7 @@ def deliver_due(
     report = HL7Report(results={})
     if not settings.hl7_host:
         return report
-    now = _aware(now or _utcnow())
+    now = as_utc(now or utcnow())
     endpoint = Endpoint.from_settings(settings)
     lease = now + timedelta(seconds=max(120.0, 4 * endpoint.timeout_s))
     for item_id in _claim(session_factory, now, lease, limit, ids):
@@ -185,7 +179,7 @@ def _record(session_factory: sessionmaker[Session], settings: Settings, endpoint
             ack=result.ack_code, peer=endpoint.address,
         )
         if result.outcome == "accepted":
-            item.state, item.delivered_at, item.last_error = OutboxState.delivered, _utcnow(), None
+            item.state, item.delivered_at, item.last_error = OutboxState.delivered, utcnow(), None
             audit.record(session, ACTION, outcome="ok", **common)
             log.info("hl7.acknowledged", study_uid=item.study_uid, message_type=item.message_type,
                      ack=result.ack_code, attempt=item.attempts)
@@ -224,7 +218,7 @@ def requeue(
         query = query.where(HL7OutboxItem.id == item_id, HL7OutboxItem.state != OutboxState.delivered)
     else:
         query = query.where(HL7OutboxItem.state.in_([OutboxState.dead, OutboxState.refused]))
-    when = _aware(now or _utcnow())
+    when = as_utc(now or utcnow())
     n = 0
     for item in session.scalars(query):
         previous = item.state

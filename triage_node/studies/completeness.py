@@ -57,6 +57,7 @@ from triage_node.queue import JobEnqueuer, choose_queue, make_client, reconcile_
 from triage_node.studies.geometry import slice_spacing
 from triage_node.studies.selection import SelectionRules, load_rules, select_series
 from triage_node.worklist.priority import compute_priority
+from triage_node.timeutil import as_utc
 
 log = get_logger(__name__)
 
@@ -69,12 +70,6 @@ ACTIVE_JOB_STATES = (JobState.queued, JobState.running, JobState.done)
 
 Enqueuer = Callable[[list[int]], Any]
 
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite gives back naive datetimes (stored as UTC); PostgreSQL aware ones."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 @dataclass(frozen=True)
@@ -101,7 +96,7 @@ def series_stats(session: Session, series_id: int) -> SeriesStats:
     for row in rows:
         if row.sop_uid not in latest or row.version > latest[row.sop_uid].version:
             latest[row.sop_uid] = row
-    received = [_aware(r.received_at) for r in rows if r.received_at is not None]
+    received = [as_utc(r.received_at) for r in rows if r.received_at is not None]
     return SeriesStats(
         count=len(latest),
         instance_numbers=[r.instance_number for r in latest.values()],
@@ -250,7 +245,7 @@ class CompletenessTracker:
                     .join(Series, Series.id == Instance.series_id)
                     .where(Series.series_uid == series_uid)
                 )
-            last = _aware(last)
+            last = as_utc(last)
             if last is None:
                 with self._pending_lock:
                     self._pending.pop(series_uid, None)
@@ -333,7 +328,7 @@ class CompletenessTracker:
         if series is None:
             return Completion(series_uid, completed=False, reason="unknown series")
         stats = series_stats(session, series.id)
-        completed_at = _aware(series.completed_at)
+        completed_at = as_utc(series.completed_at)
         already = series.state == SeriesState.complete
         if already and (
             stats.last_received_at is None or completed_at is None
@@ -400,7 +395,7 @@ class CompletenessTracker:
         current = [j for j in active if j.series_id == chosen.id]
         others = [j for j in active if j.series_id != chosen.id]
         if current and not others and all(
-            last is None or (_aware(j.last_instance_at) or last) >= last for j in current
+            last is None or (as_utc(j.last_instance_at) or last) >= last for j in current
         ):
             return  # the selected series already has a job that saw every instance
         version = (
@@ -414,7 +409,7 @@ class CompletenessTracker:
             state=JobState.queued,
             queue=queue,
             last_instance_at=last,
-            series_complete_at=_aware(chosen.completed_at),
+            series_complete_at=as_utc(chosen.completed_at),
             created_at=datetime.now(UTC),
         )
         session.add(job)
@@ -501,9 +496,9 @@ def enqueue_latencies(
         rows = session.execute(query).all()
     out = []
     for job, reason in rows:
-        last = _aware(job.last_instance_at)
-        complete = _aware(job.series_complete_at)
-        enqueued = _aware(job.enqueued_at)
+        last = as_utc(job.last_instance_at)
+        complete = as_utc(job.series_complete_at)
+        enqueued = as_utc(job.enqueued_at)
         out.append(JobLatency(
             job_id=job.id, version=job.version, queue=job.queue, completion_reason=reason,
             last_instance_at=last, series_complete_at=complete, enqueued_at=enqueued,

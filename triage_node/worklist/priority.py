@@ -44,9 +44,9 @@ from triage_node.db.models import (
     Study,
     WorklistEntry,
     WorklistStatus,
-    utcnow,
 )
 from triage_node.logs import get_logger
+from triage_node.timeutil import as_utc, utcnow
 
 log = get_logger(__name__)
 
@@ -187,9 +187,6 @@ def _resolve_study(session: Session, study: Study | int | str) -> Study:
     return found
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
 
 def manual_set_at(session: Session, study_uid: str) -> datetime | None:
     """When a person last set the study's class (from the audit trail), or None."""
@@ -198,7 +195,7 @@ def manual_set_at(session: Session, study_uid: str) -> datetime | None:
             AuditEvent.study_uid == study_uid, AuditEvent.action == "worklist.manual_priority"
         )
     )
-    return None if at is None else _aware(at)
+    return None if at is None else as_utc(at)
 
 
 def get_or_create_entry(session: Session, study: Study) -> tuple[WorklistEntry, bool]:
@@ -267,7 +264,7 @@ def compute_priority(
         # A person's class stands; only results that arrived after the person chose
         # may raise the study above it (never below).
         set_at = manual_set_at(session, row.study_uid)
-        newer = [r for r in current_results(session, row.id) if set_at is None or _aware(r.created_at) > set_at]
+        newer = [r for r in current_results(session, row.id) if set_at is None or as_utc(r.created_at) > set_at]
         new_class = parse_class(entry.manual_priority_class)
         if newer:
             later = PriorityInputs(
@@ -377,7 +374,7 @@ def set_status(
 
 def waiting_hours(received_at: datetime, now: datetime | None = None) -> float:
     """Hours between ``received_at`` and ``now`` (naive datetimes are UTC)."""
-    return max(0.0, (_aware(now or utcnow()) - _aware(received_at)).total_seconds() / 3600.0)
+    return max(0.0, (as_utc(now or utcnow()) - as_utc(received_at)).total_seconds() / 3600.0)
 
 
 def effective_score(score: float, received_at: datetime, settings: Settings,

@@ -37,6 +37,7 @@ from triage_node.db import audit
 from triage_node.db.models import Job, OutboxItem, OutboxState
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
+from triage_node.timeutil import as_utc, utcnow
 from worker import metrics
 from worker.pipeline.destinations import SendItem, SendOutcome, send
 
@@ -103,13 +104,6 @@ class DeliveryReport:
         }
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(dt: datetime) -> datetime:
-    """Everything in the outbox is UTC (SQLite returns naive datetimes and compares text)."""
-    return dt.astimezone(UTC) if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
 def enqueue_outbox(
@@ -148,7 +142,7 @@ def enqueue_outbox(
             )
         ).all()
     )
-    when = _aware(now or _utcnow())
+    when = as_utc(now or utcnow())
     added = []
     for sop_uid, path in objects:
         for name in names:
@@ -195,7 +189,7 @@ def deliver_due(
     -------
     DeliveryReport
     """
-    now = _aware(now or _utcnow())
+    now = as_utc(now or utcnow())
     if isinstance(settings, Settings):
         destinations = list(settings.destinations)
         policy = policy or DeliveryPolicy.from_settings(settings)
@@ -325,7 +319,7 @@ def _record(
             )
             if o.outcome == "sent":
                 item.state = OutboxState.delivered
-                item.delivered_at = _utcnow()
+                item.delivered_at = utcnow()
                 item.last_error = None
                 audit.record(session, "delivery.sent", outcome="ok", **common)
                 counts["sent"] += 1
@@ -404,7 +398,7 @@ def requeue(
         query = query.where(OutboxItem.id == item_id, OutboxItem.state != OutboxState.delivered)
     else:
         query = query.where(OutboxItem.state.in_([OutboxState.dead, OutboxState.refused]))
-    when = _aware(now or _utcnow())
+    when = as_utc(now or utcnow())
     n = 0
     for item in session.scalars(query):
         previous = item.state

@@ -31,7 +31,7 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from triage_node.db.models import (
 )
 from triage_node.db.session import make_engine, make_sessionmaker, transaction
 from triage_node.logs import get_logger
+from triage_node.timeutil import as_utc, utcnow
 from worker.files import write_atomic
 from worker.inference.base import InferenceBackend
 
@@ -194,9 +195,6 @@ class _Claim:
     started_at: datetime
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
 
 #: Namespace of the name-based UUIDs behind the node's derived UIDs.
 UID_NAMESPACE = uuid.UUID("6f1c2a9e-3b7d-5c4e-9a81-0d2f4b6e8c13")
@@ -257,7 +255,7 @@ def claim(ctx: WorkerContext, job_id: int, version: int, task_id: str | None) ->
         paths = _latest_instance_paths(session, series, ctx.settings.spool_dir)
         if not paths:
             raise JobError(f"job {job_id}: series has no instances")
-        started = _now()
+        started = utcnow()
         rerun = job.state == JobState.running
         job.state = JobState.running
         job.started_at = started
@@ -455,7 +453,7 @@ def _record_in(
             setattr(result, key, value)
     job.inferred_at = stamps["inferred"]
     job.reported_at = stamps["reported"]
-    job.finished_at = _now()
+    job.finished_at = utcnow()
     superseded = job.state == JobState.superseded or job.version != claim_.version
     if not superseded:
         job.state = JobState.done
@@ -530,10 +528,10 @@ def run_job(ctx: WorkerContext, job_id: int, version: int, *, task_id: str | Non
         inputs, ctx.backend.slice_fn, ctx.backend.sequence_fn, card,
         operating_point=str(ctx.settings.operating_point.value),
     )
-    inferred = _now()
+    inferred = utcnow()
     t2 = time.perf_counter()
     written = write_objects(ctx, claimed, volume, prediction, frame)
-    reported = _now()
+    reported = utcnow()
     t3 = time.perf_counter()
     state = record(ctx, claimed, volume, prediction, written,
                    {"inferred": inferred, "reported": reported})
@@ -567,7 +565,7 @@ def mark_failed(ctx: WorkerContext, job_id: int, version: int | None, exc: BaseE
             return
         job.state = JobState.failed
         job.error = message
-        job.finished_at = _now()
+        job.finished_at = utcnow()
         study = session.get(Study, job.study_id)
         series = session.get(Series, job.series_id)
         audit.record(
@@ -589,7 +587,7 @@ def deliver_pending(ctx: WorkerContext) -> dict[str, Any]:
 
     if not ctx.settings.destinations:
         return {"sent": 0, "destinations": 0}
-    report = deliver_due(ctx.session_factory, ctx.settings, _now()).as_dict()
+    report = deliver_due(ctx.session_factory, ctx.settings, utcnow()).as_dict()
     if report.get("sent"):
         report["jobs_delivered"] = stamp_delivered(ctx)
     return report
@@ -613,19 +611,16 @@ def stamp_delivered(ctx: WorkerContext, job_ids: list[int] | None = None) -> lis
             items = session.scalars(select(OutboxItem).where(OutboxItem.job_id == job.id)).all()
             if not all(i.state == OutboxState.delivered for i in items):
                 continue
-            job.delivered_at = max(i.delivered_at or _now() for i in items)
+            job.delivered_at = max(i.delivered_at or utcnow() for i in items)
             study = session.get(Study, job.study_id)
             audit.record(session, "job.delivered", actor=ACTOR, job_id=job.id,
                          study_uid=study.study_uid if study else None, objects=len(items),
                          seconds_reported_to_delivered=round(
-                             (_aware(job.delivered_at) - _aware(job.reported_at)).total_seconds(), 3)
+                             (as_utc(job.delivered_at) - as_utc(job.reported_at)).total_seconds(), 3)
                          if job.reported_at else None)
             stamped.append(job.id)
     return stamped
 
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def deliver_for_job(ctx: WorkerContext, job_id: int) -> dict[str, Any]:
@@ -662,7 +657,7 @@ def requeue_stale_jobs(
     """
     from datetime import timedelta
 
-    now = now or _now()
+    now = now or utcnow()
     cutoff = now - timedelta(seconds=settings.task_time_limit_s + 60)
     requeued: list[int] = []
     with transaction(session_factory) as session:
