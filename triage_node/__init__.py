@@ -17,3 +17,8 @@ CLASSES = (
     "subdural",
 )
 SUBTYPES = CLASSES[1:]
+
+# Celery queues (lanes): the worker takes from ``stat`` before ``routine``.
+QUEUE_STAT = "stat"
+QUEUE_ROUTINE = "routine"
+QUEUES = (QUEUE_STAT, QUEUE_ROUTINE)

@@ -28,6 +28,7 @@ from kombu import Exchange, Queue
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from triage_node import QUEUE_ROUTINE, QUEUE_STAT, QUEUES
 from triage_node.config import Settings
 from triage_node.db import audit
 from triage_node.db.models import Instance, Job, JobState, Series, Study
@@ -37,9 +38,6 @@ from triage_node.logs import get_logger
 log = get_logger(__name__)
 
 TASK_NAME = "worker.triage_job"
-QUEUE_STAT = "stat"
-QUEUE_ROUTINE = "routine"
-QUEUES = (QUEUE_STAT, QUEUE_ROUTINE)
 #: Redis message priority per queue (kombu: 0 is the most urgent).
 QUEUE_PRIORITY = {QUEUE_STAT: 0, QUEUE_ROUTINE: 5}
 #: Values of RequestedProcedurePriority (0040,1003) that mean STAT (PS3.3 C.4.11).

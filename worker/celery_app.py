@@ -21,6 +21,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from triage_node import QUEUE_ROUTINE
 from triage_node.config import Settings, get_settings
 from triage_node.logs import get_logger
 
@@ -121,26 +122,26 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
         "requeue-stale": {
             "task": "worker.requeue_stale",
             "schedule": 60.0,
-            "options": {"queue": "routine", "expires": 120.0},
+            "options": {"queue": QUEUE_ROUTINE, "expires": 120.0},
         }
     }
     if settings.destinations:
         schedule["deliver-due"] = {
             "task": "worker.deliver_due",
             "schedule": every,
-            "options": {"queue": "routine", "expires": 4 * every},
+            "options": {"queue": QUEUE_ROUTINE, "expires": 4 * every},
         }
     if settings.hl7_host:
         schedule["deliver-hl7-due"] = {
             "task": "worker.deliver_hl7_due",
             "schedule": every,
-            "options": {"queue": "routine", "expires": 4 * every},
+            "options": {"queue": QUEUE_ROUTINE, "expires": 4 * every},
         }
     if settings.retention_enabled:
         # The cleaner: eligibility is re-checked per study, so a late or doubled run is harmless.
         schedule["retention"] = {
             "task": "worker.retention",
             "schedule": settings.retention_interval_s,
-            "options": {"queue": "routine", "expires": settings.retention_interval_s},
+            "options": {"queue": QUEUE_ROUTINE, "expires": settings.retention_interval_s},
         }
     return schedule

@@ -30,6 +30,7 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
+from triage_node import QUEUE_STAT
 from triage_node.logs import get_logger
 from worker.celery_app import app
 from worker.inference.base import BackendUnavailable
@@ -59,7 +60,7 @@ class TriageTask(Task):
 def send_notifications(settings: Any, job_id: int) -> None:
     """Queue the notification task when a receiver is configured (webhook or RIS)."""
     if settings.webhook_urls or settings.hl7_host:
-        notify_job.apply_async(args=[job_id], queue="stat")
+        notify_job.apply_async(args=[job_id], queue=QUEUE_STAT)
 
 
 @app.task(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from triage_node import QUEUES
 from triage_node.cli.common import settings_or_exit
 from triage_node.config import get_settings
 
@@ -93,7 +94,7 @@ def register(app: typer.Typer) -> None:
             os.environ["TRIAGE_INFERENCE_BACKEND"] = backend
         get_settings.cache_clear()
         names = [q.strip() for q in queues.split(",") if q.strip()]
-        unknown = [q for q in names if q not in ("stat", "routine")]
+        unknown = [q for q in names if q not in QUEUES]
         if not names or unknown:
             typer.echo(f"--queues: unknown queue(s) {unknown or names}; use stat and/or routine", err=True)
             raise typer.Exit(2)

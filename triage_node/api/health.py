@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from triage_node import QUEUES
 from triage_node.config import InferenceBackend, Settings
 from triage_node.db import schema
 from triage_node.db.models import AuditEvent, Instance, Job, JobState, OutboxItem, OutboxState, Study
@@ -201,7 +202,7 @@ class NodeCollector(Collector):
             g.add_metric([state.value], jobs.get(state.value, 0))
         yield g
         g = GaugeMetricFamily("triage_queue_depth", "Jobs waiting for a worker", labels=["queue"])
-        for name in ("stat", "routine"):
+        for name in QUEUES:
             g.add_metric([name], queued.get(name, 0))
         yield g
         g = GaugeMetricFamily("triage_outbox_items", "Outbox rows by state", labels=["state"])

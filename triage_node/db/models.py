@@ -26,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.sql.expression import false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from triage_node import QUEUE_ROUTINE
 from triage_node.timeutil import utcnow
 
 
@@ -181,7 +182,7 @@ class Job(Base):
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(16), default=JobState.queued, index=True)
-    queue: Mapped[str] = mapped_column(String(16), default="routine")
+    queue: Mapped[str] = mapped_column(String(16), default=QUEUE_ROUTINE)
     task_id: Mapped[str | None] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
