@@ -20,6 +20,8 @@ from worker.model.data import load_cache
 
 def main(run: Path) -> None:
     cache = load_cache(run / "cache")
+    pooled_y: list[float] = []
+    pooled_p: list[float] = []
     for path in sorted((run / "cv").glob("fold_*.npz")):
         r = dict(np.load(path))
         ends = np.cumsum(r["lengths"])
@@ -30,9 +32,16 @@ def main(run: Path) -> None:
             seq.append(r["slice_seq"][a:b, 0].max())
             cnn.append(r["slice_cnn"][a:b, 0].max())
         y_ = np.asarray(y)
+        pooled_y += y
+        pooled_p += seq
         print(f"{path.stem}: {len(y)} patients ({int(y_.sum())} with a bleed), study AUC(any) "
               f"CNN+sequence {M.roc_auc(y_, np.asarray(seq)):.3f}, CNN only {M.roc_auc(y_, np.asarray(cnn)):.3f}, "
               f"{len(r['cnn_loss'])} epochs, final CNN loss {r['cnn_loss'][-1]:.4f}, {float(r['wall_s']) / 60:.1f} min")
+    if pooled_y:
+        y_, p_ = np.asarray(pooled_y), np.asarray(pooled_p)
+        low, high = M.bootstrap_ci(M.roc_auc, y_, p_)  # 1000 resamples of patients, as the CV report
+        print(f"pooled over the finished folds: {len(y_)} patients, study AUC(any) CNN+sequence "
+              f"{M.roc_auc(y_, p_):.3f} ({low:.3f}-{high:.3f})")
 
 
 if __name__ == "__main__":
