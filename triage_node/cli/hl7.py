@@ -10,27 +10,13 @@ import typer
 from sqlalchemy import select
 
 from triage_node.cli.app import app
-from triage_node.cli.common import settings_or_exit
+from triage_node.cli.common import DATA_DIR, database_or_exit
 from triage_node.db.models import HL7OutboxItem, OutboxState
-from triage_node.db.schema import SchemaOutOfDate, require_current
-from triage_node.db.session import make_engine, make_sessionmaker, transaction
+from triage_node.db.session import transaction
 
 hl7_app = typer.Typer(help="HL7 outbox: messages to the RIS waiting for, or given up without, an ACK.",
                       no_args_is_help=True)
 app.add_typer(hl7_app, name="hl7")
-
-DATA_DIR = typer.Option(None, "--data-dir", help="Data directory (overrides TRIAGE_DATA_DIR).")
-
-
-def _factory(data_dir: Path | None):  # type: ignore[no-untyped-def]
-    settings = settings_or_exit(data_dir=data_dir)
-    engine = make_engine(settings.effective_database_url)
-    try:
-        require_current(engine)
-    except SchemaOutOfDate as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    return settings, engine, make_sessionmaker(engine)
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -71,7 +57,7 @@ def hl7_list(
     if bad:
         typer.echo(f"unknown state {', '.join(bad)}; use {', '.join(OutboxState)}", err=True)
         raise typer.Exit(2)
-    _, engine, factory = _factory(data_dir)
+    _, engine, factory = database_or_exit(data_dir)
     try:
         with factory() as session:
             query = select(HL7OutboxItem).order_by(HL7OutboxItem.id.desc()).limit(limit)
@@ -109,7 +95,7 @@ def hl7_retry(
     if (item_id is None) == (not dead):
         typer.echo("give exactly one of --id N or --dead", err=True)
         raise typer.Exit(2)
-    _, engine, factory = _factory(data_dir)
+    _, engine, factory = database_or_exit(data_dir)
     try:
         with transaction(factory) as session:
             n = requeue(session, item_id=item_id, dead=dead, actor="cli")
@@ -129,7 +115,7 @@ def hl7_deliver(
     """Send every due message now (what the worker's periodic HL7 delivery does)."""
     from triage_node.notify.outbox import deliver_due
 
-    settings, engine, factory = _factory(data_dir)
+    settings, engine, factory = database_or_exit(data_dir)
     if not settings.hl7_host:
         typer.echo("hl7_host is not set (TRIAGE_HL7_HOST): no RIS to send to", err=True)
         raise typer.Exit(2)

@@ -10,9 +10,7 @@ from typing import Any
 import typer
 
 from triage_node.cli.app import app
-from triage_node.cli.common import settings_or_exit
-from triage_node.db.schema import SchemaOutOfDate, require_current
-from triage_node.db.session import make_engine, make_sessionmaker
+from triage_node.cli.common import DATA_DIR, database_or_exit
 from triage_node.retention import Plan, UnknownStudy, plan, run, set_legal_hold
 
 retention_app = typer.Typer(
@@ -21,19 +19,7 @@ retention_app = typer.Typer(
 )
 app.add_typer(retention_app, name="retention")
 
-DATA_DIR = typer.Option(None, "--data-dir", help="Data directory (overrides TRIAGE_DATA_DIR).")
 AS_JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
-
-
-def _factory(data_dir: Path | None):  # type: ignore[no-untyped-def]
-    settings = settings_or_exit(data_dir=data_dir)
-    engine = make_engine(settings.effective_database_url)
-    try:
-        require_current(engine)
-    except SchemaOutOfDate as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    return settings, engine, make_sessionmaker(engine)
 
 
 def plan_dict(p: Plan) -> dict[str, Any]:
@@ -76,7 +62,7 @@ def retention(
             typer.echo("--dry-run goes without a command", err=True)
             raise typer.Exit(2)
         return
-    settings, engine, factory = _factory(data_dir)
+    settings, engine, factory = database_or_exit(data_dir)
     try:
         report = plan_dict(plan(settings, factory))
     finally:
@@ -87,7 +73,7 @@ def retention(
 @retention_app.command("run")
 def retention_run(as_json: bool = AS_JSON, data_dir: Path | None = DATA_DIR) -> None:
     """Delete what the policy allows now (the scheduled cleaner does the same); audited per batch."""
-    settings, engine, factory = _factory(data_dir)
+    settings, engine, factory = database_or_exit(data_dir)
     try:
         report = run(settings, factory).as_dict()
     finally:
@@ -106,7 +92,7 @@ def retention_run(as_json: bool = AS_JSON, data_dir: Path | None = DATA_DIR) -> 
 
 
 def _hold(study_uid: str, held: bool, reason: str, data_dir: Path | None) -> None:
-    _, engine, factory = _factory(data_dir)
+    _, engine, factory = database_or_exit(data_dir)
     try:
         changed = set_legal_hold(factory, study_uid, held, actor=f"cli:{getpass.getuser()}", reason=reason)
     except UnknownStudy:
