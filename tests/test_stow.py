@@ -55,7 +55,7 @@ def node(settings, session_factory):
         yield live
 
 
-def post(node, body: bytes, token: str, content_type: str | None = None, path="/dicomweb/studies"):
+def post(node, body: bytes, token: str, content_type: str | None = None, path="/dicom-web/studies"):
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/dicom+json",
                "Content-Type": content_type or CT.format(b="triage-boundary-1")}
     return httpx.post(node.url + path, content=body, headers=headers, timeout=30)
@@ -74,13 +74,13 @@ def test_store_a_series_returns_references_and_enqueues_a_job(node, tokens, sess
     assert response.headers["content-type"].startswith("application/dicom+json")
     body = response.json()
     assert "00081198" not in body
-    assert body["00081190"] == {"vr": "UR", "Value": [f"{node.url}/dicomweb/studies/{study}"]}
+    assert body["00081190"] == {"vr": "UR", "Value": [f"{node.url}/dicom-web/studies/{study}"]}
     refs = body["00081199"]["Value"]
     sent = {dcmread(BytesIO(f)).SOPInstanceUID for f in files}
     assert {uid_of(r, "00081155") for r in refs} == sent
     assert all(uid_of(r, "00081150") == "1.2.840.10008.5.1.4.1.1.2" for r in refs)
     assert all(uid_of(r, "00081190").startswith(
-        f"{node.url}/dicomweb/studies/{study}/series/{series}/instances/") for r in refs)
+        f"{node.url}/dicom-web/studies/{study}/series/{series}/instances/") for r in refs)
     with session_factory() as session:
         rows = session.scalars(select(Instance)).all()
         assert len(rows) == 16 and {r.source for r in rows} == {"stow"}
@@ -149,7 +149,7 @@ def test_instances_of_another_study_are_refused_on_the_study_path(node, tokens, 
     mine = ct_series_files(2, study_uid=study)
     other = ct_series_files(1)
     response = post(node, multipart_related([*mine, *other]), tokens["sender"],
-                    path=f"/dicomweb/studies/{study}")
+                    path=f"/dicomweb/studies/{study}")  # the old prefix: the URLs name it
     assert response.status_code == 202
     body = response.json()
     assert body["00081190"]["Value"] == [f"{node.url}/dicomweb/studies/{study}"]

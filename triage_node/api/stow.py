@@ -1,4 +1,4 @@
-"""STOW-RS: ``POST /dicomweb/studies[/{study}]`` (PS3.18 10.5, Store Transaction).
+"""STOW-RS: ``POST /dicom-web/studies[/{study}]`` (PS3.18 10.5, Store Transaction).
 
 The request is ``multipart/related; type="application/dicom"`` (PS3.18 8.6.1.2): each
 part one Part 10 file. The body is parsed as it streams in (python-multipart), and
@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from triage_node.api.deps import Sender
+from triage_node.api.dicomweb_read import base_url
 from triage_node.db import audit
 from triage_node.db.session import transaction
 from triage_node.ingest.header import OBJECT_TOO_LARGE
@@ -220,7 +221,7 @@ def _store_part(
                     outcome.sop_uid or sop_uid, outcome.status or PROCESSING_FAILURE)
         return
     sop_class = getattr(outcome, "sop_class_uid", None) or sop_class
-    url = (f"{base}/dicomweb/studies/{outcome.study_uid}/series/{outcome.series_uid}"
+    url = (f"{base}/studies/{outcome.study_uid}/series/{outcome.series_uid}"
            f"/instances/{outcome.sop_uid}")
     result.referenced.append({
         "00081150": _attr("UI", sop_class),
@@ -283,7 +284,7 @@ async def _receive(request: Request, principal: Any, target_study: str | None) -
     state = request.app.state
     store, tracker = state.store, getattr(state, "tracker", None)
     peer = request.client.host if request.client else "unknown"
-    base = str(request.base_url).rstrip("/")
+    base = base_url(request)  # RetrieveURLs name the prefix the request came in on
     result = StowResult()
     try:
         boundary = check_content_type(request.headers.get("content-type"))
@@ -323,7 +324,7 @@ async def _receive(request: Request, principal: Any, target_study: str | None) -
     body: dict[str, Any] = {}
     studies = {target_study} if target_study else result.studies
     if len(studies) == 1 and result.referenced:
-        body["00081190"] = _attr("UR", f"{base}/dicomweb/studies/{next(iter(studies))}")
+        body["00081190"] = _attr("UR", f"{base}/studies/{next(iter(studies))}")
     if result.referenced:
         body["00081199"] = {"vr": "SQ", "Value": result.referenced}
     if result.failed:
