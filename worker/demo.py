@@ -35,6 +35,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from triage_node import CLASSES
+from triage_node.dicom_status import StoreStatus
 from triage_node.logs import get_logger
 
 log = get_logger(__name__)
@@ -134,7 +135,7 @@ def send_files(paths: Iterable[Path], host: str, port: int, called_ae: str,
     try:
         for path in files:
             status = assoc.send_c_store(pydicom.dcmread(path))
-            if status is None or int(getattr(status, "Status", 0xC000)) != 0x0000:
+            if status is None or getattr(status, "Status", None) != StoreStatus.SUCCESS:
                 raise DemoError(f"{path.name}: C-STORE status {getattr(status, 'Status', None)}")
             stored += 1
     finally:

@@ -36,6 +36,7 @@ from triage_node.api.deps import Sender
 from triage_node.api.dicomweb_read import base_url
 from triage_node.db import audit
 from triage_node.db.session import transaction
+from triage_node.dicom_status import StoreStatus
 from triage_node.ingest.header import OBJECT_TOO_LARGE
 from triage_node.ingest.inflate import is_deflated, meta_sop_uids
 from triage_node.logs import get_logger
@@ -47,11 +48,11 @@ router = APIRouter(tags=["dicomweb"])
 
 DICOM_JSON = "application/dicom+json"
 #: FailureReason values (PS3.18 Table 10.5.3-3 refers to the PS3.4 status codes).
-CANNOT_UNDERSTAND = 0xC000
+CANNOT_UNDERSTAND = StoreStatus.CANNOT_UNDERSTAND
 #: The instance's StudyInstanceUID differs from the study in the request URL
-#: (PS3.18 10.5.1.1.1). An "Error: Data Set does not match" code (0xA9xx family).
-STUDY_UID_MISMATCH = 0xA900
-PROCESSING_FAILURE = 0x0110
+#: (PS3.18 10.5.1.1.1): "Error: Data Set does not match SOP Class".
+STUDY_UID_MISMATCH = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+PROCESSING_FAILURE = StoreStatus.PROCESSING_FAILURE
 #: Seconds a client is asked to wait when ``max_stow_requests`` are under way.
 BUSY_RETRY_AFTER_S = 5
 

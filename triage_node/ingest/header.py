@@ -17,25 +17,18 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.status import Status
-
+from triage_node.dicom_status import StoreStatus
 from triage_node.ingest.inflate import is_deflated
 from triage_node.ingest.spool import InvalidUID, validate_uid
 
-# -- Storage Service Class statuses (PS3.4 Table B.2-1) ----------------------------
-SUCCESS = int(Status.SUCCESS)  # 0x0000
-#: Refused: Out of Resources (A700-A7FF). Free disk below the watermark.
-OUT_OF_RESOURCES = 0xA700
-#: Also "Refused: Out of Resources": the database could not record the instance.
-DATABASE_UNAVAILABLE = 0xA701
-#: Also "Refused: Out of Resources": a deflated data set inflates past ``max_object_mb``.
-OBJECT_TOO_LARGE = 0xA702
-#: Error: Data Set does not match SOP Class (A900-A9FF).
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-#: Error: Cannot understand (C000-CFFF). The header cannot be parsed.
-CANNOT_UNDERSTAND = 0xC000
-#: Error: Cannot understand, a UID is not a UID (PS3.5 9.1) and cannot become a path.
-INVALID_UID = 0xC001
+# -- Storage Service Class statuses, by their names in this package -----------------
+SUCCESS = StoreStatus.SUCCESS
+OUT_OF_RESOURCES = StoreStatus.OUT_OF_RESOURCES
+DATABASE_UNAVAILABLE = StoreStatus.OUT_OF_RESOURCES_DATABASE
+OBJECT_TOO_LARGE = StoreStatus.OUT_OF_RESOURCES_TOO_LARGE
+DATASET_DOES_NOT_MATCH_SOP_CLASS = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+CANNOT_UNDERSTAND = StoreStatus.CANNOT_UNDERSTAND
+INVALID_UID = StoreStatus.CANNOT_UNDERSTAND_INVALID_UID
 
 
 class _Refused(Exception):

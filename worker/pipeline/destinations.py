@@ -29,6 +29,7 @@ from pynetdicom import AE, evt
 from pynetdicom.status import code_to_category
 
 from triage_node.config import Destination, DestinationKind
+from triage_node.dicom_status import StoreStatus
 from triage_node.logs import get_logger
 
 log = get_logger(__name__)
@@ -243,6 +244,11 @@ def _send_dicomweb(
     return outcomes
 
 
+def _failure_status(reason: object) -> int:
+    """The peer's FailureReason (a PS3.4 status) where it gave one, else a processing failure."""
+    return int(reason) if isinstance(reason, int) else StoreStatus.PROCESSING_FAILURE
+
+
 def _stow_group(
     client: DICOMwebClient,
     destination: Destination,
@@ -274,7 +280,7 @@ def _stow_group(
     }
     log.info("stow_rs_done", destination=destination.name, study_uid=study_uid, sent=len(group) - len(failed))
     return [
-        SendOutcome(i.item_id, "refused", 0xC000, f"STOW-RS failure reason {failed[i.sop_uid]}")
+        SendOutcome(i.item_id, "refused", _failure_status(failed[i.sop_uid]), f"STOW-RS failure reason {failed[i.sop_uid]}")
         if i.sop_uid in failed
         else SendOutcome(i.item_id, "sent", 200, "stored")
         for i in group
