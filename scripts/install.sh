@@ -17,8 +17,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 
-# torch==2.13.0 is pinned in pyproject.toml; the machine's pip configuration finds the
-# CPU wheel (an unpinned torch would pull several GB of CUDA packages).
+# The core install: node, worker and demo (ONNX Runtime inference). Training adds the
+# [train] extra (torch==2.13.0, pinned: the machine's pip configuration finds the CPU wheel),
+# the Triton backend the [triton] extra; scripts/test.sh installs both.
 pip_install -e .
 # An install whose command does not start is a failed install: show why.
 if ! version="$(.venv/bin/triage-node version 2>&1)"; then

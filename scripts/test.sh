@@ -27,7 +27,7 @@ fi
 "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
 
 bash scripts/install.sh
-pip_install -e ".[test,train]"
+pip_install -e ".[test,train,triton]"
 # The Triton server binary for the "triton" backend tests. --no-deps: the wheel's Python
 # API pins numpy<2, which would downgrade NumPy under the pylibjpeg codecs; only its
 # tritonserver binary and Python-backend stub are used (worker/inference/triton_server.py).

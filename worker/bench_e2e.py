@@ -536,7 +536,9 @@ def register(bench_app: Any) -> None:
         import sys
 
         from triage_node.logs import configure_logging
+        from worker.model.cli import require_training_packages
 
+        require_training_packages()  # the PyTorch column of ms/slice needs the [train] extra
         # SIGTERM unwinds like Ctrl-C, so the node, worker and Triton are stopped.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         configure_logging("WARNING")

@@ -79,7 +79,10 @@ def check_broker(settings: Settings) -> Check:
 
 def check_inference(settings: Settings) -> Check:
     if settings.inference_backend is InferenceBackend.triton:
-        import tritonclient.grpc as grpcclient
+        try:
+            import tritonclient.grpc as grpcclient
+        except ModuleNotFoundError:
+            return Check(False, "tritonclient is not installed (the [triton] extra)")
 
         client = grpcclient.InferenceServerClient(settings.triton_url)
         try:

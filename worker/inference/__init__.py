@@ -47,7 +47,10 @@ def make_backend(settings: Any, card: Any | None = None) -> InferenceBackend:
             settings.model_repository, threads=getattr(settings, "inference_threads", 2)
         )
     elif kind == "triton":
-        from worker.inference.triton_backend import TritonBackend
+        try:
+            from worker.inference.triton_backend import TritonBackend
+        except ModuleNotFoundError as exc:
+            raise RuntimeError(f"inference_backend triton needs the [triton] extra (pip install '.[triton]'): {exc}") from exc
 
         backend = TritonBackend(settings.triton_url, timeout=getattr(settings, "inference_timeout_s", 30.0))
     else:

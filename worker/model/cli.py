@@ -11,6 +11,23 @@ import typer
 from triage_node.logs import get_logger
 
 log = get_logger(__name__)
+#: What training and re-export import beyond the serving install.
+TRAINING_PACKAGES = ("torch", "monai")
+
+
+def require_training_packages() -> None:
+    """Exit with a clear message when the [train] extra is not installed."""
+    import importlib
+
+    missing = []
+    for name in TRAINING_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        typer.echo(f"this command needs {', '.join(missing)}: install the [train] extra (pip install -e '.[train]')", err=True)
+        raise typer.Exit(2)
 
 
 @contextmanager
@@ -59,6 +76,7 @@ def train(
     data_description: str = typer.Option("", help="Training data description for the model card."),
 ) -> None:
     """Train the slice CNN (stage 1) and the sequence model (stage 2), export ONNX and the model card."""
+    require_training_packages()
     from worker.model.train import TrainConfig, fit
 
     import shlex
@@ -120,6 +138,7 @@ def export(
     ),
 ) -> None:
     """Re-export a trained run to ONNX (parity-checked against PyTorch) with its model card."""
+    require_training_packages()
     import torch
 
     from worker.inference.card import load_model_card, write_model_card
