@@ -2,7 +2,8 @@
 
 ``docs/CONFIGURATION.md`` comes from the Settings class; the tables of
 ``docs/CONFORMANCE.md`` (SOP classes, transfer syntaxes, status codes, association
-rejections, SR codes) come from the listener and the report writers. Generated parts of
+rejections, SR codes) come from the listener and the report writers; the job lifecycle
+diagram of ``docs/ARCHITECTURE.md`` comes from ``triage_node.jobs``. Generated parts of
 a hand-written document sit between ``<!-- generated:NAME -->`` and
 ``<!-- /generated:NAME -->``. Tests compare the committed files with a fresh rendering;
 ``triage-node docs generate`` rewrites them. This lives with the worker because it reads
@@ -309,12 +310,21 @@ def readme_blocks() -> dict[str, str]:
     return {"bench-table": _table(("command", "our path", "side by side", "run (UTC)"), rows)}
 
 
+def architecture_blocks() -> dict[str, str]:
+    """The job lifecycle diagram, from `triage_node.jobs.states.TRANSITIONS`."""
+    from triage_node.jobs import mermaid_diagram
+
+    return {"job-lifecycle": mermaid_diagram()}
+
+
 def generated_documents() -> dict[Path, str]:
     conformance = DOCS_DIR / "CONFORMANCE.md"
+    architecture = DOCS_DIR / "ARCHITECTURE.md"
     readme = REPO_ROOT / "README.md"
     return {
         DOCS_DIR / "CONFIGURATION.md": render_configuration(),
         conformance: fill_blocks(conformance.read_text(), conformance_blocks()),
+        architecture: fill_blocks(architecture.read_text(), architecture_blocks()),
         readme: fill_blocks(readme.read_text(), readme_blocks()),
     }
 
