@@ -33,6 +33,7 @@ from triage_node.config import Settings
 from triage_node.db import audit
 from triage_node.db.models import Instance, Job, JobState, Series, Study
 from triage_node.db.session import transaction
+from triage_node.jobs.transitions import retry_job
 from triage_node.logs import get_logger
 
 log = get_logger(__name__)
@@ -316,17 +317,9 @@ def retry_failed_jobs(
     a new job (the worker runs a failed job of the same version again).
     """
     with transaction(session_factory) as session:
-        query = select(Job).where(Job.state == JobState.failed)
+        query = select(Job.id).where(Job.state == JobState.failed)
         if job_ids is not None:
             query = query.where(Job.id.in_(list(job_ids)))
-        jobs = session.scalars(query.order_by(Job.id)).all()
-        for job in jobs:
-            audit.record(
-                session, "job.retried", actor=actor, job_id=job.id,
-                study_uid=_study_uid(session, job), series_uid=_series_uid(session, job),
-                version=job.version, previous_error=(job.error or "")[:500],
-            )
-            job.state = JobState.queued
-            job.error = None
-        ids = [job.id for job in jobs]
+        ids = [job_id for job_id in session.scalars(query.order_by(Job.id)).all()
+               if retry_job(session, job_id, actor=actor)]
     return JobEnqueuer(session_factory, client)(ids)

@@ -23,7 +23,6 @@ already done.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -191,6 +190,18 @@ def reconcile_lost_jobs(
     """
     grace = grace if isinstance(grace, timedelta) else timedelta(seconds=float(grace))
     reconcile_queued_jobs(session_factory, client, older_than=grace)
+    return resend_lost_jobs(session_factory, client, grace=grace, inspect_timeout=inspect_timeout)
+
+
+def resend_lost_jobs(
+    session_factory: sessionmaker[Session],
+    client: Celery,
+    *,
+    grace: timedelta,
+    inspect_timeout: float = 1.0,
+) -> list[Resent]:
+    """The ``lost`` step of `triage_node.jobs.sweep.sweep`: `reconcile_lost_jobs` without
+    the jobs that were never sent."""
     with session_factory() as session:
         candidates = [(j.id, j.version, str(j.state), j.task_id, j.queue)
                       for j in lost_job_candidates(session, grace)]
@@ -242,46 +253,3 @@ def _resend(session_factory: sessionmaker[Session], client: Celery, job_id: int,
         )
     log.info("job.reenqueued", job_id=job_id, version=version, state=state, task_id=task_id)
     return Resent(job_id, version, state, old_task, task_id)
-
-
-class Reconciler:
-    """`reconcile_lost_jobs` every ``interval`` seconds in a daemon thread.
-
-    Parameters
-    ----------
-    session_factory : sessionmaker
-    client : Celery
-    interval : float
-        Seconds between rounds.
-    grace : float
-        Passed to `reconcile_lost_jobs`.
-    """
-
-    def __init__(self, session_factory: sessionmaker[Session], client: Celery,
-                 interval: float = 60.0, grace: float = 120.0) -> None:
-        self.session_factory = session_factory
-        self.client = client
-        self.interval = interval
-        self.grace = grace
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def run_once(self) -> list[Resent]:
-        return reconcile_lost_jobs(self.session_factory, self.client, grace=self.grace)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - keep the thread alive; the next round retries
-                log.exception("reconcile.round_failed")
-
-    def run_in_thread(self) -> Reconciler:
-        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)

@@ -132,15 +132,15 @@ def deliver_hl7_due() -> dict[str, int]:
 
 @app.task(name="worker.requeue_stale", ignore_result=True)
 def requeue_stale() -> list[int]:
-    """Send again jobs whose worker vanished mid-run (see `requeue_stale_jobs`)."""
+    """Send again jobs whose worker vanished mid-run (the ``stale`` step of `triage_node.jobs.sweep`)."""
+    from triage_node.jobs.sweep import STALE, sweep
     from triage_node.queue import JobEnqueuer, make_client
-    from worker.pipeline.run import get_context, requeue_stale_jobs
+    from worker.pipeline.run import get_context
 
     ctx = get_context()
     client = make_client(ctx.settings)
     try:
-        enqueuer = JobEnqueuer(ctx.session_factory, client)
-        return requeue_stale_jobs(ctx.session_factory, ctx.settings, enqueuer.enqueue)
+        return sweep(JobEnqueuer(ctx.session_factory, client), ctx.settings, steps=(STALE,)).requeued
     finally:
         client.close()
 

@@ -52,8 +52,10 @@ from triage_node.db.models import (
     WorklistEntry,
 )
 from triage_node.db.session import transaction
+from triage_node.jobs import create_version
+from triage_node.jobs.sweep import UNSENT, sweep
 from triage_node.logs import get_logger
-from triage_node.queue import JobEnqueuer, choose_queue, make_client, reconcile_queued_jobs
+from triage_node.queue import JobEnqueuer, choose_queue, make_client
 from triage_node.studies.geometry import slice_spacing
 from triage_node.studies.selection import SelectionRules, load_rules, select_series
 from triage_node.worklist.priority import compute_priority
@@ -169,7 +171,8 @@ class CompletenessTracker:
     rules : SelectionRules, optional
         Default: loaded from ``settings.selection_rules`` (or the shipped file).
     reconcile_interval : float
-        Seconds between runs of `reconcile_queued_jobs` in the timer thread.
+        Seconds between runs of the sweep's ``unsent`` step (`triage_node.jobs.sweep`) in the
+        timer thread.
     """
 
     def __init__(
@@ -300,9 +303,7 @@ class CompletenessTracker:
                 self.check_stable()
                 if isinstance(self.enqueuer, JobEnqueuer) and time.monotonic() >= next_reconcile:
                     next_reconcile = time.monotonic() + self.reconcile_interval
-                    reconcile_queued_jobs(
-                        self.session_factory, self.enqueuer, older_than=self.reconcile_interval
-                    )
+                    sweep(self.enqueuer, steps=(UNSENT,), unsent_after=self.reconcile_interval)
             except Exception:  # noqa: BLE001 - the timer must survive a database hiccup
                 log.exception("completeness.timer_error")
 
@@ -402,34 +403,14 @@ class CompletenessTracker:
             session.scalar(select(func.max(Job.version)).where(Job.series_id == chosen.id)) or 0
         ) + 1
         queue, queue_reason = choose_queue(self.settings, session, chosen)
-        job = Job(
-            study_id=study.id,
-            series_id=chosen.id,
-            version=version,
-            state=JobState.queued,
-            queue=queue,
-            last_instance_at=last,
-            series_complete_at=as_utc(chosen.completed_at),
+        why = "late instances" if current else ("another series selected" if others else "new")
+        job, superseded = create_version(
+            session, study=study, series=chosen, version=version, queue=queue,
+            queue_reason=queue_reason, reason=why, actor=ACTOR, supersede=active,
+            last_instance_at=last, series_complete_at=as_utc(chosen.completed_at),
             created_at=datetime.now(UTC),
         )
-        session.add(job)
-        session.flush()
-        why = "late instances" if current else ("another series selected" if others else "new")
-        for old in active:
-            previous = old.state
-            old.state = JobState.superseded
-            audit.record(
-                session, "job.superseded", actor=ACTOR, study_uid=study.study_uid,
-                series_uid=chosen.series_uid if old.series_id == chosen.id else None,
-                job_id=old.id, version=old.version, previous_state=previous,
-                superseded_by=job.id, reason=why,
-            )
-            result.superseded.append(old.id)
-        audit.record(
-            session, "job.created", actor=ACTOR, study_uid=study.study_uid,
-            series_uid=chosen.series_uid, job_id=job.id, version=version, queue=queue,
-            queue_reason=queue_reason, supersedes=[j.id for j in active], reason=why,
-        )
+        result.superseded.extend(superseded)
         if session.scalar(select(WorklistEntry.id).where(WorklistEntry.study_id == study.id)) is None:
             # The study joins the reading list as soon as it is triaged, not only once a
             # result exists: a STAT order without a result must be visible too.

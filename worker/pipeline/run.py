@@ -54,6 +54,7 @@ from triage_node.db.models import (
     Study,
 )
 from triage_node.db.session import make_engine, make_sessionmaker, transaction
+from triage_node.jobs import claim_job, fail_job, finish_job
 from triage_node.logs import get_logger
 from triage_node.timeutil import as_utc, utcnow
 from worker.files import write_atomic
@@ -256,18 +257,11 @@ def claim(ctx: WorkerContext, job_id: int, version: int, task_id: str | None) ->
         if not paths:
             raise JobError(f"job {job_id}: series has no instances")
         started = utcnow()
-        rerun = job.state == JobState.running
-        job.state = JobState.running
-        job.started_at = started
-        job.attempts = (job.attempts or 0) + 1
-        job.task_id = task_id or job.task_id
-        job.error = None
-        audit.record(
-            session, "job.started", actor=ACTOR, study_uid=study.study_uid,
-            series_uid=series.series_uid, job_id=job_id, version=version,
-            attempt=job.attempts, task_id=task_id, instances=len(paths),
-            backend=ctx.backend.name, rerun_after_interruption=rerun,
-        )
+        if not claim_job(session, job_id, version, at=started, task_id=task_id, actor=ACTOR,
+                         instances=len(paths), backend=ctx.backend.name):
+            state = session.scalar(select(Job.state).where(Job.id == job_id))
+            log.info("job.skipped", job_id=job_id, version=version, reason="claimed meanwhile")
+            return JobOutcome(job_id, version, str(state), ran=False, reason="claimed meanwhile")
         return _Claim(job_id, version, study.id, study.study_uid, series.series_uid, tuple(paths), started)
 
 
@@ -454,10 +448,6 @@ def _record_in(
     job.inferred_at = stamps["inferred"]
     job.reported_at = stamps["reported"]
     job.finished_at = utcnow()
-    superseded = job.state == JobState.superseded or job.version != claim_.version
-    if not superseded:
-        job.state = JobState.done
-        job.error = None
     session.flush()
     audit.record(
         session, "result.written", actor=ACTOR, study_uid=claim_.study_uid,
@@ -467,24 +457,24 @@ def _record_in(
         model_version=values["model_version"], sr_sop_uid=written.sr_sop_uid,
         overlay_sop_uids=list(written.overlay_sop_uids), rewritten=rewritten,
     )
-    if superseded:
-        log.info("job.superseded_during_run", job_id=claim_.job_id)
-        return str(job.state)
     from worker.pipeline.delivery import enqueue_outbox
 
-    outbox_items = 0
-    for destination in ctx.settings.destinations:
-        objects = [(sop, str(path)) for sop, path in written.for_destination(destination)]
-        enqueue_outbox(session, claim_.job_id, claim_.study_uid, objects, [destination])
-        outbox_items += len(objects)
-    compute_priority(session, claim_.study_id, ctx.settings, actor=ACTOR, reason="result",
-                     job_id=claim_.job_id)
-    audit.record(
-        session, "job.done", actor=ACTOR, study_uid=claim_.study_uid,
-        series_uid=claim_.series_uid, job_id=claim_.job_id, version=claim_.version,
-        positive=values["positive"], outbox_items=outbox_items,
+    deliveries = [
+        (destination, [(sop, str(path)) for sop, path in written.for_destination(destination)])
+        for destination in ctx.settings.destinations
+    ]
+    done = finish_job(
+        session, claim_.job_id, claim_.version, actor=ACTOR, positive=values["positive"],
+        outbox_items=sum(len(objects) for _, objects in deliveries),
         seconds_started_to_reported=round((stamps["reported"] - claim_.started_at).total_seconds(), 3),
     )
+    if not done:  # superseded, or moved to another version, while it ran
+        log.info("job.superseded_during_run", job_id=claim_.job_id)
+        return str(session.scalar(select(Job.state).where(Job.id == claim_.job_id)))
+    for destination, objects in deliveries:
+        enqueue_outbox(session, claim_.job_id, claim_.study_uid, objects, [destination])
+    compute_priority(session, claim_.study_id, ctx.settings, actor=ACTOR, reason="result",
+                     job_id=claim_.job_id)
     return str(JobState.done)
 
 
@@ -558,24 +548,11 @@ def mark_failed(ctx: WorkerContext, job_id: int, version: int | None, exc: BaseE
 
     message = f"{type(exc).__name__}: {exc}"[:2000]
     with transaction(ctx.session_factory) as session:
+        if not fail_job(session, job_id, version, error=message, actor=ACTOR):
+            return  # missing, done, superseded, or at another version
         job = session.get(Job, job_id)
-        if job is None or job.state in (JobState.done, JobState.superseded):
-            return
-        if version is not None and job.version != version:
-            return
-        job.state = JobState.failed
-        job.error = message
-        job.finished_at = utcnow()
-        study = session.get(Study, job.study_id)
-        series = session.get(Series, job.series_id)
-        audit.record(
-            session, "job.failed", actor=ACTOR, outcome="error",
-            study_uid=study.study_uid if study else None,
-            series_uid=series.series_uid if series else None,
-            job_id=job_id, version=job.version, attempts=job.attempts, error=message,
-        )
-        if study is not None:
-            compute_priority(session, study.id, ctx.settings, actor=ACTOR, reason="failure", job_id=job_id)
+        if session.get(Study, job.study_id) is not None:
+            compute_priority(session, job.study_id, ctx.settings, actor=ACTOR, reason="failure", job_id=job_id)
     log.error("job.failed", job_id=job_id, error_type=type(exc).__name__)
 
 
@@ -637,41 +614,8 @@ def deliver_for_job(ctx: WorkerContext, job_id: int) -> dict[str, Any]:
 def requeue_stale_jobs(
     session_factory: sessionmaker[Session], settings: Settings, enqueue: Any, now: datetime | None = None
 ) -> list[int]:
-    """Send again the jobs left ``running`` by a worker that vanished.
+    """Send again the jobs left ``running`` by a worker that vanished
+    (`triage_node.jobs.sweep.requeue_stale`, the worker beat's step of the sweep)."""
+    from triage_node.jobs.sweep import requeue_stale
 
-    A job cannot run longer than the task's hard time limit, so a job still ``running``
-    ``task_time_limit_s + 60`` seconds after it started lost its worker (killed, machine
-    restarted) and, with the embedded filesystem broker, its message. Such jobs go back
-    to ``queued`` (audit ``job.requeued``) and are sent again; the task is idempotent per
-    (job, version), so a message that Redis also redelivers does no harm.
-
-    Parameters
-    ----------
-    enqueue : callable
-        ``enqueue(job_id)`` sends one queued job (`triage_node.queue.JobEnqueuer.enqueue`).
-
-    Returns
-    -------
-    list of int
-        The ids of the jobs sent again.
-    """
-    from datetime import timedelta
-
-    now = now or utcnow()
-    cutoff = now - timedelta(seconds=settings.task_time_limit_s + 60)
-    requeued: list[int] = []
-    with transaction(session_factory) as session:
-        stale = session.scalars(
-            select(Job).where(Job.state == JobState.running, Job.started_at < cutoff).order_by(Job.id)
-        ).all()
-        for job in stale:
-            job.state = JobState.queued
-            study = session.get(Study, job.study_id)
-            audit.record(session, "job.requeued", actor=ACTOR, outcome="warning", job_id=job.id,
-                         study_uid=study.study_uid if study else None, version=job.version,
-                         started_at=job.started_at.isoformat(), reason="worker lost")
-            requeued.append(job.id)
-    for job_id in requeued:
-        enqueue(job_id)
-        log.warning("job.requeued", job_id=job_id, reason="worker lost")
-    return requeued
+    return requeue_stale(session_factory, settings, enqueue, now)
