@@ -314,3 +314,30 @@ def test_architecture_doc_draws_the_transition_table():
     for (state, event), to in TRANSITIONS.items():
         assert any(line.strip().startswith(f"{state.value} --> {to.value} :") and event.value in line
                    for line in block.splitlines()), (state, event)
+
+
+# -- the sweep -----------------------------------------------------------------------------
+def test_sweep_sends_a_stale_job_once_and_refuses_unknown_steps(tmp_path, session_factory):
+    from triage_node.config import load_settings
+    from triage_node.jobs.sweep import STALE, UNSENT, sweep
+    from triage_node.queue import JobEnqueuer, make_client
+
+    settings = load_settings(data_dir=tmp_path / "data")
+    stale, recent = _job(session_factory, JobState.running), _job(session_factory, JobState.running)
+    with transaction(session_factory) as session:
+        session.get(Job, recent).started_at = utcnow()
+    client = make_client(settings)
+    try:
+        enqueuer = JobEnqueuer(session_factory, client)
+        with pytest.raises(ValueError, match="unknown sweep steps"):
+            sweep(enqueuer, settings, steps=("stale", "everything"))
+        first = sweep(enqueuer, settings, steps=(STALE, UNSENT), unsent_after=0)
+        assert first.requeued == [stale] and [o.job_id for o in first.sent] == []
+        again = sweep(enqueuer, settings, steps=(STALE, UNSENT), unsent_after=0)
+        assert again.requeued == [] and again.sent == []
+    finally:
+        client.close()
+    assert _row(session_factory, stale)["state"] == JobState.queued
+    assert _row(session_factory, recent)["state"] == JobState.running
+    assert _actions(session_factory, stale) == ["job.requeued", "job.enqueued"]
+    assert len(list((settings.broker_folder / "queue").glob("*.routine.msg"))) == 1
