@@ -15,7 +15,7 @@ import re
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -263,6 +263,47 @@ class Settings(BaseSettings):
         "empty: no viewer link on the web page",
     )
 
+    # -- web sign-in (OpenID Connect) ----------------------------------------
+    oidc_issuer: str = Field(
+        "",
+        description="Issuer URL of the hospital's OpenID Connect provider (its discovery "
+        "document is <issuer>/.well-known/openid-configuration); empty: no OIDC sign-in, the "
+        "web page takes an API token only",
+    )
+    oidc_client_id: str = Field("", description="Client id the node is registered with at the provider")
+    oidc_client_secret: SecretStr | None = Field(
+        None, description="Client secret (confidential client; PKCE is sent as well)"
+    )
+    oidc_scopes: str = Field(
+        "openid profile email",
+        description="Scopes asked for, space-separated; must include openid (add the scope that "
+        "releases oidc_role_claim when the provider needs one, e.g. groups)",
+    )
+    oidc_role_claim: str = Field(
+        "groups",
+        description="Claim whose values give the role (a string or a list; a dotted path reaches "
+        "into objects, e.g. realm_access.roles); read from the ID token, else from UserInfo",
+    )
+    oidc_role_map: dict[str, Literal["viewer", "admin"]] = Field(
+        default_factory=dict,
+        description="Claim value -> role on the web page (viewer or admin); the highest mapped "
+        "role wins; a user with no mapped value is refused (never a default role)",
+    )
+    oidc_display_name: str = Field(
+        "", description="Provider name on the login button ('Sign in with ...'); default: the issuer's host"
+    )
+    oidc_redirect_base_url: str = Field(
+        "",
+        description="The node's external base URL (scheme://host[:port]) behind a "
+        "reverse proxy; the provider must allow <base>/auth/callback as a redirect URI; empty: "
+        "the URL the request came in on. An https base also marks the session cookie Secure",
+    )
+    web_token_login: bool = Field(
+        True,
+        description="The web login page also takes a pasted API token (for machines and "
+        "administrators); false needs oidc_issuer. The API's bearer tokens are not affected",
+    )
+
     # -- inference -----------------------------------------------------------
     inference_backend: InferenceBackend = Field(
         InferenceBackend.onnx, description="onnx (in-process) or triton (gRPC)"
@@ -508,6 +549,29 @@ class Settings(BaseSettings):
         if value and "{study_uid}" not in value:
             raise ValueError("must contain {study_uid} (or be empty for no viewer link)")
         return value
+
+    @model_validator(mode="after")
+    def _check_oidc(self) -> Settings:
+        if not self.oidc_issuer:
+            if not self.web_token_login:
+                raise ValueError("web_token_login = false needs oidc_issuer: nobody could log in to the web page")
+            return self
+        if not re.fullmatch(r"https?://[^\s?#]+", self.oidc_issuer):
+            raise ValueError("oidc_issuer must be an http(s):// URL without query or fragment")
+        if self.environment is Environment.production and not self.oidc_issuer.startswith("https://"):
+            raise ValueError("oidc_issuer must be https:// in production")
+        if not self.oidc_client_id:
+            raise ValueError("oidc_issuer needs oidc_client_id")
+        if "openid" not in self.oidc_scopes.split():
+            raise ValueError("oidc_scopes must include openid")
+        if not self.oidc_role_claim.strip():
+            raise ValueError("oidc_role_claim must name a claim")
+        if not self.oidc_role_map:
+            raise ValueError("oidc_issuer needs oidc_role_map (claim value -> viewer or admin): "
+                             "without it every user would be refused")
+        if self.oidc_redirect_base_url and not re.fullmatch(r"https?://[^\s?#]+", self.oidc_redirect_base_url):
+            raise ValueError("oidc_redirect_base_url must be an http(s):// URL without query or fragment")
+        return self
 
     @field_validator("secret_key")
     @classmethod
