@@ -117,6 +117,12 @@ def create_app(
     # Starlette runs the middleware added last first: the request id wraps the gate,
     # so refusals are logged with it.
     app.add_middleware(AuthGate)
+    if settings.oidc_issuer:
+        # Web sign-in with the hospital's OpenID Connect provider: its session middleware
+        # goes right outside the gate, which reads the session on the API description.
+        from triage_node.api import oidc
+
+        oidc.install(app, settings)
     app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:
         # Outermost, so a browser's preflight (which carries no token) is answered

@@ -23,6 +23,12 @@ header or the web page's login cookie (a browser cannot send the header); a brow
 without one is sent to ``/login``. ``/readyz`` and ``/metrics`` are open to loopback
 clients only (`triage_node.api.health`); ``/healthz`` (liveness: status and version) is
 open to all, so that container and service managers can probe it.
+
+People may sign in to the web page with the hospital's OpenID Connect provider instead
+(`triage_node.api.oidc`, when ``oidc_issuer`` is set). Their `Principal` lives in the
+signed session cookie (`SESSION_COOKIE`, `principal_from_session`) and is accepted where
+the token cookie is: the pages and the API description, never ``/api`` or DICOMweb,
+which take bearer tokens only.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlencode
 
 import anyio
 from fastapi import HTTPException, Request, status
@@ -59,6 +67,12 @@ PROTECTED_PREFIXES = ("/api", *DICOMWEB_PREFIXES)
 DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 #: Cookie the web page's login sets (``/login``); also accepted on `DOC_PATHS`.
 COOKIE = "triage_token"
+#: Signed session cookie of an OpenID Connect sign-in (Starlette's SessionMiddleware).
+SESSION_COOKIE = "triage_session"
+#: Session key of the signed-in user: ``{"sub", "name", "role", "iss", "exp"}``.
+SESSION_USER = "user"
+#: Longest a web login lasts (token cookie and OIDC session alike); sign in again after.
+SESSION_SECONDS = 12 * 3600
 
 
 class Role(StrEnum):
@@ -67,18 +81,46 @@ class Role(StrEnum):
     admin = "admin"
 
 
+#: Order of the roles a person can hold on the web page (the highest mapped one wins).
+ROLE_RANK = {Role.viewer: 1, Role.admin: 2}
+
+
 @dataclass(frozen=True)
 class Principal:
-    """The authenticated caller."""
+    """The authenticated caller: an API token, or a person signed in with OpenID Connect.
 
-    token_id: int
+    ``token_id`` is None for a person; ``source`` is ``"token"`` or ``"oidc"``.
+    """
+
+    token_id: int | None
     name: str
     role: Role
+    source: str = "token"
 
     @property
     def actor(self) -> str:
-        """Audit actor: ``token:<name>``."""
-        return f"token:{self.name}"[:64]
+        """Audit actor: ``token:<name>`` or ``oidc:<user name>``."""
+        return f"{self.source}:{self.name}"[:64]
+
+
+def principal_from_session(session: Any, now: float | None = None) -> Principal | None:
+    """The signed-in person of an OIDC session (a mapping), or None when absent or expired."""
+    user = session.get(SESSION_USER) if session else None
+    if not isinstance(user, dict):
+        return None
+    try:
+        if float(user["exp"]) <= (time.time() if now is None else now):
+            return None
+        return Principal(token_id=None, name=str(user["name"]), role=Role(user["role"]), source="oidc")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def login_path(settings: Settings, next_url: str) -> str:
+    """Where a browser without a login goes: the provider's sign-in when OIDC is on, else ``/login``."""
+    if settings.oidc_issuer:
+        return "/auth/login?" + urlencode({"next": next_url})
+    return f"/login?next={next_url}"
 
 
 def hash_token(settings: Settings, token: str) -> str:
@@ -175,20 +217,23 @@ class AuthGate:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        state = scope["app"].state
         token = bearer_token(headers.get("authorization"))
-        if token is None and docs:
+        if token is None and docs and state.settings.web_token_login:
             token = _cookie(headers.get("cookie", ""), COOKIE)
         principal = None
         if token is not None:
-            state = scope["app"].state
             principal = await anyio.to_thread.run_sync(
                 authenticate, state.session_factory, state.settings, token
             )
+        elif docs:
+            # An OIDC session (the session middleware runs first when OIDC is on).
+            principal = principal_from_session(scope.get("session"))
         if principal is None:
             reason = "missing bearer token" if token is None else "invalid or revoked token"
             log.warning("auth.unauthorized", path=scope.get("path"), reason=reason)
             if docs and path != "/openapi.json" and "text/html" in headers.get("accept", ""):
-                await _redirect_to_login(send, path)
+                await _redirect_to_login(send, login_path(state.settings, path))
                 return
             body = _unauthorized_body("Not authenticated" if token is None else "Invalid token")
             await send({
@@ -214,11 +259,11 @@ def _cookie(header: str, name: str) -> str | None:
     return None
 
 
-async def _redirect_to_login(send: Send, path: str) -> None:
+async def _redirect_to_login(send: Send, location: str) -> None:
     await send({
         "type": "http.response.start",
         "status": status.HTTP_303_SEE_OTHER,
-        "headers": [(b"location", f"/login?next={path}".encode()), (b"content-length", b"0")],
+        "headers": [(b"location", location.encode()), (b"content-length", b"0")],
     })
     await send({"type": "http.response.body", "body": b""})
 

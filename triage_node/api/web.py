@@ -2,7 +2,9 @@
 
 Login is a bearer token entered once (``/login``) and kept in an HttpOnly,
 SameSite=Strict cookie; every page and image checks it as the API checks the
-``Authorization`` header. The page refreshes its worklist rows every few seconds with
+``Authorization`` header. When ``oidc_issuer`` is set, people sign in with the hospital's
+OpenID Connect provider instead (`triage_node.api.oidc`): a browser without a login is sent
+there, and comes back with a signed session cookie that the pages accept in the same way. The page refreshes its worklist rows every few seconds with
 a small script shipped in ``static/`` (no CDN: the node may have no internet).
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response
@@ -25,7 +27,9 @@ from triage_node.api.auth import Role, authenticate
 from triage_node.api.studies_api import find_object, get_study, render_png
 from triage_node.api.deps import SessionDep, SettingsDep
 from triage_node.api.worklist import actor_of, item_from_row
+from triage_node.db import audit
 from triage_node.db.models import PriorityClass, WorklistEntry, WorklistStatus
+from triage_node.db.session import transaction
 from triage_node.worklist.priority import PriorityError, set_status
 from triage_node.worklist.feedback import latest_verdicts, list_feedback
 from triage_node.worklist.queries import (
@@ -85,8 +89,11 @@ class LoginRequired(Exception):
         self.next_url = next_url
 
 
-def login_redirect(_request: Request, exc: LoginRequired) -> RedirectResponse:
-    """Exception handler ``create_app`` installs for `LoginRequired`."""
+def login_redirect(request: Request, exc: LoginRequired) -> RedirectResponse:
+    """Exception handler ``create_app`` installs for `LoginRequired`: to the provider's
+    sign-in when OIDC is on, else to ``/login``."""
+    if request.app.state.settings.oidc_issuer:
+        return RedirectResponse(auth.login_path(request.app.state.settings, exc.next_url), status_code=303)
     return RedirectResponse("/login?" + urlencode({"next": exc.next_url}), status_code=303)
 
 
@@ -99,16 +106,18 @@ def principal_from_token(request: Request, token: str | None) -> Any:
 
     Uses the API's own token check (`triage_node.api.auth.authenticate`).
     """
-    if not token:
+    if not token or not request.app.state.settings.web_token_login:
         return None
     principal = authenticate(request.app.state.session_factory, request.app.state.settings, token)
     return principal if principal is not None and principal.role in READER_ROLES else None
 
 
 def web_user(request: Request) -> Any:
-    """Dependency: the logged-in principal, or a redirect to the login page."""
+    """Dependency: the logged-in principal (token cookie, else OIDC session), or a redirect to the login page."""
     principal = principal_from_token(request, request.cookies.get(COOKIE))
     if principal is None:
+        principal = auth.principal_from_session(request.scope.get("session"))
+    if principal is None or principal.role not in READER_ROLES:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequired(target)
     return principal
@@ -134,8 +143,27 @@ def viewer_url(settings: Any, study_uid: str) -> str | None:
     return template.replace("{study_uid}", quote(study_uid, safe="")) if template else None
 
 
-def _safe_next(value: str | None) -> str:
-    return value if value and value.startswith("/") and not value.startswith("//") else "/worklist"
+def safe_next(value: str | None) -> str:
+    """``value`` when it is a path on this node, else ``/worklist`` (no open redirect)."""
+    ok = value and value.startswith("/") and not value.startswith(("//", "/\\"))
+    return value if ok else "/worklist"
+
+
+def provider_name(settings: Any) -> str:
+    """The OIDC provider's name on the login button: ``oidc_display_name``, else the issuer's host."""
+    return settings.oidc_display_name or urlsplit(settings.oidc_issuer).hostname or "your identity provider"
+
+
+def login_page(request: Request, next_url: str | None, error: str | None, status: int = 200) -> Response:
+    """The login page: "Sign in with <provider>" when OIDC is on, the token form when allowed."""
+    settings = request.app.state.settings
+    return TEMPLATES.TemplateResponse(
+        request, "login.html",
+        {"next": safe_next(next_url), "error": error, "user": None,
+         "oidc": provider_name(settings) if settings.oidc_issuer else None,
+         "token_login": settings.web_token_login},
+        status_code=status,
+    )
 
 
 # -- login --------------------------------------------------------------------------
@@ -146,30 +174,37 @@ def index() -> RedirectResponse:
 
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, next: str | None = None, error: str | None = None) -> Response:  # noqa: A002
-    return TEMPLATES.TemplateResponse(
-        request, "login.html", {"next": _safe_next(next), "error": error, "user": None}
-    )
+    return login_page(request, next, error)
 
 
 @router.post("/login")
 def login(request: Request, token: Annotated[str, Form()], next: Annotated[str, Form()] = "/worklist") -> Response:  # noqa: A002
+    if not request.app.state.settings.web_token_login:
+        return login_page(request, next, "Token login is turned off; sign in with your identity provider.",
+                          status=403)
     principal = principal_from_token(request, token.strip())
     if principal is None:
-        return TEMPLATES.TemplateResponse(
-            request, "login.html",
-            {"next": _safe_next(next), "error": "That token is not valid.", "user": None},
-            status_code=401,
-        )
-    response = RedirectResponse(_safe_next(next), status_code=303)
+        return login_page(request, next, "That token is not valid.", status=401)
+    response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(
         COOKIE, token.strip(), httponly=True, samesite="strict", secure=request.url.scheme == "https",
-        max_age=12 * 3600,
+        max_age=auth.SESSION_SECONDS,
     )
+    if "session" in request.scope:
+        request.session.pop(auth.SESSION_USER, None)  # one login at a time
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
+def logout(request: Request) -> Response:
+    """Ends the node's login (token cookie and OIDC session); the provider's own session stays."""
+    principal = principal_from_token(request, request.cookies.get(COOKIE))
+    if "session" in request.scope:
+        principal = principal or auth.principal_from_session(request.session)
+        request.session.clear()
+        if principal is not None and principal.source == "oidc":
+            with transaction(request.app.state.session_factory) as session:
+                audit.record(session, "auth.logout", actor=principal.actor, method="oidc")
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE)
     return response
