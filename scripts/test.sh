@@ -34,6 +34,15 @@ pip_install -e ".[test,train,triton]"
 if ! .venv/bin/python -c 'import importlib.metadata as m; assert m.version("nvidia-pytriton") == "0.7.0"' 2>/dev/null; then
     pip_install --no-deps "nvidia-pytriton==0.7.0"
 fi
+# The OpenID provider the sign-in tests log in to (tests/oidc: oidc-provider, pinned in its
+# package-lock.json). Installed again only when the lock file is newer than the install.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if [ ! -d tests/oidc/node_modules/oidc-provider ] \
+    || [ tests/oidc/package-lock.json -nt tests/oidc/node_modules/.package-lock.json ]; then
+    npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error >/dev/null
+fi
 
 set +e
 .venv/bin/pytest -q "$@"
