@@ -18,7 +18,8 @@ from tests.worker_support import build_small_repository, ingest_files, write_ct_
 from triage_node.config import load_settings
 from triage_node.db import schema
 from triage_node.db.models import JobState, Result, SelectionDecision, Series
-from worker.pipeline.run import build_context, run_job
+from worker.pipeline.context import build_context
+from worker.pipeline.run import run_job
 
 #: What the RSNA 2019 files keep (ImageType dropped, as in the challenge's test set).
 KEPT = {

@@ -24,7 +24,8 @@ from triage_node.config import SRClass, load_settings
 from triage_node.db import schema
 from triage_node.db.models import OutboxItem, OutboxState
 from worker.pipeline.delivery import deliver_due
-from worker.pipeline.run import build_context, run_job
+from worker.pipeline.context import build_context
+from worker.pipeline.run import run_job
 from worker.pipeline.sr import build_sr, summary
 from worker.pipeline.sr_classes import SR_CLASS_UIDS
 

@@ -24,7 +24,8 @@ from triage_node.db.models import AuditEvent, Job, JobState, OutboxItem, Result,
 from triage_node.db.session import make_engine, make_sessionmaker, transaction
 from worker.inference import ModelMismatch, make_backend
 from worker.inference.card import load_model_card
-from worker.pipeline.run import JobError, build_context, mark_failed, run_job
+from worker.pipeline.context import JobError, build_context
+from worker.pipeline.run import mark_failed, run_job
 
 DESTINATIONS = [
     {"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 11199},

@@ -75,7 +75,7 @@ def _init_process(**_: Any) -> None:
     from sqlalchemy.exc import OperationalError
 
     from worker.inference.base import BackendUnavailable
-    from worker.pipeline.run import init_context
+    from worker.pipeline.context import init_context
 
     try:
         init_context(get_settings())
@@ -86,7 +86,7 @@ def _init_process(**_: Any) -> None:
 
 @signals.worker_process_shutdown.connect
 def _close_process(**_: Any) -> None:
-    from worker.pipeline.run import close_context
+    from worker.pipeline.context import close_context
 
     close_context()
 

@@ -46,7 +46,8 @@ class TriageTask(Task):
     """Marks the job failed when the task fails for good (after the last retry)."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        from worker.pipeline.run import get_context, mark_failed
+        from worker.pipeline.context import get_context
+        from worker.pipeline.run import mark_failed
 
         if args:
             try:
@@ -77,7 +78,8 @@ def send_notifications(settings: Any, job_id: int) -> None:
 )
 def triage_job(self: Task, job_id: int, version: int) -> dict[str, Any]:
     """Triage one series (job) and deliver what it wrote; returns a summary."""
-    from worker.pipeline.run import deliver_for_job, get_context, run_job
+    from worker.pipeline.context import get_context
+    from worker.pipeline.run import deliver_for_job, run_job
 
     ctx = get_context()
     try:
@@ -96,7 +98,8 @@ def triage_job(self: Task, job_id: int, version: int) -> dict[str, Any]:
 @app.task(name="worker.deliver_due", acks_late=True, ignore_result=True)
 def deliver_due() -> dict[str, Any]:
     """Deliver every outbox item that is due (any job)."""
-    from worker.pipeline.run import deliver_pending, get_context
+    from worker.pipeline.context import get_context
+    from worker.pipeline.run import deliver_pending
 
     return deliver_pending(get_context())
 
@@ -106,7 +109,7 @@ def notify_job(job_id: int) -> dict[str, Any]:
     """Send the webhooks and the HL7 messages of one job; every send is audited."""
     from triage_node.notify import notify_job as send
     from triage_node.notify import report_result
-    from worker.pipeline.run import get_context
+    from worker.pipeline.context import get_context
 
     ctx = get_context()
     report = send(ctx.settings, ctx.session_factory, int(job_id))
@@ -124,7 +127,7 @@ def notify_job(job_id: int) -> dict[str, Any]:
 def deliver_hl7_due() -> dict[str, int]:
     """Send every HL7 message whose next try is due."""
     from triage_node.notify.outbox import deliver_due as deliver
-    from worker.pipeline.run import get_context
+    from worker.pipeline.context import get_context
 
     ctx = get_context()
     return deliver(ctx.session_factory, ctx.settings).as_dict()
@@ -135,7 +138,7 @@ def requeue_stale() -> list[int]:
     """Send again jobs whose worker vanished mid-run (the ``stale`` step of `triage_node.jobs.sweep`)."""
     from triage_node.jobs.sweep import STALE, sweep
     from triage_node.queue import JobEnqueuer, make_client
-    from worker.pipeline.run import get_context
+    from worker.pipeline.context import get_context
 
     ctx = get_context()
     client = make_client(ctx.settings)
@@ -149,7 +152,7 @@ def requeue_stale() -> list[int]:
 def retention() -> dict[str, object]:
     """Delete what the retention policy allows (`triage_node.retention.run`); audited per batch."""
     from triage_node.retention import run
-    from worker.pipeline.run import get_context
+    from worker.pipeline.context import get_context
 
     ctx = get_context()
     report = run(ctx.settings, ctx.session_factory)

@@ -28,7 +28,7 @@ def preflight(settings) -> str:  # type: ignore[no-untyped-def]
     worker.inference.InferenceError, triage_node.db.schema.SchemaOutOfDate, OSError
         With a message an operator can act on.
     """
-    from worker.pipeline.run import build_context
+    from worker.pipeline.context import build_context
 
     ctx = build_context(settings)
     try:
