@@ -20,11 +20,11 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    JPEG2000,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGLossless,
     JPEGLosslessSV1,

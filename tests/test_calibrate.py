@@ -21,6 +21,8 @@ from triage_node.cli import build_app
 from triage_node.config import DEFAULT_MODEL_CARD
 from triage_node.db.models import AuditEvent
 from triage_node.synth import write_dataset
+from worker.inference.card import load_model_card
+from worker.inference.site import SITE_FILE, Sample, SiteCalibrationError
 from worker.model.calibrate import (
     CalibrationRefused,
     choose_thresholds,
@@ -29,8 +31,6 @@ from worker.model.calibrate import (
     target_sensitivity_point,
     write_site_file,
 )
-from worker.inference.card import load_model_card
-from worker.inference.site import SITE_FILE, Sample, SiteCalibrationError
 from worker.pipeline.sr import algorithm_identification
 
 SHIPPED = DEFAULT_MODEL_CARD.parent

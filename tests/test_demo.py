@@ -41,5 +41,5 @@ def test_demo_triages_and_delivers_every_study(tmp_path: Path) -> None:
     pngs = sorted(out.rglob("*.png"))
     assert len(list(out.glob("*/SR.json"))) == 3
     assert len(pngs) == modalities.count("OT") >= 3
-    for path in received[:4] + [p for p, m in zip(received, modalities) if m == "SR"][:1]:
+    for path in received[:4] + [p for p, m in zip(received, modalities, strict=True) if m == "SR"][:1]:
         assert dciodvfy(path).ok, path

@@ -12,7 +12,6 @@ import asyncio
 import ssl
 import subprocess
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -153,7 +152,7 @@ def test_orm_and_oru_reach_the_ris_with_the_configured_envelope(sqlite_database)
     assert [(r.message_type, r.state, r.ack_code, r.attempts) for r in stored] == [
         ("ORM^O01", "delivered", "AA", 1), ("ORU^R01", "delivered", "AA", 1)]
     for message, row, kind in ((orm, stored[0], "ORM^O01^ORM_O01"), (oru, stored[1], "ORU^R01^ORU_R01")):
-        assert [str(message["MSH.F%d" % n]) for n in (3, 4, 5, 6)] == [
+        assert [str(message[f"MSH.F{n}"]) for n in (3, 4, 5, 6)] == [
             "ICH_TRIAGE", "RADIOLOGY", "RIS_PROD", "GENERAL_HOSPITAL"]
         assert str(message.segment("MSH")(9)) == kind
         assert message["MSH.F10"] == row.control_id and message["MSH.F12"] == "2.5.1"
@@ -247,7 +246,7 @@ def test_silent_ris_is_retried_with_backoff_then_dead_lettered(sqlite_database, 
     cli = CliRunner()
     listed = cli.invoke(build_app(), ["hl7", "list", "--state", "dead", "--json", "--data-dir", str(tmp_path)])
     assert listed.exit_code == 0, listed.output
-    assert '"control_id": "%s"' % row.control_id in listed.output and "Doe" not in listed.output
+    assert f'"control_id": "{row.control_id}"' in listed.output and "Doe" not in listed.output
     retried = cli.invoke(build_app(), ["hl7", "retry", "--dead", "--data-dir", str(tmp_path)])
     assert retried.exit_code == 0 and "requeued 1" in retried.output
     (row,) = rows(sqlite_database)

@@ -16,7 +16,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import structlog

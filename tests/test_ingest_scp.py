@@ -12,8 +12,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
     JPEG2000,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,

@@ -4,8 +4,8 @@ worker process on the embedded filesystem broker and on a real Redis."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from kombu.exceptions import OperationalError

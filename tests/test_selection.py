@@ -3,9 +3,8 @@ custom rules files, series without ImageType decided by geometry, lossy-compress
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import pytest
 import yaml

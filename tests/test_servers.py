@@ -230,7 +230,7 @@ def test_storescu_sends_compressed_files_as_they_are(storescp, tmp_path: Path, s
 
 def test_storescu_refuses_mixed_compressed_syntaxes(tmp_path: Path) -> None:
     files = make_ct_series(tmp_path / "s", n=2)
-    for path, syntax in zip(files, (RLELossless, JPEG2000Lossless)):
+    for path, syntax in zip(files, (RLELossless, JPEG2000Lossless), strict=True):
         ds = pydicom.dcmread(path)
         ds.compress(syntax)
         ds.save_as(path)

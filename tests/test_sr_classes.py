@@ -23,8 +23,8 @@ from tests.worker_support import build_small_repository, ingest_files, write_ct_
 from triage_node.config import SRClass, load_settings
 from triage_node.db import schema
 from triage_node.db.models import OutboxItem, OutboxState
-from worker.pipeline.delivery import deliver_due
 from worker.pipeline.context import build_context
+from worker.pipeline.delivery import deliver_due
 from worker.pipeline.run import run_job
 from worker.pipeline.sr import build_sr, summary
 from worker.pipeline.sr_classes import SR_CLASS_UIDS

@@ -34,8 +34,8 @@ from triage_node.ingest.scp import (
 )
 from triage_node.ingest.store import InstanceStore
 from triage_node.studies.completeness import CompletenessTracker
-from worker.pipeline.preprocess import load_series
 from worker.pipeline.context import build_context
+from worker.pipeline.preprocess import load_series
 from worker.pipeline.run import run_job
 
 AET = "TRIAGE_NODE"

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from triage_node.config import DEFAULT_MODEL_CARD, DEFAULT_MODEL_REPOSITORY
-from worker.inference.triton_check import check_repository
 from worker.inference.card import load_model_card
+from worker.inference.triton_check import check_repository
 
 
 @pytest.fixture()

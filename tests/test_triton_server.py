@@ -158,7 +158,7 @@ def test_triton_grpc_matches_onnxruntime(onnx_repository: Path, triton_server) -
     session = ort.InferenceSession(
         str(onnx_repository / "ich_slice_cnn" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
     )
-    expected = dict(zip(names, session.run(names, {"image": image})))
+    expected = dict(zip(names, session.run(names, {"image": image}), strict=True))
     assert got["logits"].shape == (3, 6)
     assert got["embedding"].shape == (3, FEATURES)
     assert got["features"].shape == (3, CHANNELS, SIZE // 2, SIZE // 2)

@@ -215,7 +215,7 @@ def names(page) -> list[str]:
 
 
 def test_worklist_sorts_searches_filters_and_moves_by_keyboard_in_local_time(sqlite_api, tmp_path, browser):
-    uids = seed(sqlite_api, tmp_path)
+    seed(sqlite_api, tmp_path)
     received = NOW - timedelta(days=3, hours=2)
     with transaction(sqlite_api.db.factory) as session:
         mr = add_study(session, received_at=received, patient_name="Berg^Ida", modality="MR",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import SecondaryCaptureImageStorage
 import structlog
+from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import func, select
 
 from tests.servers import dciodvfy
@@ -21,7 +21,7 @@ from triage_node import CLASSES
 from triage_node.config import load_settings
 from triage_node.db import schema
 from triage_node.db.models import AuditEvent, Job, JobState, OutboxItem, Result, WorklistEntry
-from triage_node.db.session import make_engine, make_sessionmaker, transaction
+from triage_node.db.session import transaction
 from worker.inference import ModelMismatch, make_backend
 from worker.inference.card import load_model_card
 from worker.pipeline.context import JobError, build_context

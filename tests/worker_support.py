@@ -87,7 +87,7 @@ def write_ct_series(
     """
     import numpy as np
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     rng = np.random.default_rng(seed)
     folder = Path(folder)

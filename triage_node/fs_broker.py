@@ -28,6 +28,7 @@ from kombu.transport import filesystem
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import FairCycle
+
 from triage_node import QUEUES
 
 #: Queues in the order they are served; anything else after them.

@@ -33,13 +33,12 @@ from celery import Celery
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from triage_node import QUEUES
 from triage_node.db import audit
 from triage_node.db.models import Job, JobState, Series, Study
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
-from triage_node import QUEUES
 from triage_node.queue import enqueue_job, reconcile_queued_jobs
-from triage_node.timeutil import as_utc
 
 log = get_logger(__name__)
 

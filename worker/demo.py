@@ -119,8 +119,8 @@ def send_files(paths: Iterable[Path], host: str, port: int, called_ae: str,
     DemoError
         The association is refused or an object is not stored.
     """
-    from pynetdicom import AE
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
 
     files = [Path(p) for p in paths]
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]

@@ -252,7 +252,7 @@ def fill_blocks(text: str, blocks: dict[str, str]) -> str:
         )
         if not pattern.search(text):
             raise KeyError(f"document has no generated block {name!r}")
-        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
     return text
 
 

@@ -17,9 +17,9 @@ Retry-After while ``max_stow_requests`` requests are already being received.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-import struct
 from io import BytesIO
 from typing import Any
 

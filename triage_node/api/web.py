@@ -21,17 +21,17 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from triage_node import CLASSES, SUBTYPES
-from triage_node.api.audit_api import to_csv
 from triage_node.api import auth
+from triage_node.api.audit_api import to_csv
 from triage_node.api.auth import Role, authenticate
-from triage_node.api.studies_api import find_object, get_study, render_png
 from triage_node.api.deps import SessionDep, SettingsDep
+from triage_node.api.studies_api import find_object, get_study, render_png
 from triage_node.api.worklist import actor_of, item_from_row
 from triage_node.db import audit
 from triage_node.db.models import PriorityClass, WorklistEntry, WorklistStatus
 from triage_node.db.session import transaction
-from triage_node.worklist.priority import PriorityError, set_status
 from triage_node.worklist.feedback import latest_verdicts, list_feedback
+from triage_node.worklist.priority import PriorityError, set_status
 from triage_node.worklist.queries import (
     FINDINGS,
     SORT_KEYS,

@@ -21,7 +21,18 @@ def build_app() -> typer.Typer:
     global _built
     if not _built:
         from triage_node.cli import (  # noqa: F401  (registers commands)
-            audit, basic, bench, db, feedback, hl7, jobs, reconcile, retention, serve, studies, synth,
+            audit,
+            basic,
+            bench,
+            db,
+            feedback,
+            hl7,
+            jobs,
+            reconcile,
+            retention,
+            serve,
+            studies,
+            synth,
             token,
         )
 

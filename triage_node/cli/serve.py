@@ -16,11 +16,11 @@ from triage_node.db import audit, schema
 from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.ingest.scp import StorageSCP
 from triage_node.ingest.store import InstanceStore
-from triage_node.queue import make_client
 from triage_node.jobs.sweep import Reconciler
+from triage_node.logs import get_logger
+from triage_node.queue import make_client
 from triage_node.routing import with_routing
 from triage_node.studies.completeness import CompletenessTracker
-from triage_node.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -12,9 +12,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from triage_node.db.models import AuditEvent
-from triage_node.timeutil import utcnow
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
+from triage_node.timeutil import utcnow
 
 log = get_logger(__name__)
 

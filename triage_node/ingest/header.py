@@ -17,6 +17,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from triage_node.dicom_status import StoreStatus
 from triage_node.ingest.inflate import is_deflated
 from triage_node.ingest.spool import InvalidUID, validate_uid

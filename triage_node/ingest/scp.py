@@ -16,16 +16,13 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pynetdicom import AllStoragePresentationContexts, build_context
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGLossless,
     JPEGLosslessSV1,
@@ -33,12 +30,15 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom import AllStoragePresentationContexts, build_context
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 
 from triage_node.config import Settings, UnknownStorageClassPolicy
 from triage_node.ingest.access import AccessPolicy
 from triage_node.ingest.admission import Admission
-from triage_node.ingest.refusals import RefusedConnections
 from triage_node.ingest.association import Listener
+from triage_node.ingest.refusals import RefusedConnections
 from triage_node.ingest.store import InstanceStore
 from triage_node.ingest.tls import server_ssl_context
 from triage_node.logs import get_logger

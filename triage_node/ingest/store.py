@@ -29,22 +29,23 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.config import Settings
 from triage_node.db import audit
 from triage_node.db.models import Instance, Series
 from triage_node.db.session import transaction
+from triage_node.ingest.filing import FILED_ELSEWHERE, Filing, FilingCache, file_series
 from triage_node.ingest.header import (
     CANNOT_UNDERSTAND,
     DATABASE_UNAVAILABLE,
@@ -61,7 +62,6 @@ from triage_node.ingest.header import (
     parse_header,
     slice_position,
 )
-from triage_node.ingest.filing import FILED_ELSEWHERE, Filing, FilingCache, file_series
 from triage_node.ingest.incoming import IncomingObject, dataset_digest
 from triage_node.ingest.inflate import InflationBudget
 from triage_node.ingest.spool import Spool

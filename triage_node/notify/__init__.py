@@ -10,9 +10,9 @@ retried by the worker's periodic ``deliver_hl7_due`` until the RIS acknowledges 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 

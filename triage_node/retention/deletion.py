@@ -27,7 +27,6 @@ from triage_node.db.models import (
     Instance,
     Job,
     OutboxItem,
-    OutboxState,
     Result,
     Series,
     Study,

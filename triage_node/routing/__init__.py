@@ -26,10 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from triage_node.config import Settings
 from triage_node.db import audit
 from triage_node.db.models import Instance, OutboxItem, OutboxState, Series, Study
-from triage_node.timeutil import utcnow
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
 from triage_node.routing.rules import Attributes, RoutingRulesError, RuleSet, evaluate, load_rules
+from triage_node.timeutil import utcnow
 
 log = get_logger(__name__)
 

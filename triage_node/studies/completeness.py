@@ -58,8 +58,8 @@ from triage_node.logs import get_logger
 from triage_node.queue import JobEnqueuer, choose_queue, make_client
 from triage_node.studies.geometry import slice_spacing
 from triage_node.studies.selection import SelectionRules, load_rules, select_series
-from triage_node.worklist.priority import compute_priority
 from triage_node.timeutil import as_utc
+from triage_node.worklist.priority import compute_priority
 
 log = get_logger(__name__)
 

@@ -70,7 +70,7 @@ def slice_spacing(positions: Iterable[float | None]) -> tuple[float | None, floa
     if len(values) < 2 or any(v is None for v in values):
         return None, None
     ordered = sorted(float(v) for v in values if v is not None)
-    gaps = [b - a for a, b in zip(ordered, ordered[1:])]
+    gaps = [b - a for a, b in zip(ordered, ordered[1:], strict=False)]
     median = statistics.median(gaps)
     return median, max(abs(g - median) for g in gaps)
 

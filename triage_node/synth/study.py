@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
+from scipy import ndimage
 
 from triage_node import SUBTYPES
 from triage_node.logs import get_logger
@@ -284,7 +284,7 @@ def write_study(
         sh = sheader("axial", 2, f"Head {thickness:g}mm Brain", ("ORIGINAL", "PRIMARY", "AXIAL"), kernels[0],
                      (40.0, 80.0), 1, thickness)
         uids, _ = _write_ct_series(out_dir, header, sh, axial, enc_choice, syntax, seed, index, "axial", rng)
-        label_rows += list(zip(uids, axial.labels))
+        label_rows += list(zip(uids, axial.labels, strict=True))
         series_truth.append(_truth(sh, "axial", axial, uids, syntax))
     bone = None
     if "bone" in components:
@@ -300,7 +300,7 @@ def write_study(
         sh = sheader("thin", 4, f"Head {thk:g}mm Brain", ("ORIGINAL", "PRIMARY", "AXIAL"), kernels[0],
                      (40.0, 80.0), 1, thk)
         uids, _ = _write_ct_series(out_dir, header, sh, thin_s, enc_choice, syntax, seed, index, "thin", rng)
-        label_rows += list(zip(uids, thin_s.labels))
+        label_rows += list(zip(uids, thin_s.labels, strict=True))
         series_truth.append(_truth(sh, "thin", thin_s, uids, syntax))
     if "dose" in components:
         n_ax = axial.hu.shape[0]

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-
 SLICE_MODEL = "ich_slice_cnn"
 SEQUENCE_MODEL = "ich_sequence"
 SLICE_INPUT = "image"

@@ -78,8 +78,8 @@ def check(
     ),
 ) -> None:
     """Validate the repository: configs parse, names match folders, ONNX and card agree."""
-    from worker.inference.triton_check import check_repository
     from worker.inference.card import load_model_card
+    from worker.inference.triton_check import check_repository
 
     report = check_repository(repository, load_model_card(card_path))
     for problem in report.problems:

@@ -32,10 +32,10 @@ import numpy as np
 from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.files import write_atomic
-from worker.model import metrics as M
-from worker.model.metrics import target_sensitivity_point
 from worker.inference.card import OPERATING_POINTS, ModelCard, json_safe, load_model_card
 from worker.inference.site import SITE_FILE, Sample, SiteThresholds, thresholds_digest
+from worker.model import metrics as M
+from worker.model.metrics import target_sensitivity_point
 
 log = get_logger(__name__)
 

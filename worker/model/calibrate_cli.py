@@ -70,9 +70,9 @@ def calibrate(
     """Choose this site's thresholds on its own labelled studies; weights and model card stay as shipped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from worker.inference.site import SITE_FILE
     from worker.model.calibrate import CalibrationRefused, site_file_path, write_site_file
     from worker.model.calibrate import calibrate as run
-    from worker.inference.site import SITE_FILE
 
     settings = settings_or_exit(data_dir=data_dir)
     engine = make_engine(settings.effective_database_url)

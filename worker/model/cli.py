@@ -32,7 +32,14 @@ def require_training_packages() -> None:
 
 @contextmanager
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), transient=False) as bar:
         tasks: dict[str, int] = {}
@@ -77,12 +84,11 @@ def train(
 ) -> None:
     """Train the slice CNN (stage 1) and the sequence model (stage 2), export ONNX and the model card."""
     require_training_packages()
-    from worker.model.train import TrainConfig, fit
-
     import shlex
     import sys
     from dataclasses import replace
 
+    from worker.model.train import TrainConfig, fit
     from worker.pipeline.preprocess import DEFAULT_WINDOWS
 
     cfg = TrainConfig(

@@ -24,8 +24,8 @@ import numpy as np
 
 from triage_node import CLASSES
 from triage_node.logs import get_logger
-from worker.model import metrics as M
 from worker.inference.card import json_safe
+from worker.model import metrics as M
 from worker.model.data import SYNTH_PREFIX, CachedSet
 from worker.model.evaluate import _auc_block, _fmt_ci, plot_curves
 from worker.model.metrics import choose_operating_points

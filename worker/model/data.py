@@ -24,7 +24,15 @@ from pydicom.errors import InvalidDicomError
 from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.model import physionet
-from worker.pipeline.preprocess import DEFAULT_WINDOWS, WINDOWS, SeriesError, Volume, channel_plan, load_series, series_inputs
+from worker.pipeline.preprocess import (
+    DEFAULT_WINDOWS,
+    WINDOWS,
+    SeriesError,
+    Volume,
+    channel_plan,
+    load_series,
+    series_inputs,
+)
 
 log = get_logger(__name__)
 LABEL_FILES = {"synth": "labels.csv", "rsna": "stage_2_train.csv", "physionet-ich": physionet.LABEL_FILE}

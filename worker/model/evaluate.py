@@ -20,8 +20,8 @@ import numpy as np
 
 from triage_node import CLASSES
 from triage_node.logs import get_logger
-from worker.model import metrics as M
 from worker.inference.card import ModelCard, json_safe, load_model_card, write_model_card
+from worker.model import metrics as M
 from worker.model.data import index_dataset, record_inputs
 from worker.pipeline.inference_core import onnx_callables, run_study
 from worker.pipeline.preprocess import SeriesError

@@ -39,8 +39,8 @@ from scipy import ndimage
 
 from triage_node import CLASSES
 from triage_node.logs import get_logger
-from worker.model import physionet
 from worker.inference.card import json_safe, load_model_card
+from worker.model import physionet
 from worker.model.data import SeriesRecord, index_dataset, load_record, record_inputs
 from worker.model.metrics import clopper_pearson
 from worker.pipeline.explain import METHODS, blood_region, overlay, slice_heatmaps
@@ -185,7 +185,7 @@ class ExplainSummary:
 
 def mask_sources(rec: SeriesRecord, masks_dir: Path | None) -> dict[str, tuple[Path, int]]:
     """{SOP UID: (mask file, grey level above which a pixel is bleed)}; a ``masks_dir`` file wins."""
-    out = {sop: (p, CTICH_MASK_LEVEL) for sop, p in zip(rec.sop_uids, rec.masks) if p is not None}
+    out = {sop: (p, CTICH_MASK_LEVEL) for sop, p in zip(rec.sop_uids, rec.masks, strict=True) if p is not None}
     if masks_dir is not None:
         for sop in rec.sop_uids:
             p = masks_dir / f"{sop}.png"
@@ -304,7 +304,7 @@ def explain_dataset(
             continue
         pred = run_study(x, slice_fn, sequence_fn, card)
         sources = mask_sources(rec, masks)
-        path_of = dict(zip(rec.sop_uids, rec.paths))
+        path_of = dict(zip(rec.sop_uids, rec.paths, strict=True))
         for i, sop in enumerate(sop_uids):
             where = None if anywhere else blood_region(wide[i])
             maps = slice_heatmaps(pred.features[i], weight, frame, shape, CLASSES, method, where)

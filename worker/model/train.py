@@ -25,9 +25,9 @@ from pydicom.uid import generate_uid
 
 from triage_node import CLASSES
 from triage_node.logs import get_logger
+from worker.inference.card import INTENDED_USE, INTENDED_USE_RESEARCH, ModelCard, ServedModel, write_model_card
 from worker.model import metrics as M
 from worker.model.augment import augment
-from worker.inference.card import INTENDED_USE, INTENDED_USE_RESEARCH, ModelCard, ServedModel, write_model_card
 from worker.model.data import (
     SYNTH_PREFIX,
     CachedSet,
@@ -40,7 +40,14 @@ from worker.model.data import (
     subset_slices,
 )
 from worker.model.export import SEQUENCE_MODEL, SLICE_MODEL, TRITON_BATCHING, export_repository
-from worker.model.networks import LITE0_WEIGHTS_PACKAGE, N_CLASSES, PRETRAINED_BACKBONES, SequenceModel, SliceCNN, rsna_bce
+from worker.model.networks import (
+    LITE0_WEIGHTS_PACKAGE,
+    N_CLASSES,
+    PRETRAINED_BACKBONES,
+    SequenceModel,
+    SliceCNN,
+    rsna_bce,
+)
 from worker.pipeline.preprocess import DEFAULT_WINDOWS, WINDOWS, channel_plan
 
 log = get_logger(__name__)

@@ -17,7 +17,6 @@ from worker.files import write_atomic
 from worker.pipeline.claim import Claim
 from worker.pipeline.context import WorkerContext
 
-
 #: Namespace of the name-based UUIDs behind the node's derived UIDs.
 UID_NAMESPACE = uuid.UUID("6f1c2a9e-3b7d-5c4e-9a81-0d2f4b6e8c13")
 
