@@ -104,7 +104,7 @@ def test_commands_are_real_cli_commands(compose):
 
     app = build_app()
     runner = CliRunner()
-    for name in ("migrate", "node", "worker", "beat"):
+    for name in ("migrate", "node", "worker", "beat", "proxy-cert"):
         argv = compose["services"][name]["command"]
         assert argv[0] == "triage-node"
         result = runner.invoke(app, [*argv[1:], "--help"])
@@ -112,6 +112,7 @@ def test_commands_are_real_cli_commands(compose):
 
 
 BIND = "${NODE_BIND_ADDRESS:-127.0.0.1}:"
+PROXY_BIND = "${PROXY_BIND_ADDRESS:-127.0.0.1}:"
 
 
 def _default(value: str) -> str:
@@ -123,8 +124,24 @@ def test_nothing_is_published_beyond_this_host_unless_asked(compose):
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
             assert _default(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every address"
-            assert name == "node" or port.startswith("127.0.0.1:"), f"{name}: only the node's ports may be opened"
-    assert compose["services"]["node"]["ports"] == [f"{BIND}11112:11112", f"{BIND}8080:8080"]
+            assert name in ("node", "proxy") or port.startswith("127.0.0.1:"), \
+                f"{name}: only the node's DICOM port and the HTTPS proxy may be opened"
+    # plain HTTP stays on this host: users come through the proxy
+    assert compose["services"]["node"]["ports"] == [f"{BIND}11112:11112", "127.0.0.1:8080:8080"]
+    assert compose["services"]["proxy"]["ports"] == [f"{PROXY_BIND}80:80", f"{PROXY_BIND}443:443"]
+
+
+def test_the_proxy_fronts_the_node_on_its_own_network(compose):
+    proxy, node = compose["services"]["proxy"], compose["services"]["node"]
+    assert proxy["networks"] == ["edge"] and "edge" in node["networks"]
+    assert _env(proxy)["NODE_UPSTREAM"] == "node:8080"
+    assert "./deploy/proxy/templates:/etc/nginx/templates:ro" in proxy["volumes"]
+    subnet = compose["networks"]["edge"]["ipam"]["config"][0]["subnet"]
+    assert _default(_env(node)["TRIAGE_HTTP_TRUSTED_PROXIES"]) == _default(subnet)
+    variables = set(re.findall(r"\$\{([A-Z_]+)\}", (REPO_ROOT / "deploy/proxy/templates/triage.conf.template").read_text()))
+    assert variables <= set(_env(proxy)), f"template variables the proxy does not set: {variables - set(_env(proxy))}"
+    argv = compose["services"]["proxy-cert"]["command"]
+    assert argv[:3] == ["triage-node", "tls", "self-signed"]
 
 
 def test_no_caller_is_allowed_until_the_site_lists_its_own(compose):

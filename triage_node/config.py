@@ -252,6 +252,12 @@ class Settings(BaseSettings):
     # -- HTTP API ------------------------------------------------------------
     http_host: str = Field("127.0.0.1", description="Address the API binds")
     http_port: int = Field(8080, ge=1, le=65535, description="Port the API binds")
+    http_trusted_proxies: str = Field(
+        "127.0.0.1",
+        description="Reverse proxies (comma-separated addresses or CIDRs) whose X-Forwarded-For and "
+        "X-Forwarded-Proto the API believes, so RetrieveURLs say https and the audit names the real "
+        "client; only the HTTPS proxy's network (deploy/proxy), never '*' on a reachable port",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Origins (scheme://host[:port]) whose browser pages may call the API and "

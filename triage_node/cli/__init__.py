@@ -33,6 +33,7 @@ def build_app() -> typer.Typer:
             serve,
             studies,
             synth,
+            tls,
             token,
         )
 

@@ -40,6 +40,8 @@ class _ApiServer:
             port=settings.http_port,
             log_config=None,
             access_log=False,
+            proxy_headers=True,
+            forwarded_allow_ips=settings.http_trusted_proxies,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)
