@@ -125,7 +125,7 @@ class PriorityFilesystemChannel(filesystem.Channel):
     def _reset_cycle(self) -> None:
         self._cycle = PriorityCycle(self._get_and_deliver, self._active_queues, Empty)
 
-    def _get(self, queue: str) -> Any:
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
         suffix = f"{queue}.msg"
         for filename in sorted(os.listdir(self.data_folder_in)):
             if filename.partition(".")[2] != suffix:

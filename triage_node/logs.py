@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -160,7 +160,7 @@ def _scrub_value(value: Any) -> Any:
     return _memory.scrub(str(value))
 
 
-def scrub_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def scrub_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: drop identifier keys and scrub identifier values."""
     for key in list(event_dict):
         if _normalise(key) in _PHI_KEYS:

@@ -220,6 +220,9 @@ class JobEnqueuer:
         enqueued_at = datetime.now(UTC)
         with transaction(self.session_factory) as session:
             job = session.get(Job, job_id)
+            if job is None:  # removed (retention) after it was sent: the worker finds no job to run
+                log.warning("job.enqueued_gone", job_id=job_id, queue=queue, task_id=task_id)
+                return EnqueueOutcome(job_id, sent=True, task_id=task_id)
             job.task_id = task_id
             job.enqueued_at = enqueued_at
             latency = _seconds(job.last_instance_at, enqueued_at)
@@ -242,12 +245,16 @@ def _seconds(start: datetime | None, end: datetime) -> float | None:
     return round((end - start).total_seconds(), 4)
 
 
-def _series_uid(session: Session, job: Job) -> str | None:
+def _series_uid(session: Session, job: Job | None) -> str | None:
+    if job is None:
+        return None
     series = session.get(Series, job.series_id)
     return series.series_uid if series else None
 
 
-def _study_uid(session: Session, job: Job) -> str | None:
+def _study_uid(session: Session, job: Job | None) -> str | None:
+    if job is None:
+        return None
     study = session.get(Study, job.study_id)
     return study.study_uid if study else None
 

@@ -239,6 +239,9 @@ def _resend(session_factory: sessionmaker[Session], client: Celery, job_id: int,
         return Resent(job_id, version, state, old_task, None, error=error)
     with transaction(session_factory) as session:
         job = session.get(Job, job_id)
+        if job is None:  # removed (retention) after it was sent: the worker finds no job to run
+            log.warning("reconcile.resent_gone", job_id=job_id, task_id=task_id)
+            return Resent(job_id, version, state, old_task, task_id)
         job.task_id = task_id
         job.enqueued_at = datetime.now(UTC)
         series = session.get(Series, job.series_id)

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node import QUEUES
@@ -49,7 +49,10 @@ class Check:
 def check_database(session_factory: sessionmaker[Session]) -> Check:
     with session_factory() as session:
         session.execute(text("SELECT 1"))
-        schema.require_current(session.get_bind())
+        bind = session.get_bind()
+        if not isinstance(bind, Engine):
+            raise TypeError(f"the session factory is bound to a {type(bind).__name__}, not an Engine")
+        schema.require_current(bind)
     return Check(True, "schema current")
 
 
@@ -209,8 +212,8 @@ class NodeCollector(Collector):
             g.add_metric([name], queued.get(name, 0))
         yield g
         g = GaugeMetricFamily("triage_outbox_items", "Outbox rows by state", labels=["state"])
-        for state in OutboxState:
-            g.add_metric([state.value], outbox.get(state.value, 0))
+        for outbox_state in OutboxState:
+            g.add_metric([outbox_state.value], outbox.get(outbox_state.value, 0))
         yield g
         yield CounterMetricFamily(
             "triage_delivery_failures",

@@ -18,10 +18,9 @@ Retry-After while ``max_stow_requests`` requests are already being received.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -40,6 +39,9 @@ from triage_node.dicom_status import StoreStatus
 from triage_node.ingest.header import OBJECT_TOO_LARGE
 from triage_node.ingest.inflate import is_deflated, meta_sop_uids
 from triage_node.logs import get_logger
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 log = get_logger(__name__)
 
@@ -85,7 +87,7 @@ class _Collector:
     _value: bytearray = field(default_factory=bytearray)
     _data: bytearray = field(default_factory=bytearray)
 
-    def callbacks(self) -> dict[str, Callable[..., None]]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._begin,
             "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),

@@ -145,8 +145,9 @@ def viewer_url(settings: Any, study_uid: str) -> str | None:
 
 def safe_next(value: str | None) -> str:
     """``value`` when it is a path on this node, else ``/worklist`` (no open redirect)."""
-    ok = value and value.startswith("/") and not value.startswith(("//", "/\\"))
-    return value if ok else "/worklist"
+    if value and value.startswith("/") and not value.startswith(("//", "/\\")):
+        return value
+    return "/worklist"
 
 
 def provider_name(settings: Any) -> str:

@@ -150,7 +150,7 @@ def _requests() -> tuple[bytes, bytes]:
     from pynetdicom.dsutils import encode
     from pynetdicom.pdu import A_ASSOCIATE_RQ
     from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]  # pynetdicom defines these through globals()
 
     context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
     context.context_id = 1
@@ -170,7 +170,10 @@ def _requests() -> tuple[bytes, bytes]:
     command.CommandField, command.MessageID, command.Priority = 0x0001, 1, 0
     command.CommandDataSetType = 0x0000
     command.AffectedSOPInstanceUID = generate_uid()
-    return rq.encode(), encode(command, True, True)
+    encoded = encode(command, True, True)
+    if encoded is None:  # pynetdicom answers None for a data set it cannot encode
+        raise ValueError("the C-STORE-RQ command set did not encode")
+    return rq.encode(), encoded
 
 
 def _bomb(template: Path) -> tuple[bytes, bytes]:
@@ -205,7 +208,10 @@ def _bomb(template: Path) -> tuple[bytes, bytes]:
     command.CommandField, command.MessageID, command.Priority = 0x0001, 1, 0
     command.CommandDataSetType = 0x0000
     command.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    return encode(command, True, True), data
+    encoded = encode(command, True, True)
+    if encoded is None:  # pynetdicom answers None for a data set it cannot encode
+        raise ValueError("the C-STORE-RQ command set did not encode")
+    return encoded, data
 
 
 def _send_bomb(sock: socket.socket, bomb: tuple[bytes, bytes], stop: threading.Event) -> None:
@@ -283,7 +289,7 @@ def _send_study(paths: list[Path], port: int, budget_s: float) -> dict[str, Any]
     from pydicom import dcmread
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]  # pynetdicom defines these through globals()
 
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # a rejection is expected here
     datasets = [dcmread(p) for p in paths]

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from triage_node.bench.peers import OrthancPeer, StoreSCPPeer, free_port, storescu, write_ct_slices
 from triage_node.config import REPO_ROOT, load_settings
@@ -34,6 +34,9 @@ from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.ingest.incoming import IncomingObject
 from triage_node.ingest.scp import StorageSCP
 from triage_node.ingest.store import SUCCESS, InstanceStore, StoreOutcome
+
+if TYPE_CHECKING:
+    from pynetdicom.events import EventHandlerType
 
 __all__ = ["markdown_table", "run_ingest_benchmark", "update_benchmarks_md"]
 
@@ -153,7 +156,8 @@ class _NodeTarget:
         receivers = {"store": lambda: store, "discard": lambda: _DiscardingStore(store),
                      "floor": lambda: _DurableFloorStore(store)}
         self.receiver = receivers[receiver]()
-        self.scp = StorageSCP(settings, self.receiver, nodelay=nodelay)
+        # The stand-ins answer the calls the listener makes of its store, without being one.
+        self.scp = StorageSCP(settings, cast(InstanceStore, self.receiver), nodelay=nodelay)
 
     def start(self) -> _NodeTarget:
         self.scp.start()
@@ -197,7 +201,7 @@ class _MinimalPynetdicom:
         self.ae = AE(ae_title=self.aet)
         self.ae.supported_contexts = storage_contexts(UnknownStorageClassPolicy.store)
         self.ae.maximum_pdu_size = MAX_PDU_SIZE
-        self._handlers = [
+        self._handlers: list[EventHandlerType] = [
             (evt.EVT_C_STORE, _discard),
             (evt.EVT_CONN_OPEN, _nodelay),
         ]

@@ -55,10 +55,11 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def _summary(values: list[float]) -> dict[str, float | int | None]:
+    p95 = _percentile(values, 95)
     return {
         "n": len(values),
         "p50_ms": None if not values else round(1000 * statistics.median(values), 2),
-        "p95_ms": None if not values else round(1000 * _percentile(values, 95), 2),
+        "p95_ms": None if p95 is None else round(1000 * p95, 2),
         "max_ms": None if not values else round(1000 * max(values), 2),
     }
 
@@ -121,7 +122,7 @@ def _send_study(template: list[Any], port: int, tally: _Tally) -> None:
     """One new study (new UIDs) on one association."""
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
     from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]  # pynetdicom defines these through globals()
 
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     ae = AE(ae_title="LOAD_SCU")

@@ -54,7 +54,7 @@ def jobs_list(
         typer.echo(
             f"{row['id']:>6} v{row['version']} {row['state']:<10} {row['queue']:<8} "
             f"attempts={row['attempts']} {row['study_uid']}"
-            + (f"  error: {row['error'][:80]}" if row["error"] else "")
+            + (f"  error: {str(row['error'])[:80]}" if row["error"] else "")
         )
 
 

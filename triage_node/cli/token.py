@@ -7,10 +7,12 @@ from pathlib import Path
 
 import typer
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.api.auth import Role, create_token, revoke_token
 from triage_node.cli.app import app
 from triage_node.cli.common import settings_or_exit
+from triage_node.config import Settings
 from triage_node.db.models import ApiToken
 from triage_node.db.schema import SchemaOutOfDate, require_current
 from triage_node.db.session import make_engine, make_sessionmaker, transaction
@@ -21,7 +23,7 @@ app.add_typer(token_app, name="token")
 DATA_DIR = typer.Option(None, "--data-dir", help="Data directory (overrides TRIAGE_DATA_DIR).")
 
 
-def _factory(data_dir: Path | None):  # type: ignore[no-untyped-def]
+def _factory(data_dir: Path | None) -> tuple[Settings, sessionmaker[Session]]:
     settings = settings_or_exit(need_secret=True, data_dir=data_dir)
     engine = make_engine(settings.effective_database_url)
     try:

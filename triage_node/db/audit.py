@@ -122,8 +122,9 @@ class RefusalSummary:
         with self._cond:
             due = [w for w in self._windows.values() if w.closes <= now]
             window = self._windows.get(key)
-            counted = window is not None and window.closes > now
-            if counted:
+            counted = False
+            if window is not None and window.closes > now:
+                counted = True
                 window.count += 1
                 window.actor = actor
                 window.last = now

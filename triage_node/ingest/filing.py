@@ -103,6 +103,7 @@ class FilingCache:
 def _insert_ignore(session: Session, model: type, **values: Any) -> None:
     """INSERT ... ON CONFLICT DO NOTHING on the model's unique UID column."""
     dialect = session.get_bind().dialect.name
+    stmt: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
         stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing()
     elif dialect == "sqlite":

@@ -32,7 +32,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification  # type: ignore[attr-defined]  # pynetdicom defines these through globals()
 
 from triage_node.config import Settings, UnknownStorageClassPolicy
 from triage_node.ingest.access import AccessPolicy

@@ -359,7 +359,8 @@ class InstanceStore:
             incoming.discard()  # frees the bytes; the file is published or dropped by now
         if self._deferred_audit:
             self._flush_deferred_audit()
-        if outcome.stored and not outcome.duplicate and self.on_stored is not None:
+        if (outcome.stored and not outcome.duplicate and outcome.series_uid is not None
+                and self.on_stored is not None):
             try:
                 self.on_stored(outcome.series_uid)
             except Exception:  # noqa: BLE001 - the object is safe; only log

@@ -20,7 +20,7 @@ class _ServerContext(ssl.SSLContext):
 
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S
 
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         previous = sock.gettimeout()
         sock.settimeout(self.handshake_timeout)
         try:

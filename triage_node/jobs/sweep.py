@@ -132,11 +132,12 @@ def sweep(
     unknown = chosen - set(STEPS)
     if unknown:
         raise ValueError(f"unknown sweep steps {sorted(unknown)}; steps are {STEPS}")
-    if STALE in chosen and settings is None:
-        raise ValueError("the stale step needs settings (task_time_limit_s)")
     factory = enqueuer.session_factory
-    requeued = (requeue_stale(factory, settings, enqueuer.enqueue, now, actor=actor)
-                if STALE in chosen else [])
+    requeued = []
+    if STALE in chosen:
+        if settings is None:
+            raise ValueError("the stale step needs settings (task_time_limit_s)")
+        requeued = requeue_stale(factory, settings, enqueuer.enqueue, now, actor=actor)
     sent = (reconcile_queued_jobs(factory, enqueuer, older_than=unsent_after)
             if UNSENT in chosen else [])
     resent = (resend_lost_jobs(factory, enqueuer.client, grace=_seconds(grace),

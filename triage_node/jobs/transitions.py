@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage_node.db import audit
@@ -54,7 +54,8 @@ def _move(
             .values(state=to, **values)
             .execution_options(synchronize_session="fetch")
         )
-        if session.execute(stmt).rowcount == 1:
+        # An UPDATE's result is a CursorResult; Session.execute is typed as returning Result.
+        if cast(CursorResult[Any], session.execute(stmt)).rowcount == 1:
             return JobState(seen)
         if session.scalar(select(Job.state).where(Job.id == job_id)) == seen:
             return None  # the state is as seen: the event's own conditions refused it

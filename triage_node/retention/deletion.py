@@ -13,9 +13,10 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, insert, or_, select, text, update
+from sqlalchemy import CursorResult, delete, func, insert, or_, select, text, update
+from sqlalchemy.engine import Result as RowsResult
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.config import Settings
@@ -251,10 +252,10 @@ class _Cleaner:
         with transaction(self.factory) as session:
             counts = {}
             for model, name in ((OutboxItem, "outbox"), (HL7OutboxItem, "hl7_outbox")):
-                counts[name] = session.execute(
+                counts[name] = _rowcount(session.execute(
                     delete(model).where(*delivered_before(model, cutoff))
                     .execution_options(synchronize_session=False)
-                ).rowcount or 0
+                ))
             if any(counts.values()):
                 audit.record(session, ACTION, actor=ACTOR, kind="outbox", rows=counts,
                              reason=f"delivered more than {self.policy.outbox_days} days ago")
@@ -268,8 +269,8 @@ class _Cleaner:
         """Delete audit rows older than ``before``: the trigger lets them go only inside
         this transaction, after the row that records the pruning (migration 0007)."""
         with transaction(self.factory) as session:
-            ids = select(AuditEvent.id).where(AuditEvent.at < before).order_by(AuditEvent.id)
-            ids = ids.limit(AUDIT_PRUNE_LIMIT).scalar_subquery()
+            ids = (select(AuditEvent.id).where(AuditEvent.at < before).order_by(AuditEvent.id)
+                   .limit(AUDIT_PRUNE_LIMIT).scalar_subquery())
             count = session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.id.in_(ids)))
             if not count:
                 return
@@ -296,7 +297,8 @@ def _delete_study_rows(session: Session, study_id: int) -> tuple[dict[str, int],
     jobs = select(Job.id).where(Job.study_id == study_id).scalar_subquery()
     series = select(Series.id).where(Series.study_id == study_id).scalar_subquery()
     folders = [f for f in session.scalars(select(Result.output_dir).where(
-        Result.study_id == study_id, Result.output_dir.is_not(None), Result.files_deleted_at.is_(None)))]
+        Result.study_id == study_id, Result.output_dir.is_not(None), Result.files_deleted_at.is_(None)))
+        if f is not None]
     counts: dict[str, int] = {}
     for name, stmt in (
         ("outbox", delete(OutboxItem).where(or_(OutboxItem.study_uid == uid, OutboxItem.job_id.in_(jobs)))),
@@ -309,5 +311,10 @@ def _delete_study_rows(session: Session, study_id: int) -> tuple[dict[str, int],
         ("series", delete(Series).where(Series.study_id == study_id)),
         ("studies", delete(Study).where(Study.id == study_id)),
     ):
-        counts[name] = session.execute(stmt.execution_options(synchronize_session=False)).rowcount or 0
+        counts[name] = _rowcount(session.execute(stmt.execution_options(synchronize_session=False)))
     return counts, folders
+
+
+def _rowcount(result: RowsResult[Any]) -> int:
+    """Rows a DELETE matched. Its result is a CursorResult; Session.execute is typed as returning Result."""
+    return cast(CursorResult[Any], result).rowcount or 0

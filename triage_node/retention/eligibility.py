@@ -181,7 +181,7 @@ def _result_files(session: Session, policy: Policy, now: datetime, skip: set[int
         select(OutboxItem.job_id, OutboxItem.state, OutboxItem.next_attempt_at)
         .where(OutboxItem.state != OutboxState.delivered.value, OutboxItem.job_id.is_not(None))
     ).all():
-        if state not in GIVEN_UP or (recent is not None and (aware(last) or now) > recent):
+        if job_id is not None and (state not in GIVEN_UP or (recent is not None and (aware(last) or now) > recent)):
             blocked.add(job_id)
     rows = session.execute(
         select(Result.id, Result.job_id, Study.id, Study.study_uid, Result.output_dir, Job.finished_at,
@@ -194,7 +194,7 @@ def _result_files(session: Session, policy: Policy, now: datetime, skip: set[int
     out = []
     for rid, job_id, sid, uid, folder, finished, created in rows:
         when = aware(finished) or aware(created)
-        if sid in skip or job_id in blocked or when is None or when > cutoff:
+        if folder is None or sid in skip or job_id in blocked or when is None or when > cutoff:
             continue
         out.append(ResultFiles(rid, job_id, uid, folder))
     return out

@@ -122,19 +122,19 @@ def fast_path_complete(stats: SeriesStats, expected: int | None) -> tuple[bool, 
         return False, "no instances"
     if expected is not None and expected > 0 and n != expected:
         return False, f"{n} of {expected} expected instances"
-    numbers = stats.instance_numbers
-    if any(v is None for v in numbers):
+    numbers = [v for v in stats.instance_numbers if v is not None]
+    if len(numbers) != len(stats.instance_numbers):
         return False, "instance numbers missing"
-    unique = sorted(set(numbers))  # type: ignore[type-var]
+    unique = sorted(set(numbers))
     if len(unique) != n:
         return False, "instance numbers repeat"
-    if unique[-1] - unique[0] + 1 != n:  # type: ignore[operator]
+    if unique[-1] - unique[0] + 1 != n:
         return False, f"instance numbers {unique[0]}..{unique[-1]} have gaps"
     if n >= 2:
-        if any(p is None for p in stats.positions):
+        positions = sorted(p for p in stats.positions if p is not None)
+        if len(positions) != len(stats.positions):
             return False, "slice positions missing"
-        positions = sorted(stats.positions)  # type: ignore[type-var]
-        gaps = [b - a for a, b in zip(positions, positions[1:], strict=False)]  # type: ignore[operator]
+        gaps = [b - a for a, b in zip(positions, positions[1:], strict=False)]
         spacing = statistics.median(gaps)
         if spacing <= SPACING_ABS_MM:
             return False, "slices share a position"
@@ -345,6 +345,7 @@ class CompletenessTracker:
         # Recomputed at each completion: late instances may fill or break the spacing.
         series.slice_spacing, series.slice_spacing_deviation = slice_spacing(stats.positions)
         study = session.get(Study, series.study_id)
+        assert study is not None  # the series' foreign key, read in this transaction
         audit.record(
             session, "series.complete", actor=ACTOR, study_uid=study.study_uid,
             series_uid=series_uid, reason=reason, detail=detail, instances=stats.count,
@@ -480,6 +481,7 @@ def enqueue_latencies(
         last = as_utc(job.last_instance_at)
         complete = as_utc(job.series_complete_at)
         enqueued = as_utc(job.enqueued_at)
+        assert last is not None and enqueued is not None  # the query keeps only rows with both
         out.append(JobLatency(
             job_id=job.id, version=job.version, queue=job.queue, completion_reason=reason,
             last_instance_at=last, series_complete_at=complete, enqueued_at=enqueued,

@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -143,9 +144,9 @@ class SeriesHeader:
 
 def _file_meta(sop_class: str, sop_uid: str, syntax: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = syntax
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = UID(syntax)
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "ICHTRIAGE_SYN"
     return meta
@@ -327,7 +328,7 @@ def save(ds: Dataset, path: Path, syntax: str, pixels: np.ndarray, sop_class: st
         ds.PixelData = encapsulate([frame])
         ds["PixelData"].VR = "OB"
         ds["PixelData"].is_undefined_length = True
-        ds.file_meta.TransferSyntaxUID = syntax
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
     elif syntax in (JPEG2000Lossless, RLELossless):
         ds.compress(syntax, pixels, encoding_plugin="pylibjpeg" if syntax == JPEG2000Lossless else "",
                     generate_instance_uid=False)

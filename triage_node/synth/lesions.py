@@ -91,9 +91,9 @@ def sample_lesion(rng: np.random.Generator, subtype: str, an: Anatomy) -> Lesion
     if subtype == "subarachnoid":
         if rng.random() < 0.5:
             return Lesion(subtype, "basal", (0.0, -6.0, -16.0), (rng.uniform(22, 40), 0.0), hu - 6)
-        u = np.array([side, rng.uniform(-0.8, 0.8), rng.uniform(0.0, 0.9)])
-        u /= np.linalg.norm(u)
-        p = u * (an.axes[0] - an.inner_mm - 10)
+        normal = np.array([side, rng.uniform(-0.8, 0.8), rng.uniform(0.0, 0.9)])
+        normal /= np.linalg.norm(normal)
+        p = normal * (an.axes[0] - an.inner_mm - 10)
         return Lesion(subtype, "sulcal", tuple(p.tolist()), (rng.uniform(18, 35), 0.0), hu - 6)
     if subtype == "intraparenchymal":
         sites = [(side * 21, -4, 2), (side * 10, 11, 5), (side * 38, rng.uniform(-40, 40), rng.uniform(10, 40)),
@@ -101,7 +101,7 @@ def sample_lesion(rng: np.random.Generator, subtype: str, an: Anatomy) -> Lesion
         c = sites[int(rng.integers(len(sites)))]
         r = float(rng.uniform(5, 22))
         oed = float(rng.uniform(2, 6)) if rng.random() < 0.6 else 0.0
-        return Lesion(subtype, "focal", tuple(float(v) for v in c), (r, rng.uniform(0, 2 * np.pi)), hu + 3, oed)
+        return Lesion(subtype, "focal", (float(c[0]), float(c[1]), float(c[2])), (r, rng.uniform(0, 2 * np.pi)), hu + 3, oed)
     if subtype == "intraventricular":
         if rng.random() < 0.25:
             return Lesion(subtype, "cast", (0.0, 10.0, 8.0), (0.0,), hu)

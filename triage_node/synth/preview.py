@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def montage(
             m = masks[k] > 0
             edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
             rgb[edge] = (255, 40, 40)
-        img = Image.fromarray(rgb).resize((tile, tile), Image.BILINEAR)
+        img = Image.fromarray(rgb).resize((tile, tile), Image.Resampling.BILINEAR)
         x0, y0 = (n % cols) * tile, (n // cols) * tile
         sheet.paste(img, (x0, y0))
         found = [_ABBREV[s] for i, s in enumerate(SUBTYPES) if labels[k, 1 + i]]
@@ -72,7 +73,7 @@ def montage(
     return path
 
 
-def dose_screen(lines: list[tuple[str, ...]], size: int = 512) -> np.ndarray:
+def dose_screen(lines: Sequence[tuple[str, ...]], size: int = 512) -> np.ndarray:
     """An 8-bit "Dose Report" screen like the ones scanners append to a study."""
     img = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(img)
