@@ -177,7 +177,7 @@ class _Site:
             time.sleep(0.05)
         return done, failed
 
-    def stages(self) -> dict[str, float]:
+    def stages(self) -> dict[str, float | None]:
         """Median seconds of each stage over this site's jobs (from the Job timestamps)."""
         from triage_node.db.models import Job, JobState
         from worker.demo import _seconds

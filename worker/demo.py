@@ -89,7 +89,7 @@ class LocalPACS:
 
     def start(self) -> LocalPACS:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom defines these through globals()
 
         ae = AE(ae_title=self.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts

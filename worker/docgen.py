@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import typing
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def _decoder_plugins(uid: str) -> str:
     return ", ".join(f"`{name}`" for name in sorted(get_decoder(uid).available_plugins))
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -252,7 +253,10 @@ def fill_blocks(text: str, blocks: dict[str, str]) -> str:
         )
         if not pattern.search(text):
             raise KeyError(f"document has no generated block {name!r}")
-        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+        def fill(m: re.Match[str], body: str = body) -> str:
+            return m.group(1) + body + "\n" + m.group(2)
+
+        text = pattern.sub(fill, text)
     return text
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None], mode: int, *, sync_dir: bool = False) -> Path:
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object], mode: int, *, sync_dir: bool = False) -> Path:
     """Write ``path`` through ``write(binary file)``, fsynced, renamed into place with permissions ``mode``.
 
     ``sync_dir`` also fsyncs the folder, so that the rename itself survives a crash (the

@@ -15,12 +15,12 @@ import typer
 
 from triage_node import QUEUES
 from triage_node.cli.common import settings_or_exit
-from triage_node.config import get_settings
+from triage_node.config import Settings, get_settings
 
 DATA_DIR = typer.Option(None, "--data-dir", help="Data directory (overrides TRIAGE_DATA_DIR).")
 
 
-def preflight(settings) -> str:  # type: ignore[no-untyped-def]
+def preflight(settings: Settings) -> str:
     """Build and check this worker's clients once; returns a one-line description.
 
     Raises

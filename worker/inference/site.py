@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from worker.inference.card import ModelCard
 
 SITE_FILE = "site_thresholds.json"
-KIND = "ich-triage-node site thresholds v1"
+KIND: Final = "ich-triage-node site thresholds v1"
 #: Hex digits of the SHA-256 kept: short enough for an SR parameter, long enough to tell files apart.
 DIGEST_CHARS = 12
 

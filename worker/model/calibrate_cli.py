@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -13,6 +14,9 @@ from triage_node.db import audit
 from triage_node.db.schema import SchemaOutOfDate, require_current
 from triage_node.db.session import make_engine, make_sessionmaker, transaction
 from triage_node.logs import get_logger
+
+if TYPE_CHECKING:
+    from worker.inference.site import SiteThresholds
 
 log = get_logger(__name__)
 ACTOR = "cli"
@@ -41,7 +45,7 @@ def _ci(value: float | None, ci: tuple) -> str:
     return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def _print_table(site) -> None:  # type: ignore[no-untyped-def]
+def _print_table(site: SiteThresholds) -> None:
     from rich.console import Console
     from rich.table import Table
 

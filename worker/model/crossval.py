@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,8 @@ def run_fold(cfg: TrainConfig, cache: CachedSet, k: int, test: list[int], cv_dir
         "cnn_loss": np.asarray(hist),
         "wall_s": np.asarray(time.monotonic() - t0),
     }
-    np.savez(done, **out)
+    # allow_pickle as numpy's default, named so that **out is not checked against it
+    np.savez(done, allow_pickle=True, **out)
     log.info("cv_fold_done", fold=k, test_series=len(test), minutes=round(float(out["wall_s"]) / 60, 1))
     return out
 
@@ -113,7 +115,7 @@ def fold_thresholded(pred: dict, key: str = "study_seq") -> dict:
         ops = choose_operating_points(y[fold != k], p[fold != k])
         for op, thr in ops.items():
             decided[op][fold == k] = p[fold == k] >= np.asarray([thr[c] for c in CLASSES])
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for op, d in decided.items():
         out[op] = {}
         for j, c in enumerate(CLASSES):
@@ -135,7 +137,7 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, n_boot: int = 1000, progres
     pred = pooled(cache, results)
     y, p = pred["study_y"], pred["study_seq"]
     per_fold_auc = [M.roc_auc(y[pred["fold"] == k, 0], p[pred["fold"] == k, 0]) for k in range(folds)]
-    rep = {
+    rep: dict[str, Any] = {
         "folds": folds,
         "patients": int(len(y)),
         "positive_patients": {c: int(y[:, j].sum()) for j, c in enumerate(CLASSES)},

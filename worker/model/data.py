@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pydicom
@@ -25,11 +26,13 @@ from triage_node import CLASSES
 from triage_node.logs import get_logger
 from worker.model import physionet
 from worker.pipeline.preprocess import (
+    CROPS,
     DEFAULT_WINDOWS,
     WINDOWS,
     SeriesError,
     Volume,
     channel_plan,
+    is_crop,
     load_series,
     series_inputs,
 )
@@ -198,6 +201,8 @@ def record_inputs(rec: SeriesRecord, plan, windows: dict[str, tuple[float, float
 
     ``source``: the series already read by :func:`load_record` (read here otherwise).
     """
+    if not is_crop(crop):
+        raise ValueError(f"unknown crop {crop!r}; expected one of {CROPS}")
     src = load_record(rec) if source is None else source
     if isinstance(src, Volume):
         x, frame = series_inputs(src, plan, windows, size, crop)
@@ -217,7 +222,14 @@ def merge_indexes(*indexes: DatasetIndex) -> DatasetIndex:
     return out
 
 
-def patient_split(records: Iterable[SeriesRecord], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+class PatientKeyed(Protocol):
+    """Anything split by patient: a :class:`SeriesRecord`, or a patient key alone."""
+
+    @property
+    def patient_key(self) -> str: ...
+
+
+def patient_split(records: Iterable[PatientKeyed], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices of train/validation series, grouped so no patient is in both."""
     records = list(records)
     patients = sorted({r.patient_key for r in records})

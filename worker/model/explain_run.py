@@ -165,7 +165,7 @@ class PointingGame:
         has_bleed = mask is not None and bool(mask.any())
         if not positive:
             return replace(self, masks_on_negative_slices=self.masks_on_negative_slices + has_bleed), None
-        if not has_bleed:
+        if not has_bleed or mask is None:
             return replace(self, positive_slices=self.positive_slices + 1,
                            positive_without_mask=self.positive_without_mask + 1), None
         hit = pointing_hit(heat, mask, self.tolerance_px)
@@ -223,7 +223,8 @@ def render_png(gray: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) -> n
 def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
+        # allow_pickle as numpy's default, named so that **arrays is not checked against it
+        np.savez_compressed(fh, allow_pickle=True, **arrays)
     os.replace(tmp, path)
 
 

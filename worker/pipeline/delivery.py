@@ -135,13 +135,13 @@ def enqueue_outbox(
     if not objects or not names:
         return []
     sop_uids = [sop for sop, _ in objects]
-    existing = set(
-        session.execute(
+    existing = {
+        (sop, dest) for sop, dest in session.execute(
             select(OutboxItem.sop_uid, OutboxItem.destination).where(
                 OutboxItem.sop_uid.in_(sop_uids), OutboxItem.destination.in_(names)
             )
-        ).all()
-    )
+        )
+    }
     when = as_utc(now or utcnow())
     added = []
     for sop_uid, path in objects:

@@ -28,7 +28,7 @@ import numpy as np
 import requests
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
+from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification  # type: ignore[attr-defined]  # pynetdicom defines these through globals()
 from pynetdicom.status import code_to_category
 
 from triage_node.config import Destination, DestinationKind

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.events import EventHandlerType
 from pynetdicom.status import code_to_category
 
 from triage_node.config import Destination, DestinationKind
@@ -129,7 +130,8 @@ def _send_dimse(
         ae.add_requested_context(sop_class, ts_list)
 
     received: list[object] = []
-    handlers = [(evt.EVT_ACSE_RECV, lambda event: received.append(event.primitive))]
+    handlers: list[EventHandlerType] = [(evt.EVT_ACSE_RECV, lambda event: received.append(event.primitive))]
+    assert destination.host is not None  # Destination requires host, port and AE title for dimse
     tls_args = (ssl_context(destination, tls_cert, tls_key), destination.host) if destination.tls else None
     try:
         assoc = ae.associate(

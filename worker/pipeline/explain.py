@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def _upsample(m: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR))
 
 
 def _normalise(m: np.ndarray) -> np.ndarray:
@@ -157,7 +157,7 @@ def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarra
     g = np.clip(np.asarray(gray, dtype=np.float32), 0.0, 1.0)
     h = np.asarray(heat, dtype=np.float32)
     if h.shape != g.shape:
-        h = np.asarray(Image.fromarray(h, mode="F").resize((g.shape[1], g.shape[0]), Image.BILINEAR))
+        h = np.asarray(Image.fromarray(h, mode="F").resize((g.shape[1], g.shape[0]), Image.Resampling.BILINEAR))
     h = np.clip(h, 0.0, 1.0)
     color = np.stack([np.ones_like(h), h, np.zeros_like(h)], axis=-1)  # red -> yellow
     a = (alpha * (h >= 0.2) * h)[..., None]

@@ -85,7 +85,7 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of a float image to [size, size] (Pillow filters over the whole footprint when shrinking)."""
     if img.shape == (size, size):
         return np.asarray(img, dtype=np.float32)
-    return np.asarray(Image.fromarray(np.asarray(img, dtype=np.float32), mode="F").resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(np.asarray(img, dtype=np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR))
 
 
 def head_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -132,7 +132,7 @@ def find_head_frame(windowed: np.ndarray, rows: int, columns: int, step: int = S
     q = 0.1 if len(b) >= 5 else 0.0
     y0, x0 = np.quantile(b[:, 0], q), np.quantile(b[:, 1], q)
     y1, x1 = min(np.quantile(b[:, 2], 1 - q), rows), min(np.quantile(b[:, 3], 1 - q), columns)
-    side = max(y1 - y0, x1 - x0) * (1 + 2 * margin)
+    side = float(max(y1 - y0, x1 - x0) * (1 + 2 * margin))
     side = max(side, 0.25 * max(rows, columns))  # never zoom into a speck
     cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
     s = int(round(side))

@@ -152,7 +152,7 @@ def heat_to_image_frame(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"heat map must be [H,W]={shape} or square, got {m.shape}")
     s = max(h, w)
-    big = np.asarray(Image.fromarray(m, mode="F").resize((s, s), Image.BILINEAR))
+    big = np.asarray(Image.fromarray(m, mode="F").resize((s, s), Image.Resampling.BILINEAR))
     y, x = (s - h) // 2, (s - w) // 2
     return np.clip(big[y : y + h, x : x + w], 0.0, 1.0)
 
@@ -189,7 +189,7 @@ def render_overlay(
     img = Image.fromarray((np.clip(rgb, 0, 1) * 255.0 + 0.5).astype(np.uint8), mode="RGB")
     scale = render_scale((h, w))
     if scale > 1:
-        img = img.resize((w * scale, h * scale), Image.BILINEAR)
+        img = img.resize((w * scale, h * scale), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(img)
     size = max(12, img.width // 32)
     font = _font(size)
@@ -307,7 +307,8 @@ def build_overlays(
             sop_instance_uid=sop_instance_uids[n] if sop_instance_uids else hd.UID(),
             instance_number=n + 1,
             manufacturer=MANUFACTURER,
-            pixel_spacing=pixel_spacing,
+            # highdicom annotates this tuple[int, int]; it passes it on to SCImage, which takes floats (mm).
+            pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
             # highdicom takes one letter per direction; oblique (tilted gantry) directions
             # need several (PS3.3 C.7.6.1.1.1), so the full values are set just below.
             patient_orientation=(row_dir[0], col_dir[0]),

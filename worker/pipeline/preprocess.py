@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeGuard
 
 import numpy as np
 import pydicom
@@ -46,6 +46,13 @@ Variant = Literal["windows", "adjacent", "mixed"]
 VARIANTS: tuple[str, ...] = ("windows", "adjacent", "mixed")
 Crop = Literal["centred", "head"]
 CROPS: tuple[str, ...] = ("centred", "head")
+
+
+def is_crop(value: str) -> TypeGuard[Crop]:
+    """True when ``value`` names a :data:`Crop` (a command-line or config value)."""
+    return value in CROPS
+
+
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 
 

@@ -110,6 +110,7 @@ def mark_failed(ctx: WorkerContext, job_id: int, version: int | None, exc: BaseE
         if not fail_job(session, job_id, version, error=message, actor=ACTOR):
             return  # missing, done, superseded, or at another version
         job = session.get(Job, job_id)
+        assert job is not None  # fail_job just moved it, in this transaction
         if session.get(Study, job.study_id) is not None:
             compute_priority(session, job.study_id, ctx.settings, actor=ACTOR, reason="failure", job_id=job_id)
     log.error("job.failed", job_id=job_id, error_type=type(exc).__name__)

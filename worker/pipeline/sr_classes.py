@@ -41,7 +41,7 @@ SR_CLASS_UIDS: dict[SRClass, str] = {
     SRClass.basic_text: BASIC_TEXT_SR,
 }
 
-_HIGHDICOM: dict[SRClass, type[hd.sr.ComprehensiveSR] | type[hd.sr.Comprehensive3DSR]] = {
+_HIGHDICOM: dict[SRClass, type[hd.sr.ComprehensiveSR] | type[hd.sr.Comprehensive3DSR] | type[hd.sr.EnhancedSR]] = {
     SRClass.comprehensive_3d: hd.sr.Comprehensive3DSR,
     SRClass.comprehensive: hd.sr.ComprehensiveSR,
     SRClass.enhanced: hd.sr.EnhancedSR,
