@@ -8,6 +8,8 @@ logits)], predicting a residual on top of the CNN logits of each slice.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
@@ -37,7 +39,13 @@ BACKBONES: tuple[str, ...] = (
 )
 
 
-class _EfficientNetTrunk(nn.Module):
+class Trunk(nn.Module):
+    """A backbone's convolutional part: images -> feature maps of ``out_channels`` channels."""
+
+    out_channels: int
+
+
+class _EfficientNetTrunk(Trunk):
     """Stem, MBConv blocks and 1x1 head convolution of :class:`monai.networks.nets.EfficientNetBN`."""
 
     def __init__(self, name: str) -> None:
@@ -48,8 +56,7 @@ class _EfficientNetTrunk(nn.Module):
         net.set_swish(memory_efficient=False)  # plain x*sigmoid(x): exportable to ONNX
         self.net = net
         self.out_channels = int(net._fc.in_features)
-        # the backbone's own pooling/fc are not used
-        net._fc = nn.Identity()
+        del net._fc  # the backbone's own classifier is not used
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
@@ -99,7 +106,7 @@ def pretrained_weights(backbone: str) -> dict[str, torch.Tensor]:
     return out
 
 
-class _EfficientNetLiteTrunk(nn.Module):
+class _EfficientNetLiteTrunk(Trunk):
     """EfficientNet-Lite0 as MONAI builds it, with ReLU6 and output stride 16.
 
     The first block of the stage that would take the maps from 1/16 to 1/32 does not stride,
@@ -120,10 +127,11 @@ class _EfficientNetLiteTrunk(nn.Module):
         for module in net.modules():
             if hasattr(module, "_swish"):
                 module._swish = nn.ReLU6()
-        block = net._blocks[5][0]
-        block._depthwise_conv.stride = (1, 1)
-        block._depthwise_conv_padding = _make_same_padder(block._depthwise_conv, [128 // 16] * 2)
-        net._fc = nn.Identity()
+        block = cast(nn.Sequential, net._blocks[5])[0]
+        depthwise = cast(nn.Conv2d, block._depthwise_conv)
+        depthwise.stride = (1, 1)
+        block._depthwise_conv_padding = _make_same_padder(depthwise, [128 // 16] * 2)
+        del net._fc  # the ImageNet classifier: our head replaces it
         self.net = net
         self.out_channels = int(net._conv_head.out_channels)
         if pretrained:
@@ -139,7 +147,7 @@ class _EfficientNetLiteTrunk(nn.Module):
         return n._swish(n._bn1(n._conv_head(n._conv_head_padding(x))))
 
 
-class _ResNetTrunk(nn.Module):
+class _ResNetTrunk(Trunk):
     """conv1 ... layer4 of :class:`monai.networks.nets.ResNet` (2D)."""
 
     def __init__(self, name: str) -> None:
@@ -147,7 +155,7 @@ class _ResNetTrunk(nn.Module):
         from monai.networks.nets import ResNet
 
         if name == "resnet-lite":
-            kw = dict(block="basic", layers=[1, 1, 1, 1], block_inplanes=[24, 48, 96, 192])
+            kw: dict[str, Any] = dict(block="basic", layers=[1, 1, 1, 1], block_inplanes=[24, 48, 96, 192])
         elif name == "resnet-ich":
             kw = dict(block="basic", layers=[1, 1, 1, 1], block_inplanes=[32, 64, 128, 256])
         elif name == "resnet18":
@@ -157,10 +165,11 @@ class _ResNetTrunk(nn.Module):
         else:  # pragma: no cover - guarded by build_backbone
             raise ValueError(name)
         net = ResNet(spatial_dims=2, n_input_channels=3, conv1_t_size=7, conv1_t_stride=2, num_classes=N_CLASSES, **kw)
-        net.fc = nn.Identity()
+        del net.fc  # the backbone's own classifier is not used
         if name == "resnet-ich":  # output stride 16: the first block of layer4 does not stride
-            net.layer4[0].conv1.stride = (1, 1)
-            net.layer4[0].downsample[0].stride = (1, 1)
+            first = net.layer4[0]
+            cast(nn.Conv2d, first.conv1).stride = (1, 1)
+            cast(nn.Conv2d, cast(nn.Sequential, first.downsample)[0]).stride = (1, 1)
         self.net = net
         self.out_channels = int(kw["block_inplanes"][-1])
 
@@ -172,7 +181,7 @@ class _ResNetTrunk(nn.Module):
         return n.layer4(n.layer3(n.layer2(n.layer1(x))))
 
 
-class _SENetTrunk(nn.Module):
+class _SENetTrunk(Trunk):
     """``features()`` of MONAI's SE-ResNeXt (2D)."""
 
     def __init__(self, name: str) -> None:
@@ -182,14 +191,14 @@ class _SENetTrunk(nn.Module):
         cls = SEResNext50 if name == "seresnext50" else SEResNext101
         net = cls(spatial_dims=2, in_channels=3, num_classes=N_CLASSES, pretrained=False)
         self.out_channels = int(net.last_linear.in_features)
-        net.last_linear = nn.Identity()
+        del net.last_linear  # the backbone's own classifier is not used
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.features(x)
 
 
-def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
+def build_backbone(name: str, pretrained: bool = False) -> Trunk:
     """Convolutional trunk by name (one of :data:`BACKBONES`), with ``out_channels``.
 
     ``pretrained`` loads ImageNet weights where the backbone has them (training only: served
@@ -251,9 +260,10 @@ class SequenceModel(nn.Module):
         self.reduce = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim + N_CLASSES, hidden), nn.ReLU())
         rnn = nn.GRU if cell == "gru" else nn.LSTM
         self.rnn = rnn(hidden, hidden, num_layers=layers, batch_first=True, bidirectional=True)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * hidden + N_CLASSES, N_CLASSES))
-        nn.init.zeros_(self.head[1].weight)
-        nn.init.zeros_(self.head[1].bias)
+        correction = nn.Linear(2 * hidden + N_CLASSES, N_CLASSES)
+        nn.init.zeros_(correction.weight)
+        nn.init.zeros_(correction.bias)
+        self.head = nn.Sequential(nn.Dropout(dropout), correction)
 
     def forward(self, sequence: torch.Tensor) -> torch.Tensor:
         probs = sequence[..., self.feature_dim :]
