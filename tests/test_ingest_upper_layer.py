@@ -18,6 +18,7 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF
 from pynetdicom.sop_class import Verification
 
 from tests.ingest_support import associate_rq, pdv
+from triage_node.ingest import pdu_encoding as pdus
 from triage_node.ingest import upper_layer as ul
 
 SOP_INSTANCES = ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345"]
@@ -58,14 +59,14 @@ def test_c_store_response_is_pynetdicoms_encoding(sop_instance: str, status: int
     command = _command(CommandField=0x0001, MessageID=7, AffectedSOPClassUID=CTImageStorage,
                        AffectedSOPInstanceUID=sop_instance, Priority=0, CommandDataSetType=0x0000)
     message = ul.Message(3, command, b"")
-    assert ul.response_pdus(message, status, max_pdu) == _pynetdicom_response(message, status, max_pdu)
+    assert pdus.response_pdus(message, status, max_pdu) == _pynetdicom_response(message, status, max_pdu)
 
 
 def test_c_echo_response_is_pynetdicoms_encoding() -> None:
     command = _command(CommandField=0x0030, MessageID=65535, AffectedSOPClassUID=Verification,
                        CommandDataSetType=0x0101)
     message = ul.Message(1, command, None)
-    assert ul.response_pdus(message, 0, 16382) == _pynetdicom_response(message, 0, 16382)
+    assert pdus.response_pdus(message, 0, 16382) == _pynetdicom_response(message, 0, 16382)
 
 
 @pytest.mark.parametrize("sop_instance", SOP_INSTANCES)
@@ -73,7 +74,7 @@ def test_c_echo_response_is_pynetdicoms_encoding() -> None:
 def test_file_meta_is_pydicoms_encoding(sop_instance: str, transfer_syntax: str) -> None:
     expected_meta = encode_file_meta(create_file_meta(
         sop_class_uid=CTImageStorage, sop_instance_uid=sop_instance, transfer_syntax=transfer_syntax))
-    data = ul.part10(b"DATASET", CTImageStorage, sop_instance, transfer_syntax)
+    data = pdus.part10(b"DATASET", CTImageStorage, sop_instance, transfer_syntax)
     assert data == b"\x00" * 128 + b"DICM" + expected_meta + b"DATASET"
 
 
@@ -82,7 +83,7 @@ def test_part10_reads_back_with_pydicom() -> None:
     ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientID = CTImageStorage, "1.2.3", "X"
     ds.set_original_encoding(False, True)
     raw = encode(ds, False, True)
-    read = dcmread(BytesIO(ul.part10(raw, CTImageStorage, "1.2.3", ExplicitVRLittleEndian)))
+    read = dcmread(BytesIO(pdus.part10(raw, CTImageStorage, "1.2.3", ExplicitVRLittleEndian)))
     assert read.file_meta.MediaStorageSOPInstanceUID == "1.2.3"
     assert read.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert read.PatientID == "X"
@@ -100,14 +101,14 @@ def test_negotiation_accepts_supported_contexts_and_refuses_the_rest() -> None:
     assert list(negotiated.contexts) == [1]
     assert negotiated.contexts[1].transfer_syntax[0] == ExplicitVRLittleEndian
     ac = A_ASSOCIATE_AC()
-    ac.decode(ul.accept_pdu(negotiated, 1 << 20))
+    ac.decode(pdus.accept_pdu(negotiated, 1 << 20))
     results = {cx.context_id: cx.result for cx in ac.to_primitive().presentation_context_definition_results_list}
     assert results == {1: 0x00, 3: 0x03}  # 3: abstract syntax not supported
 
 
 def test_reject_pdu_carries_the_reason() -> None:
     rj = A_ASSOCIATE_RJ()
-    rj.decode(ul.reject_pdu(0x01, 0x01, 0x07))
+    rj.decode(pdus.reject_pdu(0x01, 0x01, 0x07))
     assert (rj.result, rj.source, rj.reason_diagnostic) == (0x01, 0x01, 0x07)
 
 

@@ -28,6 +28,7 @@ import structlog
 from pydicom.dataset import Dataset
 from pynetdicom.presentation import PresentationContext
 
+from triage_node.ingest import pdu_encoding as pdus
 from triage_node.ingest import upper_layer as ul
 from triage_node.ingest.admission import Admission, audit_association
 from triage_node.ingest.header import CANNOT_UNDERSTAND, SUCCESS
@@ -128,13 +129,13 @@ class StorageAssociation:
                 log.warning("association aborted by the node", reason=str(abort))
                 # Audited before the peer hears of it, as a rejection is.
                 self._audit_abort(str(abort))
-                self._send(ul.abort_pdu(abort.reason))
+                self._send(pdus.abort_pdu(abort.reason))
                 ending = "aborted by the node"
             except ul.PeerClosed as closed:
                 ending = f"connection lost ({closed})"
             except Exception:  # noqa: BLE001 - one association never takes the listener down
                 log.exception("association failed")
-                self._send(ul.abort_pdu(0x00))
+                self._send(pdus.abort_pdu(0x00))
                 ending = "failed"
             finally:
                 self._close()
@@ -173,9 +174,9 @@ class StorageAssociation:
                 negotiated.calling_ae, negotiated.called_ae, self.peer, negotiated.peer_max_pdu
             )
             if reject is not None:
-                self._send(ul.reject_pdu(*reject))
+                self._send(pdus.reject_pdu(*reject))
                 return "rejected"
-            self._sendall(ul.accept_pdu(negotiated, self.listener.max_pdu))
+            self._sendall(pdus.accept_pdu(negotiated, self.listener.max_pdu))
             log.debug("association accepted", contexts=len(negotiated.contexts))
             return self._data_phase(negotiated)
 
@@ -196,10 +197,10 @@ class StorageAssociation:
                 if pdu_type == ul.P_DATA:
                     for message in assembler.feed(body):
                         status = self._serve(message, negotiated)
-                        self._sendall(ul.response_pdus(message, status, negotiated.peer_max_pdu))
+                        self._sendall(pdus.response_pdus(message, status, negotiated.peer_max_pdu))
                     del body  # the fragments the sink kept hold it, not this loop
                 elif pdu_type == ul.RELEASE_RQ:
-                    self._sendall(ul.release_rp_pdu())
+                    self._sendall(pdus.release_rp_pdu())
                     return "released"
                 elif pdu_type == ul.ABORT:
                     return "aborted by the peer"
@@ -215,7 +216,7 @@ class StorageAssociation:
         field_ = int(command.get("CommandField", 0))
         if field_ != ul.C_STORE_RQ_FIELD:
             raise _unsupported(field_)
-        prefix = ul.part10_prefix(
+        prefix = pdus.part10_prefix(
             str(command.get("AffectedSOPClassUID", "") or ""),
             str(command.get("AffectedSOPInstanceUID", "") or ""),
             str(negotiated.contexts[context_id].transfer_syntax[0]),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from triage_node.ingest.admission import ASSOCIATE_RJ_LOCAL_LIMIT, audit_rejection
-from triage_node.ingest.upper_layer import reject_pdu
+from triage_node.ingest.pdu_encoding import reject_pdu
 from triage_node.logs import get_logger
 
 __all__ = ["RefusedConnections"]
