@@ -21,7 +21,7 @@ from worker.pipeline.overlay import (
     select_key_slices,
     to_png,
 )
-from worker.pipeline.sr import overlay_class
+from worker.pipeline.sr_codes import overlay_class
 
 SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 

@@ -16,7 +16,8 @@ from tests.servers import dciodvfy
 from triage_node import CLASSES
 from worker.pipeline.inference_core import StudyPrediction
 from worker.pipeline.overlay import build_overlays, overlay_keys, select_key_slices
-from worker.pipeline.sr import CODES, ReportError, build_sr, summary
+from worker.pipeline.sr import ReportError, build_sr
+from worker.pipeline.sr_codes import CODES, summary
 
 SYNTHETIC_USE = (
     "Intended use: pipeline verification only. Trained on synthetic phantoms, not on patient "

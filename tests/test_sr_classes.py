@@ -26,10 +26,11 @@ from triage_node.db.models import OutboxItem, OutboxState
 from worker.pipeline.context import build_context
 from worker.pipeline.delivery import deliver_due
 from worker.pipeline.run import run_job
-from worker.pipeline.sr import build_sr, summary
+from worker.pipeline.sr import build_sr
 from worker.pipeline.sr_classes import SR_CLASS_UIDS
+from worker.pipeline.sr_codes import summary
 
-#: The one dciodvfy warning left: the local code of epidural hemorrhage (worker.pipeline.sr).
+#: The one dciodvfy warning left: the local code of epidural hemorrhage (worker.pipeline.sr_codes).
 KNOWN_WARNING = "Unrecognized defined term <99ICHTRIAGE>"
 
 

@@ -279,11 +279,11 @@ def export_received(pacs: LocalPACS, out: Path) -> list[Path]:
     """Copy what the PACS received to ``out/<accession>_<study>/`` and render PNGs.
 
     Per study: ``SR.dcm`` with ``SR.json`` (its findings, from
-    :func:`worker.pipeline.sr.summary`) and ``overlay_<n>_<class>.dcm`` with a ``.png``
+    :func:`worker.pipeline.sr_codes.summary`) and ``overlay_<n>_<class>.dcm`` with a ``.png``
     render of each overlay image.
     """
     from worker.pipeline.overlay import to_png
-    from worker.pipeline.sr import overlay_class, summary
+    from worker.pipeline.sr_codes import overlay_class, summary
 
     written = []
     for sop_uid, path in sorted(pacs.received.items()):

@@ -186,8 +186,8 @@ def conformance_blocks() -> dict[str, str]:
         NATIVE_TRANSFER_SYNTAXES,
         TRIAGED_SOP_CLASSES,
     )
-    from worker.pipeline.sr import CODES
     from worker.pipeline.sr_classes import SR_CLASS_UIDS
+    from worker.pipeline.sr_codes import CODES
 
     triaged = [(_uid_name(u), f"`{u}`", "stored and triaged") for u in TRIAGED_SOP_CLASSES]
     others = [

@@ -37,10 +37,10 @@ from worker.pipeline.sr import (
     OVERLAY_SERIES_NUMBER,
     CardLike,
     contributing_equipment,
-    overlay_comment,
     reference_header,
     trained_on_synthetic,
 )
+from worker.pipeline.sr_codes import overlay_comment
 
 log = get_logger(__name__)
 
