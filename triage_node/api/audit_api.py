@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from triage_node.api.auth import require_role
 from triage_node.api.deps import SessionDep
-from triage_node.worklist.queries import AUDIT_CSV_COLUMNS, AuditFilter, audit_rows, list_audit
+from triage_node.worklist.audit_trail import AUDIT_CSV_COLUMNS, AuditFilter, audit_rows, list_audit
 
 router = APIRouter(tags=["audit"])
 

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 from triage_node.api.auth import DICOMWEB_PREFIXES, require_role
 from triage_node.api.deps import SessionDep
 from triage_node.db.models import Instance, Series, Study
-from triage_node.worklist.queries import ObjectRef, result_objects
+from triage_node.worklist.result_files import ObjectRef, result_objects
 
 #: Mounted under each of `DICOMWEB_PREFIXES` by ``create_app``.
 router = APIRouter(tags=["dicomweb"])

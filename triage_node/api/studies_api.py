@@ -16,7 +16,8 @@ from triage_node.api.deps import Admin, SessionDep, SessionFactoryDep
 from triage_node.db.models import Job, Result
 from triage_node.retention.hold import UnknownStudy, set_legal_hold
 from triage_node.timeutil import as_utc
-from triage_node.worklist.queries import ObjectRef, study_detail, study_objects
+from triage_node.worklist.queries import study_detail
+from triage_node.worklist.result_files import ObjectRef, study_objects
 
 router = APIRouter(tags=["studies"])
 

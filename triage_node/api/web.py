@@ -30,15 +30,13 @@ from triage_node.api.worklist import actor_of, item_from_row
 from triage_node.db import audit
 from triage_node.db.models import PriorityClass, WorklistEntry, WorklistStatus
 from triage_node.db.session import transaction
+from triage_node.worklist.audit_trail import AuditFilter, audit_rows, list_audit
 from triage_node.worklist.feedback import latest_verdicts, list_feedback
 from triage_node.worklist.priority import PriorityError, set_status
 from triage_node.worklist.queries import (
     FINDINGS,
     SORT_KEYS,
-    AuditFilter,
     WorklistFilter,
-    audit_rows,
-    list_audit,
     list_worklist,
     worklist_modalities,
 )

@@ -11,7 +11,7 @@ import typer
 from triage_node.cli.app import app
 from triage_node.cli.common import settings_or_exit
 from triage_node.db.session import make_engine, make_sessionmaker
-from triage_node.worklist.queries import AuditFilter, audit_rows, list_audit
+from triage_node.worklist.audit_trail import AuditFilter, audit_rows, list_audit
 
 
 def parse_since(value: str | None, now: datetime | None = None) -> datetime | None:

@@ -1,4 +1,7 @@
-"""Read-side queries: the ordered worklist, one study's details, the audit trail.
+"""Read-side queries: the ordered worklist and one study's details.
+
+The audit trail is read in ``triage_node.worklist.audit_trail``, and the objects the
+worker wrote in ``triage_node.worklist.result_files``.
 
 Ordering is done in SQL on SQLite and PostgreSQL alike: class rank first (a ``CASE``),
 then the stored score plus ageing, then the waiting time. Ageing needs "seconds since
@@ -9,10 +12,8 @@ the study arrived", which each dialect spells differently; `epoch_seconds` compi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Float, Select, and_, case, func, literal, or_, select
@@ -23,7 +24,6 @@ from sqlalchemy.sql.functions import FunctionElement
 from triage_node import SUBTYPES
 from triage_node.config import Settings
 from triage_node.db.models import (
-    AuditEvent,
     Job,
     JobState,
     PriorityClass,
@@ -314,166 +314,25 @@ def study_detail(session: Session, study_uid: str) -> StudyDetail | None:
     return StudyDetail(study=study, entry=entry, series=series, jobs=jobs, results=results)
 
 
-@dataclass(frozen=True)
-class AuditFilter:
-    """Filters of ``GET /api/audit`` and ``triage-node audit``."""
-
-    since: datetime | None = None
-    until: datetime | None = None
-    study_uid: str | None = None
-    action: str | None = None
-    actor: str | None = None
-    limit: int = 200
-    offset: int = 0
-
-
-def audit_select(flt: AuditFilter) -> Select[Any]:
-    """Audit events matching ``flt``, oldest first. ``action`` ending in ``*`` is a prefix."""
-    stmt = select(AuditEvent)
-    if flt.since is not None:
-        stmt = stmt.where(AuditEvent.at >= flt.since)
-    if flt.until is not None:
-        stmt = stmt.where(AuditEvent.at < flt.until)
-    if flt.study_uid:
-        stmt = stmt.where(AuditEvent.study_uid == flt.study_uid)
-    if flt.action:
-        if flt.action.endswith("*"):
-            stmt = stmt.where(AuditEvent.action.startswith(flt.action[:-1], autoescape=True))
-        else:
-            stmt = stmt.where(AuditEvent.action == flt.action)
-    if flt.actor:
-        stmt = stmt.where(AuditEvent.actor == flt.actor)
-    return stmt.order_by(AuditEvent.at, AuditEvent.id)
-
-
-def list_audit(session: Session, flt: AuditFilter) -> tuple[list[AuditEvent], int]:
-    """One page of audit events and the total count matching the filter."""
-    stmt = audit_select(flt)
-    total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
-    events = list(session.scalars(stmt.limit(flt.limit).offset(flt.offset)))
-    return events, int(total)
-
-
-AUDIT_CSV_COLUMNS = (
-    "id", "at", "actor", "action", "outcome", "study_uid", "series_uid", "sop_uid", "job_id", "detail",
-)
-
-
-def audit_rows(events: list[AuditEvent]) -> list[dict[str, Any]]:
-    """Audit events as plain dicts (CSV/JSON export), timestamps in ISO 8601 UTC."""
-    return [
-        {
-            "id": e.id,
-            "at": _as_utc(e.at).isoformat(),
-            "actor": e.actor,
-            "action": e.action,
-            "outcome": e.outcome,
-            "study_uid": e.study_uid,
-            "series_uid": e.series_uid,
-            "sop_uid": e.sop_uid,
-            "job_id": e.job_id,
-            "detail": e.detail or {},
-        }
-        for e in events
-    ]
-
-
 def job_state_counts(session: Session) -> dict[str, int]:
     """Number of jobs in each state (for ``/metrics``)."""
     return {state: int(n) for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))}
 
 
 __all__ = [
-    "AUDIT_CSV_COLUMNS",
     "FINDINGS",
     "SORT_KEYS",
-    "ObjectRef",
-    "result_objects",
-    "study_objects",
-    "AuditFilter",
     "PriorityClass",
     "StudyDetail",
     "WorklistFilter",
     "WorklistRow",
-    "audit_rows",
-    "audit_select",
     "class_rank_expr",
     "epoch_seconds",
     "job_state_counts",
     "latest_results",
-    "list_audit",
     "list_worklist",
     "study_detail",
     "worklist_modalities",
     "worklist_row",
     "worklist_select",
 ]
-
-
-# -- result objects on disk (SR and overlays under <data_dir>/results/<job_id>/) --------
-@dataclass(frozen=True)
-class ObjectRef:
-    """One DICOM object the node wrote: where it is and what it is."""
-
-    path: Path
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    modality: str | None
-    instance_number: int | None
-    job_id: int
-
-
-_OBJECT_CACHE: dict[str, tuple[float, list[ObjectRef]]] = {}
-
-
-def _scan_output_dir(folder: Path, job_id: int) -> list[ObjectRef]:
-    import pydicom
-
-    try:
-        mtime = folder.stat().st_mtime
-    except OSError:
-        return []
-    key = str(folder)
-    cached = _OBJECT_CACHE.get(key)
-    if cached and cached[0] == mtime:
-        return cached[1]
-    refs = []
-    for path in sorted(folder.glob("*.dcm")):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (OSError, pydicom.errors.InvalidDicomError):
-            continue
-        number = ds.get("InstanceNumber")
-        refs.append(
-            ObjectRef(
-                path=path,
-                study_uid=str(ds.StudyInstanceUID),
-                series_uid=str(ds.SeriesInstanceUID),
-                sop_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                modality=str(ds.get("Modality") or "") or None,
-                instance_number=int(number) if number not in (None, "") else None,
-                job_id=job_id,
-            )
-        )
-    if len(_OBJECT_CACHE) > 1000:
-        _OBJECT_CACHE.clear()
-    _OBJECT_CACHE[key] = (mtime, refs)
-    return refs
-
-
-def result_objects(results: Iterable[Result]) -> list[ObjectRef]:
-    """SR and overlay objects of ``results`` found in their output folders."""
-    out: list[ObjectRef] = []
-    for result in results:
-        if result.output_dir:
-            out.extend(_scan_output_dir(Path(result.output_dir), result.job_id))
-    return out
-
-
-def study_objects(session: Session, study_uid: str) -> list[ObjectRef]:
-    """All result objects of one study (every job version)."""
-    stmt = select(Result).join(Study, Study.id == Result.study_id).where(Study.study_uid == study_uid)
-    return [o for o in result_objects(session.scalars(stmt)) if o.study_uid == study_uid]
