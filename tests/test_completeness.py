@@ -24,13 +24,9 @@ from tests.pipeline_helpers import (  # noqa: F401 - fixtures
 from triage_node.config import load_settings
 from triage_node.db.models import AuditEvent, Job, JobState, Series, WorklistEntry
 from triage_node.queue import JobEnqueuer, make_client
-from triage_node.studies.completeness import (
-    CompletenessTracker,
-    SeriesStats,
-    enqueue_latencies,
-    enqueue_latency_summary,
-    fast_path_complete,
-)
+from triage_node.studies.completeness import CompletenessTracker
+from triage_node.studies.fast_path import SeriesStats, fast_path_complete
+from triage_node.studies.latency import enqueue_latencies, enqueue_latency_summary
 
 
 def stats(numbers, positions, n=None):

@@ -16,7 +16,8 @@ one gets a `Job` row (committed), and only then is the job enqueued. A late inst
 after a job exists makes a new job version; the old job becomes ``superseded``; both
 are audited. Timestamps for the product's main figure (last instance to enqueue) are
 kept on the job: ``last_instance_at``, ``series_complete_at``, ``enqueued_at``
-(`enqueue_latencies`).
+(read back by ``triage_node.studies.latency``). The fast-path test itself is
+``triage_node.studies.fast_path``.
 
 Thread-safety: the SCP calls `instance_stored` and `association_finished` from its
 association threads and the timer runs in its own thread; the pending set has its own
@@ -25,7 +26,6 @@ lock and completions are serialised by another, so no series is completed twice 
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -56,6 +56,7 @@ from triage_node.jobs import create_version
 from triage_node.jobs.sweep import UNSENT, sweep
 from triage_node.logs import get_logger
 from triage_node.queue import JobEnqueuer, choose_queue, make_client
+from triage_node.studies.fast_path import SeriesStats, fast_path_complete, series_stats
 from triage_node.studies.geometry import slice_spacing
 from triage_node.studies.selection import SelectionRules, load_rules, select_series
 from triage_node.timeutil import as_utc
@@ -64,85 +65,11 @@ from triage_node.worklist.priority import compute_priority
 log = get_logger(__name__)
 
 ACTOR = "node"
-#: Relative tolerance on slice spacing for the fast path (plus `SPACING_ABS_MM`).
-SPACING_REL_TOLERANCE = 0.02
-SPACING_ABS_MM = 0.01
 #: Job states that a new version supersedes.
 ACTIVE_JOB_STATES = (JobState.queued, JobState.running, JobState.done)
 
 Enqueuer = Callable[[list[int]], Any]
 
-
-
-@dataclass(frozen=True)
-class SeriesStats:
-    """The latest version of each instance of a series, as needed for completeness."""
-
-    count: int
-    instance_numbers: list[int | None]
-    positions: list[float | None]
-    last_received_at: datetime | None
-
-
-def series_stats(session: Session, series_id: int) -> SeriesStats:
-    rows = session.execute(
-        select(
-            Instance.sop_uid,
-            Instance.version,
-            Instance.instance_number,
-            Instance.slice_position,
-            Instance.received_at,
-        ).where(Instance.series_id == series_id)
-    ).all()
-    latest: dict[str, Any] = {}
-    for row in rows:
-        if row.sop_uid not in latest or row.version > latest[row.sop_uid].version:
-            latest[row.sop_uid] = row
-    received = [as_utc(r.received_at) for r in rows if r.received_at is not None]
-    return SeriesStats(
-        count=len(latest),
-        instance_numbers=[r.instance_number for r in latest.values()],
-        positions=[r.slice_position for r in latest.values()],
-        last_received_at=max(received) if received else None,
-    )
-
-
-def fast_path_complete(stats: SeriesStats, expected: int | None) -> tuple[bool, str]:
-    """Whether a series looks complete at association release, and why (not).
-
-    Parameters
-    ----------
-    stats : SeriesStats
-        From `series_stats`.
-    expected : int or None
-        NumberOfSeriesRelatedInstances / ImagesInAcquisition when the sender gave it.
-    """
-    n = stats.count
-    if n == 0:
-        return False, "no instances"
-    if expected is not None and expected > 0 and n != expected:
-        return False, f"{n} of {expected} expected instances"
-    numbers = [v for v in stats.instance_numbers if v is not None]
-    if len(numbers) != len(stats.instance_numbers):
-        return False, "instance numbers missing"
-    unique = sorted(set(numbers))
-    if len(unique) != n:
-        return False, "instance numbers repeat"
-    if unique[-1] - unique[0] + 1 != n:
-        return False, f"instance numbers {unique[0]}..{unique[-1]} have gaps"
-    if n >= 2:
-        positions = sorted(p for p in stats.positions if p is not None)
-        if len(positions) != len(stats.positions):
-            return False, "slice positions missing"
-        gaps = [b - a for a, b in zip(positions, positions[1:], strict=False)]
-        spacing = statistics.median(gaps)
-        if spacing <= SPACING_ABS_MM:
-            return False, "slices share a position"
-        tolerance = SPACING_ABS_MM + SPACING_REL_TOLERANCE * spacing
-        worst = max(abs(g - spacing) for g in gaps)
-        if worst > tolerance:
-            return False, f"slice spacing uneven (median {spacing:.3f} mm, off by {worst:.3f} mm)"
-    return True, "contiguous instance numbers, even spacing"
 
 
 @dataclass
@@ -438,70 +365,3 @@ def _window_width(session: Session, series_id: int) -> float | None:
         return float(first)
     except (TypeError, ValueError, IndexError):
         return None
-
-
-# -- the product's main figure ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JobLatency:
-    """Stage times of one job, in seconds from the last instance received."""
-
-    job_id: int
-    version: int
-    queue: str
-    completion_reason: str | None
-    last_instance_at: datetime
-    series_complete_at: datetime | None
-    enqueued_at: datetime
-    complete_s: float | None
-    enqueue_s: float
-
-
-def enqueue_latencies(
-    session_factory: sessionmaker[Session], since: datetime | None = None
-) -> list[JobLatency]:
-    """Time from the last C-STORE (instance row committed, just before the success
-    response) to the series being complete and to the job being enqueued, per job.
-
-    The benchmark calls this after sending studies; only jobs that were enqueued count.
-    """
-    with session_factory() as session:
-        query = (
-            select(Job, Series.completion_reason)
-            .join(Series, Series.id == Job.series_id)
-            .where(Job.enqueued_at.is_not(None), Job.last_instance_at.is_not(None))
-            .order_by(Job.id)
-        )
-        if since is not None:
-            query = query.where(Job.created_at >= since)
-        rows = session.execute(query).all()
-    out = []
-    for job, reason in rows:
-        last = as_utc(job.last_instance_at)
-        complete = as_utc(job.series_complete_at)
-        enqueued = as_utc(job.enqueued_at)
-        assert last is not None and enqueued is not None  # the query keeps only rows with both
-        out.append(JobLatency(
-            job_id=job.id, version=job.version, queue=job.queue, completion_reason=reason,
-            last_instance_at=last, series_complete_at=complete, enqueued_at=enqueued,
-            complete_s=(complete - last).total_seconds() if complete else None,
-            enqueue_s=(enqueued - last).total_seconds(),
-        ))
-    return out
-
-
-def enqueue_latency_summary(
-    session_factory: sessionmaker[Session], since: datetime | None = None
-) -> dict[str, float | int | None]:
-    """``count``, ``median_s``, ``p95_s``, ``max_s`` of last-instance-to-enqueue times."""
-    values = sorted(item.enqueue_s for item in enqueue_latencies(session_factory, since))
-    if not values:
-        return {"count": 0, "median_s": None, "p95_s": None, "max_s": None}
-    p95 = values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
-    return {
-        "count": len(values),
-        "median_s": round(statistics.median(values), 4),
-        "p95_s": round(p95, 4),
-        "max_s": round(values[-1], 4),
-    }
