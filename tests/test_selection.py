@@ -12,14 +12,8 @@ from pydicom.uid import generate_uid
 
 from triage_node.db.models import SelectionDecision, Series, Study
 from triage_node.studies import geometry
-from triage_node.studies.selection import (
-    DEFAULT_RULES_PATH,
-    KernelClass,
-    RulesError,
-    classify_kernel,
-    load_rules,
-    select_series,
-)
+from triage_node.studies.selection import KernelClass, classify_kernel, select_series
+from triage_node.studies.selection_rules import DEFAULT_RULES_PATH, RulesError, load_rules
 
 SELECTED = SelectionDecision.selected
 REJECTED = SelectionDecision.rejected

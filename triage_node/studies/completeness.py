@@ -58,7 +58,8 @@ from triage_node.logs import get_logger
 from triage_node.queue import JobEnqueuer, choose_queue, make_client
 from triage_node.studies.fast_path import SeriesStats, fast_path_complete, series_stats
 from triage_node.studies.geometry import slice_spacing
-from triage_node.studies.selection import SelectionRules, load_rules, select_series
+from triage_node.studies.selection import select_series
+from triage_node.studies.selection_rules import SelectionRules, load_rules
 from triage_node.timeutil import as_utc
 from triage_node.worklist.priority import compute_priority
 
