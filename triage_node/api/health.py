@@ -28,11 +28,12 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node import QUEUES
-from triage_node.config import InferenceBackend, Settings
+from triage_node.config import Settings
 from triage_node.db import schema
 from triage_node.db.models import AuditEvent, Instance, Job, JobState, OutboxItem, OutboxState, Study
 from triage_node.metrics import BuildInfo, BuildInfoCollector, expected_positive_rates, positive_rate_metrics
 from triage_node.retention.policy import DiskUse, disk_use, existing_parent
+from triage_node.setting_types import InferenceBackend
 
 router = APIRouter(tags=["health"])
 

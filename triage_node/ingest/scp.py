@@ -34,7 +34,7 @@ from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification  # type: ignore[attr-defined]  # pynetdicom defines these through globals()
 
-from triage_node.config import Settings, UnknownStorageClassPolicy
+from triage_node.config import Settings
 from triage_node.ingest.access import AccessPolicy
 from triage_node.ingest.admission import Admission
 from triage_node.ingest.association import Listener
@@ -42,6 +42,7 @@ from triage_node.ingest.refusals import RefusedConnections
 from triage_node.ingest.store import InstanceStore
 from triage_node.ingest.tls import server_ssl_context
 from triage_node.logs import get_logger
+from triage_node.setting_types import UnknownStorageClassPolicy
 
 __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",

@@ -32,11 +32,12 @@ from pathlib import Path
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from triage_node.config import Destination, Settings
+from triage_node.config import Settings
 from triage_node.db import audit
 from triage_node.db.models import Job, OutboxItem, OutboxState
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
+from triage_node.setting_types import Destination
 from triage_node.timeutil import as_utc, utcnow
 from worker import metrics
 from worker.pipeline.destinations import SendItem, SendOutcome, send

@@ -31,7 +31,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification  # type: ignore[attr-defined]  # pynetdicom defines these through globals()
 from pynetdicom.status import code_to_category
 
-from triage_node.config import Destination, DestinationKind
+from triage_node.setting_types import Destination, DestinationKind
 from worker.pipeline.destinations import dicomweb_client, dicomweb_session, ssl_context
 
 __all__ = ["TEST_PATIENT_ID", "Step", "check_destination", "echo", "test_object"]

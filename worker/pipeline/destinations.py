@@ -29,9 +29,9 @@ from pynetdicom import AE, evt
 from pynetdicom.events import EventHandlerType
 from pynetdicom.status import code_to_category
 
-from triage_node.config import Destination, DestinationKind
 from triage_node.dicom_status import StoreStatus
 from triage_node.logs import get_logger
+from triage_node.setting_types import Destination, DestinationKind
 
 log = get_logger(__name__)
 

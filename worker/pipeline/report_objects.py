@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from triage_node.config import Destination, SRClass
+from triage_node.setting_types import Destination, SRClass
 from worker.files import write_atomic
 from worker.pipeline.claim import Claim
 from worker.pipeline.context import WorkerContext

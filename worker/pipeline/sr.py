@@ -40,8 +40,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from triage_node import CLASSES
-from triage_node.config import SRClass
 from triage_node.logs import get_logger
+from triage_node.setting_types import SRClass
 from worker.pipeline.sr_classes import highdicom_class, to_basic_text
 from worker.pipeline.sr_codes import (
     ABSENT,

@@ -27,7 +27,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from triage_node.config import SRClass
+from triage_node.setting_types import SRClass
 
 __all__ = ["BASIC_TEXT_SR", "SR_CLASS_UIDS", "highdicom_class", "to_basic_text"]
 
