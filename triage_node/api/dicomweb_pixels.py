@@ -41,7 +41,8 @@ from pydicom.uid import (
 )
 
 from triage_node.api.deps import SessionDep
-from triage_node.api.dicomweb_read import HeldInstance, Viewer, instance_or_404, transfer_syntax
+from triage_node.api.dicomweb_held import HeldInstance
+from triage_node.api.dicomweb_read import Viewer, instance_or_404, transfer_syntax
 
 router = APIRouter(tags=["dicomweb"])
 

@@ -16,7 +16,8 @@ the alias ``/dicomweb`` (`triage_node.api.auth.DICOMWEB_PREFIXES`):
   ``.../instances/{instance}/metadata`` (``application/dicom+json``; Pixel Data as a
   BulkDataURI naming the instance's frames, PS3.18 F.2.6)
 
-Frames and rendered images are in `triage_node.api.dicomweb_pixels`. Every resource
+Frames and rendered images are in `triage_node.api.dicomweb_pixels`; which objects the
+node holds is read by `triage_node.api.dicomweb_held`. Every resource
 needs a viewer token.
 """
 
@@ -24,8 +25,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 import pydicom
@@ -36,34 +35,13 @@ from sqlalchemy.orm import Session
 
 from triage_node.api.auth import DICOMWEB_PREFIXES, require_role
 from triage_node.api.deps import SessionDep
-from triage_node.db.models import Instance, Series, Study
-from triage_node.worklist.result_files import ObjectRef, result_objects
+from triage_node.api.dicomweb_held import HeldInstance, HeldSeries, held_series
+from triage_node.db.models import Study
 
 #: Mounted under each of `DICOMWEB_PREFIXES` by ``create_app``.
 router = APIRouter(tags=["dicomweb"])
 DICOM_JSON = "application/dicom+json"
 Viewer = Annotated[Any, Depends(require_role("viewer"))]
-
-
-@dataclass(frozen=True)
-class HeldInstance:
-    """One object the node can serve."""
-
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    instance_number: int | None
-    path: Path
-    transfer_syntax: str | None
-
-
-@dataclass
-class HeldSeries:
-    series_uid: str
-    modality: str | None
-    series_number: int | None
-    description: str | None
-    instances: list[HeldInstance]
 
 
 def _attr(vr: str, value: Any) -> dict[str, Any]:
@@ -83,63 +61,6 @@ def base_url(request: Request) -> str:
         path = path[len(root):]
     prefix = next((p for p in DICOMWEB_PREFIXES if path.startswith(p + "/")), DICOMWEB_PREFIXES[0])
     return str(request.base_url).rstrip("/") + prefix
-
-
-# -- what the node holds --------------------------------------------------------------
-def _spool_series(session: Session, study: Study) -> list[HeldSeries]:
-    out = []
-    for series in session.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.id)):
-        newest: dict[str, Instance] = {}
-        for inst in session.scalars(
-            select(Instance).where(Instance.series_id == series.id).order_by(Instance.version)
-        ):
-            newest[inst.sop_uid] = inst
-        out.append(
-            HeldSeries(
-                series_uid=series.series_uid,
-                modality=series.modality,
-                series_number=series.series_number,
-                description=series.description,
-                instances=[
-                    HeldInstance(series.series_uid, i.sop_uid, i.sop_class_uid, i.instance_number,
-                                 Path(i.path), i.transfer_syntax)
-                    for i in sorted(newest.values(), key=lambda i: (i.instance_number or 0, i.id))
-                ],
-            )
-        )
-    return out
-
-
-def _result_series(session: Session, study: Study) -> list[HeldSeries]:
-    from triage_node.db.models import Result
-
-    refs: list[ObjectRef] = result_objects(session.scalars(select(Result).where(Result.study_id == study.id)))
-    by_series: dict[str, HeldSeries] = {}
-    for ref in refs:
-        if ref.study_uid != study.study_uid:
-            continue
-        held = by_series.setdefault(
-            ref.series_uid,
-            HeldSeries(ref.series_uid, ref.modality, None, None, []),
-        )
-        if ref.sop_uid not in {i.sop_uid for i in held.instances}:
-            held.instances.append(
-                HeldInstance(ref.series_uid, ref.sop_uid, ref.sop_class_uid, ref.instance_number,
-                             ref.path, None)
-            )
-    for held in by_series.values():
-        if held.instances:
-            first = pydicom.dcmread(held.instances[0].path, stop_before_pixels=True)
-            held.series_number = int(first.SeriesNumber) if first.get("SeriesNumber") not in (None, "") else None
-            held.description = str(first.get("SeriesDescription") or "") or None
-    return list(by_series.values())
-
-
-def held_series(session: Session, study: Study) -> list[HeldSeries]:
-    """Received series first, then the node's result series."""
-    spool = _spool_series(session, study)
-    known = {s.series_uid for s in spool}
-    return spool + [s for s in _result_series(session, study) if s.series_uid not in known]
 
 
 def study_or_404(session: Session, study_uid: str) -> Study:
@@ -400,6 +321,5 @@ def instance_metadata(study_uid: str, series_uid: str, sop_uid: str, request: Re
 
 
 __all__ = [
-    "DICOM_JSON", "HeldInstance", "Viewer", "base_url", "held_series", "instance_or_404",
-    "instance_url", "router", "transfer_syntax",
+    "DICOM_JSON", "Viewer", "base_url", "instance_or_404", "instance_url", "router", "transfer_syntax",
 ]
