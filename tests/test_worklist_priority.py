@@ -11,15 +11,8 @@ from tests.worklist_factory import add_result, add_study, database  # noqa: F401
 from triage_node.config import load_settings
 from triage_node.db.models import AuditEvent, JobState, WorklistStatus
 from triage_node.db.session import transaction
-from triage_node.worklist.priority import (
-    PriorityError,
-    PriorityInputs,
-    automatic_priority,
-    compute_priority,
-    set_manual_priority,
-    set_status,
-    weighted_score,
-)
+from triage_node.worklist.priority import compute_priority, set_manual_priority, set_status
+from triage_node.worklist.priority_rules import PriorityError, PriorityInputs, automatic_priority, weighted_score
 from triage_node.worklist.queries import WorklistFilter, list_worklist
 
 NOW = datetime.now(UTC)

@@ -32,7 +32,8 @@ from triage_node.db.models import PriorityClass, WorklistEntry, WorklistStatus
 from triage_node.db.session import transaction
 from triage_node.worklist.audit_trail import AuditFilter, audit_rows, list_audit
 from triage_node.worklist.feedback import latest_verdicts, list_feedback
-from triage_node.worklist.priority import PriorityError, set_status
+from triage_node.worklist.priority import set_status
+from triage_node.worklist.priority_rules import PriorityError
 from triage_node.worklist.queries import (
     FINDINGS,
     SORT_KEYS,

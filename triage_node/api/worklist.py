@@ -16,7 +16,8 @@ from triage_node.api.auth import Principal, Role, require_role
 from triage_node.api.deps import SessionDep, SettingsDep
 from triage_node.db import audit
 from triage_node.db.models import PriorityClass, WorklistEntry, WorklistStatus
-from triage_node.worklist.priority import PriorityError, set_manual_priority, set_status
+from triage_node.worklist.priority import set_manual_priority, set_status
+from triage_node.worklist.priority_rules import PriorityError
 from triage_node.worklist.queries import (
     FINDINGS,
     SORT_KEYS,

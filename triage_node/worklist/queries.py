@@ -32,7 +32,7 @@ from triage_node.db.models import (
     Study,
     WorklistEntry,
 )
-from triage_node.worklist.priority import CLASS_RANK
+from triage_node.worklist.priority_rules import CLASS_RANK
 
 
 class epoch_seconds(FunctionElement):  # noqa: N801 - SQL function naming
