@@ -6,6 +6,8 @@ SameSite=Strict cookie; every page and image checks it as the API checks the
 OpenID Connect provider instead (`triage_node.api.oidc`): a browser without a login is sent
 there, and comes back with a signed session cookie that the pages accept in the same way. The page refreshes its worklist rows every few seconds with
 a small script shipped in ``static/`` (no CDN: the node may have no internet).
+The audit page is in `triage_node.api.web_audit`, the feedback forms and page in
+`triage_node.api.web_feedback`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from fastapi.templating import Jinja2Templates
 
 from triage_node import CLASSES, SUBTYPES
 from triage_node.api import auth
-from triage_node.api.audit_api import to_csv
 from triage_node.api.auth import Role, authenticate
 from triage_node.api.deps import SessionDep, SettingsDep
 from triage_node.api.studies_api import find_object, get_study, render_png
@@ -30,7 +31,6 @@ from triage_node.api.worklist import actor_of, item_from_row
 from triage_node.db import audit
 from triage_node.db.models import PriorityClass, WorklistEntry, WorklistStatus
 from triage_node.db.session import transaction
-from triage_node.worklist.audit_trail import AuditFilter, audit_rows, list_audit
 from triage_node.worklist.feedback import latest_verdicts, list_feedback
 from triage_node.worklist.priority import set_status
 from triage_node.worklist.priority_rules import PriorityError
@@ -366,55 +366,16 @@ def web_object_png(study_uid: str, sop_uid: str, session: SessionDep, _user: Web
                     headers={"Cache-Control": "private, max-age=3600"})
 
 
-# -- audit --------------------------------------------------------------------------
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise HTTPException(422, f"not an ISO 8601 time: {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _audit_filter(since: str | None, until: str | None, study: str | None, action: str | None,
-                  actor: str | None, limit: int) -> AuditFilter:
-    return AuditFilter(since=_parse_time(since), until=_parse_time(until), study_uid=study or None,
-                       action=action or None, actor=actor or None, limit=limit)
-
-
-@router.get("/audit", response_class=HTMLResponse)
-def audit_page(request: Request, session: SessionDep, user: WebUser, since: str | None = None,
-               until: str | None = None, study: str | None = None, action: str | None = None,
-               actor: str | None = None) -> Response:
-    flt = _audit_filter(since, until, study, action, actor, 500)
-    events, total = list_audit(session, flt)
-    query = urlencode({k: v for k, v in request.query_params.items() if v})
-    return TEMPLATES.TemplateResponse(
-        request,
-        "audit.html",
-        {"rows": audit_rows(events), "total": total, "filters": dict(request.query_params),
-         "csv_url": "/audit.csv" + (f"?{query}" if query else ""), "user": user},
-    )
-
-
-@router.get("/audit.csv")
-def audit_csv(session: SessionDep, _user: WebUser, since: str | None = None, until: str | None = None,
-              study: str | None = None, action: str | None = None, actor: str | None = None) -> Response:
-    events, _ = list_audit(session, _audit_filter(since, until, study, action, actor, 100000))
-    return Response(to_csv(audit_rows(events)), media_type="text/csv; charset=utf-8",
-                    headers={"Content-Disposition": 'attachment; filename="audit.csv"'})
-
-
 def install(app: Any) -> None:
     """Add the worklist engineer's routers, static files and login redirect to ``app``."""
     from fastapi.staticfiles import StaticFiles
 
-    from triage_node.api import audit_api, feedback_api, health, studies_api, web_feedback, worklist
+    from triage_node.api import audit_api, feedback_api, health, studies_api, web_audit, web_feedback, worklist
 
     for module in (health, worklist, studies_api, audit_api, feedback_api):
         app.include_router(module.router)
     app.include_router(router)
     app.include_router(web_feedback.router)
+    app.include_router(web_audit.router)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     app.add_exception_handler(LoginRequired, login_redirect)
