@@ -20,7 +20,8 @@ from tests.worklist_factory import Database, add_study, database, migrated_datab
 from triage_node.config import load_settings
 from triage_node.db.models import AuditEvent, Job, OutboxItem, OutboxState
 from triage_node.db.session import transaction
-from worker.pipeline.delivery import DeliveryPolicy, deliver_due, enqueue_outbox, requeue
+from worker.pipeline.delivery import deliver_due, enqueue_outbox, requeue
+from worker.pipeline.delivery_policy import DeliveryPolicy
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 

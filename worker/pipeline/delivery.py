@@ -17,7 +17,8 @@ so that a slow or dead peer never holds up the others. Outcomes (see ``destinati
 Each failed try is audited as ``delivery.failed`` with the outcome. Rows are claimed with a
 conditional UPDATE (a lease on ``next_attempt_at``) so that two workers never send the same
 row at the same time; a worker that dies mid-send leaves the row due again when the lease
-ends (at-least-once delivery; a PACS stores a repeated SOP Instance once).
+ends (at-least-once delivery; a PACS stores a repeated SOP Instance once). The retry
+policy and the tally of one pass are in ``worker.pipeline.delivery_policy``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -40,71 +40,12 @@ from triage_node.logs import get_logger
 from triage_node.setting_types import Destination
 from triage_node.timeutil import as_utc, utcnow
 from worker import metrics
+from worker.pipeline.delivery_policy import DeliveryPolicy, DeliveryReport
 from worker.pipeline.destinations import SendItem, SendOutcome, send
 
 log = get_logger(__name__)
 
 ACTOR = "worker"
-
-
-@dataclass(frozen=True)
-class DeliveryPolicy:
-    """Retry policy (from Settings) and the node's own AE title and TLS identity."""
-
-    max_attempts: int = 8
-    refused_max_attempts: int = 2
-    backoff_base_s: float = 5.0
-    backoff_cap_s: float = 600.0
-    batch_size: int = 64
-    calling_ae: str = "TRIAGE_NODE"
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> DeliveryPolicy:
-        return cls(
-            max_attempts=settings.delivery_max_attempts,
-            refused_max_attempts=settings.delivery_refused_max_attempts,
-            backoff_base_s=settings.delivery_backoff_base_s,
-            backoff_cap_s=settings.delivery_backoff_cap_s,
-            batch_size=settings.delivery_batch_size,
-            calling_ae=settings.ae_title,
-            tls_cert=settings.tls_cert,
-            tls_key=settings.tls_key,
-        )
-
-    def backoff(self, attempts: int) -> timedelta:
-        """Delay before the next try after ``attempts`` failed tries (exponential, capped)."""
-        seconds = self.backoff_base_s * (2 ** max(0, attempts - 1))
-        return timedelta(seconds=min(self.backoff_cap_s, seconds))
-
-
-@dataclass
-class DeliveryReport:
-    """What one ``deliver_due`` call did, in numbers of outbox rows."""
-
-    sent: int = 0
-    retrying: int = 0
-    refused: int = 0
-    dead: int = 0
-    unknown_destination: int = 0
-    by_destination: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    @property
-    def attempted(self) -> int:
-        return self.sent + self.retrying + self.refused + self.dead
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "sent": self.sent,
-            "retrying": self.retrying,
-            "refused": self.refused,
-            "dead": self.dead,
-            "unknown_destination": self.unknown_destination,
-            "by_destination": self.by_destination,
-        }
-
-
 
 
 def enqueue_outbox(
