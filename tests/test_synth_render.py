@@ -10,7 +10,7 @@ import pytest
 
 from triage_node import CLASSES, SUBTYPES
 from triage_node.synth import Lesion, StudySpec, render_axial, sample_study_spec
-from triage_node.synth.phantom import sample_anatomy
+from triage_node.synth.anatomy import sample_anatomy
 from triage_node.synth.render import MIN_BLOOD_MM2
 
 

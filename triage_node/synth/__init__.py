@@ -15,8 +15,8 @@ files on disk), :mod:`preview` (PNG montages), :mod:`jpeg_lossless` (encoder).
 """
 
 from triage_node import SUBTYPES
+from triage_node.synth.anatomy import Anatomy
 from triage_node.synth.lesions import Lesion
-from triage_node.synth.phantom import Anatomy
 from triage_node.synth.render import MIN_BLOOD_MM2, RenderedSeries, render_axial
 from triage_node.synth.spec import StudySpec, sample_study_spec
 from triage_node.synth.study import COMPONENTS, LABEL_SUBTYPES, SeriesTruth, StudyTruth, study_spec, write_dataset

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from triage_node import SUBTYPES
-from triage_node.synth.phantom import PARENCHYMA, Anatomy, Canvas, Tissue, tentorium_z
+from triage_node.synth.anatomy import Anatomy, tentorium_z
+from triage_node.synth.phantom import PARENCHYMA, Canvas, Tissue
 
 __all__ = ["Lesion", "sample_lesion", "paint_lesion"]
 

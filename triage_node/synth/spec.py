@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from triage_node import SUBTYPES
+from triage_node.synth.anatomy import Anatomy, sample_anatomy
 from triage_node.synth.lesions import Lesion, sample_lesion
-from triage_node.synth.phantom import Anatomy, sample_anatomy
 
 __all__ = ["StudySpec", "sample_study_spec"]
 
