@@ -21,7 +21,7 @@ from triage_node.config import DEFAULT_MODEL_CARD, DEFAULT_MODEL_REPOSITORY
 from worker.inference.base import InferenceError
 from worker.inference.card import load_model_card
 from worker.inference.triton_check import check_repository
-from worker.inference.triton_server import build_python_repository, read_model_config
+from worker.inference.triton_repository import build_python_repository, read_model_config
 
 GPU_REPOSITORY = DEFAULT_MODEL_REPOSITORY.parent / "models-gpu"
 

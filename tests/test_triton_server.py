@@ -17,12 +17,8 @@ import torch
 from typer.testing import CliRunner
 
 from tests.servers import free_port
-from worker.inference.triton_server import (
-    TritonServer,
-    TritonServerError,
-    build_python_repository,
-    read_model_config,
-)
+from worker.inference.triton_repository import TritonServerError, build_python_repository, read_model_config
+from worker.inference.triton_server import TritonServer
 
 # The tiny test models use the TorchScript ONNX exporter (no onnxscript needed).
 pytestmark = [

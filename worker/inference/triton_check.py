@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from worker.inference.card import ModelCard
-from worker.inference.triton_server import TritonServerError, read_model_config
+from worker.inference.triton_repository import TritonServerError, read_model_config
 
 # Triton config data types that the ONNX graph's element types must match.
 _ONNX_TO_TRITON = {

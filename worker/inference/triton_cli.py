@@ -39,7 +39,8 @@ def serve(
                                         help="Seconds to wait for the models to be ready."),
 ) -> None:
     """Serve the model repository over gRPC and HTTP until interrupted (Ctrl-C)."""
-    from worker.inference.triton_server import TritonServer, TritonServerError
+    from worker.inference.triton_repository import TritonServerError
+    from worker.inference.triton_server import TritonServer
 
     server = TritonServer(repository, grpc_port=grpc_port, http_port=http_port, host=host,
                           start_timeout=start_timeout, threads=threads)
