@@ -71,7 +71,7 @@ class _Site:
                  workers: int = 1) -> None:
         from triage_node.db import schema
         from triage_node.db.session import make_engine, make_sessionmaker
-        from worker.demo import NODE_AE, LocalPACS, Processes, free_port
+        from worker.demo_parts import NODE_AE, LocalPACS, Processes, free_port
 
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"triage-bench-{backend}-"))
         (self.data_dir / "logs").mkdir()
@@ -103,7 +103,7 @@ class _Site:
         self.workers = workers
 
     def start(self) -> None:
-        from worker.demo import wait_for_port
+        from worker.demo_parts import wait_for_port
 
         for i in range(self.workers):  # each a separate `triage-node worker`, as on separate machines
             # One beat (periodic tasks) per site: the others share its schedule file's folder.
@@ -118,7 +118,7 @@ class _Site:
         DCMTK ``storescu`` (with ``TCP_NODELAY=1``) when installed: one process per study,
         so studies sent together really travel in parallel; pynetdicom otherwise.
         """
-        from worker.demo import DemoError, send_files
+        from worker.demo_parts import DemoError, send_files
 
         exe = shutil.which("storescu")
         if exe is None:
@@ -156,7 +156,7 @@ class _Site:
 
     def wait_sr(self, study_uids: list[str], timeout: float) -> tuple[dict[str, datetime], dict[str, str]]:
         """Wait for each study's SR at the PACS; returns (accepted times, errors of failed jobs)."""
-        from worker.demo import DemoError
+        from worker.demo_parts import DemoError
 
         deadline = time.monotonic() + timeout
         done: dict[str, datetime] = {}
@@ -180,7 +180,7 @@ class _Site:
     def stages(self) -> dict[str, float | None]:
         """Median seconds of each stage over this site's jobs (from the Job timestamps)."""
         from triage_node.db.models import Job, JobState
-        from worker.demo import _seconds
+        from worker.demo_parts import seconds_between
 
         with self.session_factory() as session:
             jobs = session.scalars(select(Job).where(Job.state == JobState.done)).all()
@@ -194,7 +194,7 @@ class _Site:
             }
         out = {}
         for name, values in pairs.items():
-            secs = [s for a, b in values if (s := _seconds(a, b)) is not None]
+            secs = [s for a, b in values if (s := seconds_between(a, b)) is not None]
             out[name] = round(statistics.median(secs), 3) if secs else None
         return out
 
@@ -205,12 +205,12 @@ class _Site:
         completeness decision, series selection, the job row and the send to the broker.
         """
         from triage_node.db.models import Job
-        from worker.demo import _seconds
+        from worker.demo_parts import seconds_between
 
         with self.session_factory() as session:
             jobs = session.scalars(select(Job).where(Job.enqueued_at.is_not(None))).all()
             pairs = [(j.last_instance_at, j.enqueued_at) for j in jobs]
-        return [s for a, b in pairs if (s := _seconds(a, b)) is not None]
+        return [s for a, b in pairs if (s := seconds_between(a, b)) is not None]
 
     def stop(self) -> None:
         self.procs.stop()

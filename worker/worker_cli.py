@@ -156,7 +156,8 @@ def register(app: typer.Typer) -> None:
         import signal
         import sys
 
-        from worker.demo import DemoError, run_demo
+        from worker.demo import run_demo
+        from worker.demo_parts import DemoError
 
         # SIGTERM unwinds like Ctrl-C, so the node, the worker and the PACS are stopped.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
