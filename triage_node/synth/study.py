@@ -9,16 +9,15 @@ Layout written by :func:`write_dataset`::
 
 Everything is a pure function of ``seed``: study ``i`` draws from
 ``numpy.random.default_rng([seed, i])`` and its UIDs are 2.25 UUID-derived UIDs
-(PS3.5 B.2) hashed from the seed, study index, role and instance.
+(PS3.5 B.2) hashed from the seed, study index, role and instance
+(``triage_node.synth.identity``).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from triage_node.synth.dicom_writer import (
     save,
     sc_dataset,
 )
+from triage_node.synth.identity import series_time, study_header, synthetic_uid
 from triage_node.synth.preview import dose_screen, montage
 from triage_node.synth.render import RenderedSeries, render_axial
 from triage_node.synth.spec import StudySpec, sample_study_spec
@@ -63,13 +63,6 @@ SCANNER_ENCODINGS = (
     PixelEncoding(False, 16, -1024.0, None),
 )
 RSNA_ENCODINGS = (PixelEncoding(True, 16, -1024.0, None), PixelEncoding(False, 12, -1024.0, None))
-
-_SURNAMES = ("DOE", "SMITH", "GARCIA", "MUELLER", "ROSSI", "NGUYEN", "KOWALSKI", "JOHANSSON", "DUBOIS",
-             "OKAFOR", "TANAKA", "SILVA", "MARTIN", "BROWN", "IVANOVA", "HANSEN", "MORALES", "PATEL",
-             "KIM", "LEHMANN", "BERG", "COSTA", "NOVAK", "WALSH")
-_GIVEN = {"F": ("JANE", "MARIA", "ANNA", "SOFIA", "EMMA", "LENA", "CLARA", "AMINA", "YUKI", "EVA"),
-          "M": ("JOHN", "PETER", "LUCAS", "AHMED", "KENJI", "MARCO", "JONAS", "DAVID", "IVAN", "OMAR")}
-
 
 @dataclass(frozen=True)
 class SeriesTruth:
@@ -106,54 +99,6 @@ class StudyTruth:
         return asdict(self)
 
 
-def _uid(seed: int, *parts) -> str:
-    """A deterministic UID under the 2.25 root (PS3.5 B.2: UUID-derived UIDs).
-
-    ``pydicom.uid.generate_uid(prefix=None)`` ignores ``entropy_srcs`` and returns a
-    random UUID4, so the UUID is built here from a SHA-256 of the entropy sources,
-    with the RFC 9562 version-4/variant bits set as ``uuid.UUID(version=4)`` does.
-    """
-    digest = hashlib.sha256("\x1f".join(["ich-triage-synth", str(seed), *map(str, parts)]).encode()).digest()
-    return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"
-
-
-def _header(rng: np.random.Generator, seed: int, index: int, profile: str) -> StudyHeader:
-    sex = str(rng.choice(["F", "M"]))
-    age = int(rng.integers(22, 92))
-    year = int(rng.integers(2023, 2027))
-    month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
-    hh, mm, ss = int(rng.integers(0, 24)), int(rng.integers(0, 60)), int(rng.integers(0, 60))
-    if profile == "rsna":
-        pid = "ID_" + "".join(rng.choice(list("0123456789abcdef"), size=9))
-        name = ""
-    else:
-        pid = f"PID{int(rng.integers(1, 10**7)):07d}"
-        name = f"{rng.choice(_SURNAMES)}^{rng.choice(_GIVEN[sex])}"
-    return StudyHeader(
-        study_uid=_uid(seed, index, "study"),
-        frame_uid=_uid(seed, index, "frame"),
-        patient_name=name,
-        patient_id=pid,
-        birth_date=f"{year - age:04d}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}",
-        sex=sex,
-        age=f"{age:03d}Y",
-        study_date=f"{year:04d}{month:02d}{day:02d}",
-        study_time=f"{hh:02d}{mm:02d}{ss:02d}",
-        accession=f"ACC{int(rng.integers(1, 10**8)):08d}",
-        study_id=str(int(rng.integers(1000, 99999))),
-        institution="Synthetic General Hospital",
-        station=str(rng.choice(["CTHEAD01", "CT02", "ERCT"])),
-        model=str(rng.choice(["Phantom CT 64", "Phantom CT 128", "Phantom Dual 256"])),
-        profile=profile,
-    )
-
-
-def _series_time(study_time: str, minutes: int) -> str:
-    h, m, s = int(study_time[:2]), int(study_time[2:4]), int(study_time[4:6])
-    total = (h * 3600 + m * 60 + s + minutes * 60) % 86400
-    return f"{total // 3600:02d}{total % 3600 // 60:02d}{total % 60:02d}"
-
-
 def _localizer(axial: RenderedSeries) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
     """A lateral scout: line integrals of attenuation through the axial slices."""
     mu = np.clip(axial.hu + 1000.0, 0, None) / 1000.0
@@ -184,7 +129,7 @@ def _write_ct_series(out_dir: Path, study: StudyHeader, sh: SeriesHeader, series
     normal = series.normal
     for k in range(series.hu.shape[0]):
         enc = enc_choice(rng)
-        uid = _uid(seed, index, role, k)
+        uid = synthetic_uid(seed, index, role, k)
         stored = enc.to_stored(series.hu[k], series.fov_mask)
         ds = ct_dataset(study, sh, uid, k + 1, stored, enc, series.positions[k], series.orientation,
                         series.pixel_spacing, float(series.positions[k] @ normal), rng)
@@ -219,7 +164,7 @@ def plan_study(seed: int, index: int, positive_fraction: float = 0.5, subtypes: 
     """Draw study ``index`` of a dataset: subject, lesions, header and acquisition."""
     rng = np.random.default_rng([seed, index])
     spec = sample_study_spec(rng, positive_fraction, subtypes)
-    header = _header(rng, seed, index, profile)
+    header = study_header(rng, seed, index, profile)
     rows = int(rng.choice([512] * 8 + [256, 768]))
     tilt = float(np.round(rng.uniform(-20, 20), 1)) if rng.random() < 0.35 else 0.0
     descending = bool(rng.random() < 0.5)
@@ -264,8 +209,8 @@ def write_study(
     label_rows: list[tuple[str, np.ndarray]] = []
 
     def sheader(role, number, desc, itype, kernel, window, minutes, thk):
-        return SeriesHeader(_uid(seed, index, role, "series"), number, desc, itype, kernel, window,
-                            _series_time(header.study_time, minutes), None if profile == "rsna" else thk,
+        return SeriesHeader(synthetic_uid(seed, index, role, "series"), number, desc, itype, kernel, window,
+                            series_time(header.study_time, minutes), None if profile == "rsna" else thk,
                             tilt if role != "localizer" else 0.0)
 
     if "localizer" in components:
@@ -275,7 +220,7 @@ def write_study(
         enc = PixelEncoding(True, 16, 0.0, None)
         sdir = out_dir / header.study_uid / sh.series_uid
         sdir.mkdir(parents=True, exist_ok=True)
-        uid = _uid(seed, index, "localizer", 0)
+        uid = synthetic_uid(seed, index, "localizer", 0)
         ds = ct_dataset(header, sh, uid, 1, img, enc, pos, iop, ps, 0.0, rng)
         save(ds, sdir / f"{uid}.dcm", syntax, img, CTImageStorage)
         series_truth.append(SeriesTruth(sh.series_uid, "localizer", 1, sh.slice_thickness, img.shape[0],
@@ -315,7 +260,7 @@ def write_study(
                      None)
         sdir = out_dir / header.study_uid / sh.series_uid
         sdir.mkdir(parents=True, exist_ok=True)
-        uid = _uid(seed, index, "dose", 0)
+        uid = synthetic_uid(seed, index, "dose", 0)
         ds = sc_dataset(header, sh, uid, 1, img)
         dose_syntax = syntax if syntax != TRANSFER_SYNTAXES["jpeg2000-lossless"] else TRANSFER_SYNTAXES["explicit"]
         save(ds, sdir / f"{uid}.dcm", dose_syntax, img, SecondaryCaptureImageStorage)
