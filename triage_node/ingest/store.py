@@ -32,20 +32,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.config import Settings
 from triage_node.db import audit
-from triage_node.db.models import Instance, Series
+from triage_node.db.models import Instance
 from triage_node.db.session import transaction
-from triage_node.ingest.filing import FILED_ELSEWHERE, Filing, FilingCache, file_series
+from triage_node.ingest.deferred_audit import DeferredAudit
+from triage_node.ingest.filing import FILED_ELSEWHERE, FilingCache
 from triage_node.ingest.header import (
     CANNOT_UNDERSTAND,
     DATABASE_UNAVAILABLE,
@@ -55,7 +55,6 @@ from triage_node.ingest.header import (
     OUT_OF_RESOURCES,
     SUCCESS,
     _Header,
-    _int,
     _Refused,
     dataset_offset,
     dataset_offset_from_bytes,
@@ -64,6 +63,7 @@ from triage_node.ingest.header import (
 )
 from triage_node.ingest.incoming import IncomingObject, dataset_digest
 from triage_node.ingest.inflate import InflationBudget
+from triage_node.ingest.instance_rows import known_versions, stage_rows, stored_bytes
 from triage_node.ingest.spool import Spool
 from triage_node.logs import get_logger, remember_identifiers
 
@@ -87,34 +87,9 @@ log = get_logger(__name__)
 
 SOURCES = ("dimse", "stow")
 
-# Statements built once (SQLAlchemy then reuses their compiled form): per-instance
-# work is a few executes with parameters, not statement construction.
-_INSTANCES = Instance.__table__
-_SELECT_VERSIONS = select(_INSTANCES.c.version, _INSTANCES.c.sha256, _INSTANCES.c.path).where(
-    _INSTANCES.c.sop_uid == bindparam("sop_uid")
-)
-_INSERT_INSTANCE = _INSTANCES.insert()
-
-
-def _series_update(new_instance: bool, with_expected: bool) -> Any:
-    table = Series.__table__
-    values: dict[str, Any] = {"last_received_at": bindparam("now")}
-    if new_instance:
-        values["instance_count"] = table.c.instance_count + 1
-    if with_expected:
-        values["expected_instances"] = bindparam("expected")
-    return update(table).where(table.c.id == bindparam("series_id")).values(**values)
-
-
-#: (first version of the object?, sender gave an expected count?) -> UPDATE series ...
-_UPDATE_SERIES = {
-    (new, expected): _series_update(new, expected) for new in (True, False) for expected in (True, False)
-}
 _INSERT_RETRIES = 3
 #: Seconds the stored-bytes figure of the quota watermark is reused.
 QUOTA_REFRESH_S = 1.0
-#: Refusals kept in memory while the database is away (then written, oldest first).
-_DEFERRED_AUDIT_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
@@ -200,9 +175,7 @@ class InstanceStore:
         self._filed = FilingCache()
         self.inflation = InflationBudget(settings.inflation_budget_mb * 2**20)
         # Refusals that could not be audited (database away), written once it is back.
-        self._deferred_audit: list[dict[str, Any]] = []
-        self._deferred_lock = threading.Lock()
-        self._flush_lock = threading.Lock()
+        self._deferred_audit = DeferredAudit()
         self._sop_locks = [threading.Lock() for _ in range(64)]
         self._quota_used, self._quota_checked_at = 0, -QUOTA_REFRESH_S
         # fsyncs and digests run here (two per object at once), overlapping the
@@ -232,7 +205,7 @@ class InstanceStore:
         if now - self._quota_checked_at >= QUOTA_REFRESH_S:
             try:
                 with self.session_factory() as session:
-                    used = session.scalar(select(func.coalesce(func.sum(_INSTANCES.c.size_bytes), 0)))
+                    used = stored_bytes(session)
             except SQLAlchemyError:
                 return False  # the database being away is answered when the row is written
             self._quota_used, self._quota_checked_at = int(used or 0), now
@@ -358,7 +331,7 @@ class InstanceStore:
         finally:
             incoming.discard()  # frees the bytes; the file is published or dropped by now
         if self._deferred_audit:
-            self._flush_deferred_audit()
+            self._deferred_audit.flush(self.session_factory)
         if (outcome.stored and not outcome.duplicate and outcome.series_uid is not None
                 and self.on_stored is not None):
             try:
@@ -412,7 +385,7 @@ class InstanceStore:
         committed = False
         try:
             with self.session_factory() as session:
-                rows = session.connection().execute(_SELECT_VERSIONS, {"sop_uid": header.sop_uid}).all()
+                rows = known_versions(session, header.sop_uid)
                 same = [row for row in rows if row[1] == digest]
                 if same:
                     return self._duplicate(session, header, same[0], actor, source)
@@ -420,8 +393,8 @@ class InstanceStore:
                 path = self.spool.path_for(
                     header.study_uid, header.series_uid, header.sop_uid, version
                 )
-                filing = self._stage_rows(session, header, data, digest, version,
-                                          path, calling_ae, source, actor)
+                filing = stage_rows(session, self._filed, header, len(data), digest, version,
+                                    path, calling_ae, source, actor)
                 session.flush()
                 try:
                     staged = staging.result()
@@ -463,75 +436,6 @@ class InstanceStore:
         )
         return StoreOutcome.success(header, version=version, path=written, duplicate=False)
 
-    def _stage_rows(
-        self,
-        session: Session,
-        header: _Header,
-        data: bytes,
-        digest: str,
-        version: int,
-        path: Path,
-        calling_ae: str,
-        source: str,
-        actor: str,
-    ) -> Filing:
-        """Study/Series upserts, the Instance row and its audit row, not yet committed.
-
-        Returns where the series is filed. An instance of a series or study filed under
-        another study or patient is refused (`triage_node.ingest.filing`), whether the
-        series is cached or not.
-
-        Core statements (not ORM units of work) keep this to a few hundred
-        microseconds of Python per instance; where a series already seen is filed is
-        cached, since study and series rows are never deleted.
-        """
-        ds = header.ds
-        now = datetime.now(UTC)
-        expected = _int(ds, "NumberOfSeriesRelatedInstances") or _int(ds, "ImagesInAcquisition")
-        filing = self._filed.get(header.series_uid)
-        if filing is None:
-            filing = file_series(session, header, calling_ae, source, expected, now)
-        else:
-            filing.check(header)
-        series_id = filing.series_id
-        params: dict[str, Any] = {"series_id": series_id, "now": now}
-        if expected is not None:
-            params["expected"] = expected
-        session.connection().execute(_UPDATE_SERIES[(version == 1, expected is not None)], params)
-        session.connection().execute(
-            _INSERT_INSTANCE,
-            {
-                "series_id": series_id,
-                "sop_uid": header.sop_uid,
-                "version": version,
-                "sop_class_uid": header.sop_class_uid,
-                "transfer_syntax": header.transfer_syntax,
-                "instance_number": _int(ds, "InstanceNumber"),
-                "slice_position": slice_position(ds),
-                "path": str(path),
-                "sha256": digest,
-                "size_bytes": len(data),
-                "calling_ae": calling_ae[:16],
-                "source": source,
-                "received_at": now,
-            },
-        )
-        audit.record_now(
-            session,
-            "instance.stored" if version == 1 else "instance.new_version",
-            actor=actor,
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            sop_uid=header.sop_uid,
-            version=version,
-            sha256=digest,
-            source=source,
-            transfer_syntax=header.transfer_syntax,
-            **({"received_transfer_syntax": header.received_transfer_syntax}
-               if header.received_transfer_syntax else {}),
-        )
-        return filing
-
     def _duplicate(
         self, session: Session, header: _Header, row: Any, actor: str, source: str
     ) -> StoreOutcome:
@@ -571,27 +475,6 @@ class InstanceStore:
         if not referenced:
             self.spool.remove(path)
 
-    def _flush_deferred_audit(self) -> None:
-        """Write the refusals that could not be audited while the database was away."""
-        if not self._flush_lock.acquire(blocking=False):
-            return  # another thread is writing them
-        try:
-            with self._deferred_lock:
-                rows = list(self._deferred_audit)
-            if not rows:
-                return
-            try:
-                with transaction(self.session_factory) as session:
-                    for row in rows:
-                        audit.record(session, **row)
-            except SQLAlchemyError:
-                return
-            with self._deferred_lock:
-                del self._deferred_audit[: len(rows)]
-            log.info("deferred audit rows written", rows=len(rows))
-        finally:
-            self._flush_lock.release()
-
     def _refuse(
         self, header: _Header | None, refused: _Refused, actor: str, source: str
     ) -> StoreOutcome:
@@ -617,11 +500,7 @@ class InstanceStore:
             with transaction(self.session_factory) as session:
                 audit.record(session, **row)
         except SQLAlchemyError:
-            with self._deferred_lock:
-                if len(self._deferred_audit) < _DEFERRED_AUDIT_LIMIT:
-                    self._deferred_audit.append(
-                        {**row, "deferred": True, "refused_at": datetime.now(UTC).isoformat()}
-                    )
+            self._deferred_audit.defer(row)
             log.error("audit row for a refused instance deferred: database unavailable")
         return StoreOutcome(
             status=refused.status,
