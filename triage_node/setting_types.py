@@ -1,8 +1,8 @@
 """The value types of the settings: their enumerations and the destination model.
 
 Kept apart from ``triage_node.config``, which holds the one ``Settings`` class: these
-are the types its fields take, and the worker's delivery and report writers use them
-(`Destination`, `DestinationKind`, `SRClass`) without reading the settings themselves.
+are the types its fields take, and the worker's destination senders and report writers
+use them (`Destination`, `DestinationKind`, `SRClass`) without reading the settings.
 A `Destination` is valid once constructed (its fields are checked against its kind).
 """
 

@@ -2,11 +2,10 @@
 
 Kept apart from ``triage_node.ingest.upper_layer``, which reads PDUs from the socket
 and assembles messages: everything here is a pure function from values to bytes, with
-no socket and no state, and each is checked byte for byte against pydicom's or
-pynetdicom's own encoding in the tests. The association PDUs (PS3.8 9.3) are encoded by
-pynetdicom; the C-STORE/C-ECHO responses (PS3.7 9.3) and the file meta group
-(PS3.10 7.1) are encoded directly, since they are on the path of every acknowledged
-object.
+no socket and no state. The association PDUs (PS3.8 9.3) are encoded by pynetdicom; the
+C-STORE/C-ECHO responses (PS3.7 9.3) and the file meta group (PS3.10 7.1) are encoded
+directly, since they are on the path of every acknowledged object, and the tests check
+them byte for byte against pynetdicom's and pydicom's own encoding.
 """
 
 from __future__ import annotations

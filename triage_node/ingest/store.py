@@ -13,14 +13,15 @@ the whole file at once: `store`). For each Part 10 object it
    (no pixel decoding; the data set bytes are never re-encoded) and the UIDs
    (0xC000-range when they cannot become paths, 0xA900 when they are missing or do
    not match what the transfer announced),
-4. stages the Study/Series/Instance rows and an audit row (0xA900 for an instance
-   whose series or study is filed under another study or patient:
-   `triage_node.ingest.filing`),
+4. stages the Study/Series/Instance rows and an audit row
+   (`triage_node.ingest.instance_rows`; 0xA900 for an instance whose series or study
+   is filed under another study or patient: `triage_node.ingest.filing`),
 5. renames the file to its final name and fsyncs its folder
    (`triage_node.ingest.spool.Spool.publish`), then commits the rows
    (0xA701 when that fails: never success without the row),
 6. and only then returns success and calls ``on_stored(series_uid)``.
-A refused object's temporary file is deleted.
+A refused object's temporary file is deleted, and its audit row waits in memory while
+the database is away (`triage_node.ingest.deferred_audit`).
 
 Status codes are those of the Storage Service Class, PS3.4 Annex B.2.3, Table B.2-1.
 """

@@ -1,9 +1,9 @@
 """The selection rules: ``selection_rules.yaml`` read, checked and cached.
 
 Kept apart from ``triage_node.studies.selection``, which applies the rules to a study's
-series: reading the file names each missing or malformed key (`RulesError`) once, when
-the node starts or the file changes, so that a site's edited rules fail loudly before
-any study arrives, while selection itself never touches the file.
+series: reading the file checks every key and names a missing or malformed one
+(`RulesError`), and the parsed rules are cached until the file changes, so that
+selection itself works on a checked `SelectionRules` and never parses YAML.
 """
 
 from __future__ import annotations

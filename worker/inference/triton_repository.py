@@ -7,7 +7,7 @@ puts a generated ``model.py`` (`MODEL_PY`) running the same ONNX file with ONNX 
 on CPU next to a link to it in each version folder; models of other backends are linked
 unchanged. Kept apart from ``worker.inference.triton_server``, which starts and stops
 the server process: this is file work only, checked on its own (the same
-`read_model_config` also serves the worker's start-up check of a production repository).
+`read_model_config` also serves ``triage-node triton check`` of a production repository).
 """
 
 from __future__ import annotations

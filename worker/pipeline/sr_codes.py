@@ -4,7 +4,7 @@ The coded concepts of the SR (PS3.16), and the tag in an overlay image's ImageCo
 that tells the SR writer which class the overlay shows. Kept apart from
 ``worker.pipeline.sr``, which builds the report: which code stands for which finding is
 a decision of its own, documented and tested on its own (the generated conformance
-statement lists ``CODES``); the overlay writer tags its images without the SR builder;
+statement lists ``CODES``); the overlay writer and the SR builder share the overlay tag;
 and the read-back (:func:`summary`) needs the codes, not the builder.
 
 Codes (``CODES``): where a SNOMED CT concept for the subtype could be verified it is used
