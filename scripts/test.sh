@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/pip_install.sh
 source scripts/pip_install.sh
 
-APT_PACKAGES=(postgresql redis-server orthanc orthanc-dicomweb dcmtk dicom3tools chromium prometheus nginx)
+APT_PACKAGES=(postgresql redis-server orthanc orthanc-dicomweb dcmtk dicom3tools chromium prometheus nginx docker-compose)
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
 export DEBIAN_FRONTEND=noninteractive

@@ -1,14 +1,17 @@
-"""docker-compose.yml checked against the code (no Docker engine runs here)."""
+"""docker-compose.yml checked against the code and by `docker-compose config` (no Docker engine runs here)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
+from tests.servers import require_binary
 from triage_node.config import REPO_ROOT, Settings
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
@@ -201,3 +204,22 @@ def test_prometheus_and_grafana_on_the_monitoring_network(compose):
     assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
     # The node labels build_info with the model it serves.
     assert "./deploy/triton/model_card.json:/model_card.json:ro" in services["node"]["volumes"]
+
+
+def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``docker-compose config -q``: the Compose schema and the variables, no engine needed."""
+    binary = require_binary("docker-compose", "/usr/bin")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("TRIAGE_", "POSTGRES_", "GRAFANA_"))}
+    return subprocess.run([binary, "-f", str(COMPOSE), "config", "-q"], env={**base, **env},
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_docker_compose_config_passes():
+    proc = _compose_config({"TRIAGE_SECRET_KEY": "a-real-site-secret", "POSTGRES_PASSWORD": "pw",
+                            "GRAFANA_ADMIN_PASSWORD": "pw"})
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_docker_compose_config_refuses_to_run_without_the_secrets():
+    proc = _compose_config({"POSTGRES_PASSWORD": "pw", "GRAFANA_ADMIN_PASSWORD": "pw"})
+    assert proc.returncode != 0 and "set TRIAGE_SECRET_KEY" in proc.stderr
