@@ -185,7 +185,7 @@ class ExplainSummary:
 
 def mask_sources(rec: SeriesRecord, masks_dir: Path | None) -> dict[str, tuple[Path, int]]:
     """{SOP UID: (mask file, grey level above which a pixel is bleed)}; a ``masks_dir`` file wins."""
-    out = {sop: (p, CTICH_MASK_LEVEL) for sop, p in zip(rec.sop_uids, rec.masks, strict=True) if p is not None}
+    out = {sop: (p, CTICH_MASK_LEVEL) for sop, p in zip(rec.sop_uids, rec.masks, strict=False) if p is not None}
     if masks_dir is not None:
         for sop in rec.sop_uids:
             p = masks_dir / f"{sop}.png"
@@ -305,7 +305,7 @@ def explain_dataset(
             continue
         pred = run_study(x, slice_fn, sequence_fn, card)
         sources = mask_sources(rec, masks)
-        path_of = dict(zip(rec.sop_uids, rec.paths, strict=True))
+        path_of = dict(zip(rec.sop_uids, rec.paths, strict=False))
         for i, sop in enumerate(sop_uids):
             where = None if anywhere else blood_region(wide[i])
             maps = slice_heatmaps(pred.features[i], weight, frame, shape, CLASSES, method, where)
