@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: real throwaway servers (see ``tests/servers.py``).
+"""Shared pytest fixtures: real throwaway servers (see `triage_node.peers`).
 
 Fixtures
 --------
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import OrthancServer, PostgresServer, RedisServer, StoreSCP
+from triage_node.peers import OrthancServer, PostgresServer, RedisServer, StoreSCP
 
 # Tests share 2 CPU cores with other work: keep torch/BLAS from spawning a thread per core.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -36,12 +36,12 @@ from pydicom.uid import (
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 
-from tests.servers import require_binary
 from triage_node.config import Settings, load_settings
 from triage_node.db import schema
 from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.ingest.scp import StorageSCP
 from triage_node.ingest.store import InstanceStore, dataset_offset
+from triage_node.peers import require_binary
 
 ALL_TRANSFER_SYNTAXES = (
     ExplicitVRLittleEndian,
@@ -224,7 +224,7 @@ class Node:
 def running_node(database_url: str | None = None, data_dir: Path | None = None,
                  **overrides: object) -> Iterator[Node]:
     """Start a StorageSCP on a free port with a migrated database (SQLite by default)."""
-    from tests.servers import free_port
+    from triage_node.peers import free_port
 
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="triage-ingest-"))
     values = {"data_dir": data_dir, "dicom_port": free_port(), "min_free_disk_mb": 1}

@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 
-from tests.servers import _port_open, free_port, wait_until
 from triage_node.config import Settings, load_settings
 from triage_node.db import schema
 from triage_node.db.session import make_engine, make_sessionmaker, transaction
+from triage_node.peers import free_port, port_open, wait_until
 
 TRIAGE_NODE = str(Path(sys.executable).parent / "triage-node")
 AET = "TRIAGE_NODE"
@@ -89,7 +89,7 @@ class NodeProcess:
                 [TRIAGE_NODE, "serve"], env=self.environ(), stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
-        wait_until(lambda: _port_open(self.dicom_port), "node DICOM port", timeout=timeout,
+        wait_until(lambda: port_open(self.dicom_port), "node DICOM port", timeout=timeout,
                    process=self.process, log=self.log_path)
         wait_until(lambda: httpx.get(self.url + "/healthz", timeout=2).status_code == 200,
                    "node HTTP API", timeout=timeout, process=self.process, log=self.log_path)

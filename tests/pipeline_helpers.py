@@ -305,7 +305,7 @@ class LiveServer:
 
         import uvicorn
 
-        from tests.servers import free_port
+        from triage_node.peers import free_port
 
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(

@@ -13,13 +13,13 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from tests.servers import dciodvfy
 from tests.test_sr import make_ct_series, make_prediction, make_report
 from tests.worklist_factory import migrated_database
 from triage_node import CLASSES
 from triage_node.cli import build_app
 from triage_node.config import DEFAULT_MODEL_CARD
 from triage_node.db.models import AuditEvent
+from triage_node.peers import dciodvfy
 from triage_node.synth import write_dataset
 from worker.inference.card import load_model_card
 from worker.inference.site import SITE_FILE, Sample, SiteCalibrationError

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tests.servers import require_binary
 from triage_node.config import REPO_ROOT, Settings
+from triage_node.peers import require_binary
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 

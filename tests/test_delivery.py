@@ -14,12 +14,12 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 from sqlalchemy import select
 
-from tests.servers import free_port
 from tests.test_sr import make_ct_series, make_prediction, make_report
 from tests.worklist_factory import Database, add_study, database, migrated_database  # noqa: F401
 from triage_node.config import load_settings
 from triage_node.db.models import AuditEvent, Job, OutboxItem, OutboxState
 from triage_node.db.session import transaction
+from triage_node.peers import free_port
 from worker.pipeline.delivery import deliver_due, enqueue_outbox, requeue
 from worker.pipeline.delivery_policy import DeliveryPolicy
 

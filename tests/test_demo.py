@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pydicom
 
-from tests.servers import dciodvfy
 from tests.worker_support import build_small_repository, shipped_model
+from triage_node.peers import dciodvfy
 
 TRIAGE_NODE = str(Path(sys.executable).parent / "triage-node")
 #: On PYTHONPATH, its sitecustomize hides the [train] and [triton] extras from every process.

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.servers import OrthancServer
 from tests.test_sr import make_ct_series, make_prediction, make_report
 from tests.worklist_factory import Database, migrated_database
 from triage_node.cli import build_app
 from triage_node.config import SettingsError, load_settings
 from triage_node.db.models import OutboxItem, OutboxState
 from triage_node.db.session import transaction
+from triage_node.peers import OrthancServer
 from worker.pipeline.delivery import deliver_due, enqueue_outbox
 from worker.pipeline.destination_check import TEST_PATIENT_ID
 
@@ -71,7 +71,7 @@ def test_dimse_destination_passes_and_stores_a_findable_test_object(tmp_path, mo
 
 
 def test_wrong_port_says_nothing_listens(tmp_path, monkeypatch, pacs) -> None:
-    from tests.servers import free_port
+    from triage_node.peers import free_port
 
     code, steps = run(tmp_path, monkeypatch, [dimse(pacs, port=free_port())], "destination", "test", "pacs")
     assert code == 1

@@ -22,13 +22,13 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from tests.servers import dciodvfy, free_port, storescu, wait_until
 from tests.worker_support import build_small_repository, shipped_model, write_ct_series
 from triage_node.config import load_settings
 from triage_node.db import schema
 from triage_node.db.models import AuditEvent, Job, JobState, OutboxItem, OutboxState, Result
 from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.notify.webhook import verify_signature
+from triage_node.peers import dciodvfy, free_port, storescu, wait_until
 
 TRIAGE_NODE = str(Path(sys.executable).parent / "triage-node")
 NODE_AE = "TRIAGE_NODE"

@@ -36,9 +36,9 @@ from sqlalchemy import func, select
 
 from tests.ingest_support import ct_dataset
 from tests.node_process import AET, NodeProcess, fault_counts, record_fault
-from tests.servers import PostgresServer, wait_until
 from triage_node.db.models import AuditEvent, Instance, Job, JobState
 from triage_node.ingest.store import DATABASE_UNAVAILABLE, SUCCESS
+from triage_node.peers import PostgresServer, wait_until
 
 N = 60
 

@@ -23,12 +23,12 @@ import pytest
 from sqlalchemy import select
 
 from tests.node_process import WorkerProcess, fault_counts, record_fault, shared_model_card
-from tests.servers import RedisServer, wait_until
 from tests.worker_support import ingest_files, write_ct_series
 from triage_node.config import load_settings
 from triage_node.db import schema
 from triage_node.db.models import AuditEvent, Job, JobState
 from triage_node.db.session import make_engine, make_sessionmaker
+from triage_node.peers import RedisServer, wait_until
 from triage_node.queue import JobEnqueuer, make_client
 from triage_node.reconcile import broker_task_ids, reconcile_lost_jobs, worker_task_ids
 

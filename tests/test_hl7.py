@@ -21,7 +21,6 @@ from hl7.mllp import start_hl7_server
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
-from tests.servers import free_port
 from tests.worklist_factory import add_result, add_study, database, sqlite_database  # noqa: F401
 from triage_node.config import load_settings
 from triage_node.db.models import AuditEvent, HL7OutboxItem, OutboxState
@@ -29,6 +28,7 @@ from triage_node.db.session import transaction
 from triage_node.notify import notify_job, report_result
 from triage_node.notify.hl7 import END_BLOCK, START_BLOCK, Envelope, build_oru
 from triage_node.notify.outbox import deliver_due
+from triage_node.peers import free_port
 from triage_node.worklist.priority import compute_priority
 
 SECRET = "test-secret-for-hl7-notifications"

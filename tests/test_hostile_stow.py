@@ -16,9 +16,9 @@ from sqlalchemy import func, select
 from tests.ingest_support import ct_dataset, part10
 from tests.node_process import NodeProcess
 from tests.pipeline_helpers import multipart_related
-from tests.servers import wait_until
 from triage_node.api.stow import BUSY_RETRY_AFTER_S
 from triage_node.db.models import AuditEvent, Instance
+from triage_node.peers import wait_until
 
 SLOTS = 2
 BOUNDARY = "slow-boundary"

@@ -43,7 +43,6 @@ from tests.ingest_support import (
     running_node,
     write_series,
 )
-from tests.servers import DCMTK_ENV, echoscu, require_binary, storescu
 from triage_node.db.models import AuditEvent, Instance, Series
 from triage_node.ingest.admission import (
     ASSOCIATE_RJ_CALLED_AE,
@@ -57,6 +56,7 @@ from triage_node.ingest.store import (
     OUT_OF_RESOURCES,
     SUCCESS,
 )
+from triage_node.peers import DCMTK_ENV, echoscu, require_binary, storescu
 
 AET = "TRIAGE_NODE"
 

@@ -27,10 +27,10 @@ from tests.ingest_support import (
     dataset_bytes,
     part10,
 )
-from tests.servers import echoscu, free_port, wait_until
 from triage_node.db.models import Instance, Series
 from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.ingest.store import SUCCESS
+from triage_node.peers import echoscu, free_port, wait_until
 
 AET = "TRIAGE_NODE"
 CLI = [str(Path(sys.executable).parent / "triage-node")]

@@ -13,9 +13,9 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from tests.ingest_support import ct_dataset, running_node, write_series
-from tests.servers import DCMTK_ENV, require_binary
 from triage_node.db.models import Instance
 from triage_node.ingest.store import SUCCESS
+from triage_node.peers import DCMTK_ENV, require_binary
 
 AET = "TRIAGE_NODE"
 

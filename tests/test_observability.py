@@ -17,7 +17,6 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import free_port
 from tests.test_delivery import dimse, report_files, settings_for  # noqa: F401 (fixture)
 from tests.worklist_factory import (  # noqa: F401 (fixtures)
     add_result,
@@ -29,6 +28,7 @@ from triage_node.config import REPO_ROOT, load_settings
 from triage_node.db.models import Job
 from triage_node.db.session import transaction
 from triage_node.metrics import BuildInfo, expected_positive_rates, expected_rates_from_cv
+from triage_node.peers import free_port
 from worker import metrics as worker_metrics
 from worker.pipeline.delivery import deliver_due, enqueue_outbox
 

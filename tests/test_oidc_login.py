@@ -1,7 +1,7 @@
 """Sign-in with OpenID Connect against a real provider, in a real headless Chromium.
 
 The provider is panva's ``oidc-provider`` (``tests/oidc/provider.mjs``, started by
-`tests.servers.OidcProvider`), with its own login form; the node runs on uvicorn with
+`tests.oidc_provider.OidcProvider`), with its own login form; the node runs on uvicorn with
 ``oidc_issuer`` pointing at it. Nothing is mocked: the codes, tokens, keys and UserInfo
 answers are the provider's.
 """
@@ -23,7 +23,7 @@ from joserfc.errors import InvalidClaimError
 from playwright.sync_api import expect
 from sqlalchemy import select
 
-from tests.servers import OidcProvider
+from tests.oidc_provider import OidcProvider
 from tests.test_web_browser import browser, new_page  # noqa: F401 (fixture)
 from tests.worklist_factory import Api, RunningApp, build_api, sqlite_database  # noqa: F401 (fixture)
 from triage_node.api import oidc as oidc_module

@@ -9,9 +9,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.servers import dciodvfy
 from tests.test_sr import Card, hu_volume, make_ct_series, make_prediction
 from triage_node import CLASSES
+from triage_node.peers import dciodvfy
 from worker.pipeline.overlay import (
     MIN_RENDER_SIZE,
     build_overlays,

@@ -17,9 +17,9 @@ import pytest
 
 from tests.node_process import NodeProcess
 from tests.pipeline_helpers import ct_series_files, multipart_related
-from tests.servers import free_port, port_open, require_binary, wait_until
 from triage_node.cli.tls import write_self_signed
 from triage_node.config import REPO_ROOT
+from triage_node.peers import free_port, port_open, require_binary, wait_until
 
 TEMPLATE = REPO_ROOT / "deploy" / "proxy" / "templates" / "triage.conf.template"
 STOW_CT = 'multipart/related; type="application/dicom"; boundary="triage-boundary-1"'

@@ -13,9 +13,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from tests.pipeline_helpers import ProbeWorker, add_series, database_url, session_factory  # noqa: F401
-from tests.servers import free_port
 from triage_node.config import load_settings
 from triage_node.db.models import AuditEvent, Job, JobState, Series, Study
+from triage_node.peers import free_port
 from triage_node.queue import (
     QUEUE_ROUTINE,
     QUEUE_STAT,

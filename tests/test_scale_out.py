@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.node_process import AET, NodeProcess, WorkerProcess, shared_model_card
-from tests.servers import storescu, wait_until
 from tests.worker_support import write_ct_series
 from triage_node.db.models import Job, JobState, Result, Study
+from triage_node.peers import storescu, wait_until
 
 STUDIES_PER_LISTENER = 3
 

@@ -33,11 +33,11 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DatabaseError
 
 from tests.node_process import AET, TRIAGE_NODE, NodeProcess, WorkerProcess, shared_model_card
-from tests.servers import free_port, storescu, wait_until
 from triage_node.config import load_settings
 from triage_node.db import audit, schema
 from triage_node.db.models import AuditEvent, Job, JobState
 from triage_node.db.session import make_engine, make_sessionmaker, transaction
+from triage_node.peers import free_port, storescu, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 

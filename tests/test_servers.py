@@ -19,7 +19,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tests.servers import (
+from triage_node.peers import (
     OrthancServer,
     PostgresServer,
     RedisServer,

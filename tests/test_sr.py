@@ -12,8 +12,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from tests.servers import dciodvfy
 from triage_node import CLASSES
+from triage_node.peers import dciodvfy
 from worker.pipeline.inference_core import StudyPrediction
 from worker.pipeline.overlay import build_overlays, overlay_keys, select_key_slices
 from worker.pipeline.sr import ReportError, build_sr

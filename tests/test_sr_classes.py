@@ -17,12 +17,12 @@ import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import select
 
-from tests.servers import StoreSCP, dciodvfy
 from tests.test_sr import Card, _concepts, make_ct_series, make_prediction, make_report
 from tests.worker_support import build_small_repository, ingest_files, write_ct_series
 from triage_node.config import load_settings
 from triage_node.db import schema
 from triage_node.db.models import OutboxItem, OutboxState
+from triage_node.peers import StoreSCP, dciodvfy
 from triage_node.setting_types import SRClass
 from worker.pipeline.context import build_context
 from worker.pipeline.delivery import deliver_due

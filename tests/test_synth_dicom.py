@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.servers import dciodvfy, require_binary
+from triage_node.peers import dciodvfy, require_binary
 from triage_node.synth import render_axial, study_spec, write_dataset
 from triage_node.synth.dicom_writer import MANUFACTURER, TRANSFER_SYNTAXES
 

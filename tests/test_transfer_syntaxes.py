@@ -21,7 +21,6 @@ from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless
 from sqlalchemy import select
 
 from tests.ingest_support import dataset_bytes, encode_with_dcmtk, running_node
-from tests.servers import free_port, storescu
 from tests.worker_support import build_small_repository, write_ct_series
 from triage_node.config import load_settings
 from triage_node.db import schema
@@ -33,6 +32,7 @@ from triage_node.ingest.scp import (
     StorageSCP,
 )
 from triage_node.ingest.store import InstanceStore
+from triage_node.peers import free_port, storescu
 from triage_node.studies.completeness import CompletenessTracker
 from worker.pipeline.context import build_context
 from worker.pipeline.preprocess import load_series

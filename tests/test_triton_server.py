@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.servers import free_port
+from triage_node.peers import free_port
 from worker.inference.triton_repository import TritonServerError, build_python_repository, read_model_config
 from worker.inference.triton_server import TritonServer
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from tests.servers import wait_until
 from tests.worker_support import build_small_repository, ingest_files, write_ct_series
 from triage_node.config import load_settings
 from triage_node.db import schema
 from triage_node.db.models import AuditEvent, Job, JobState, Result
 from triage_node.db.session import make_engine, make_sessionmaker
+from triage_node.peers import wait_until
 from triage_node.queue import JobEnqueuer, make_client
 
 TRIAGE_NODE = str(Path(sys.executable).parent / "triage-node")

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.servers import free_port
 from tests.worker_support import build_small_repository
 from triage_node.config import load_settings
+from triage_node.peers import free_port
 from worker.inference import BackendUnavailable, ModelMismatch, make_backend
 from worker.inference.card import load_model_card
 from worker.pipeline.inference_core import run_study

@@ -15,13 +15,13 @@ import structlog
 from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import func, select
 
-from tests.servers import dciodvfy
 from tests.worker_support import build_small_repository, ingest_files, write_ct_series
 from triage_node import CLASSES
 from triage_node.config import load_settings
 from triage_node.db import schema
 from triage_node.db.models import AuditEvent, Job, JobState, OutboxItem, Result, WorklistEntry
 from triage_node.db.session import transaction
+from triage_node.peers import dciodvfy
 from worker.inference import ModelMismatch, make_backend
 from worker.inference.card import load_model_card
 from worker.pipeline.context import JobError, build_context

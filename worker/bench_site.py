@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -86,17 +85,15 @@ class BenchSite:
         DCMTK ``storescu`` (with ``TCP_NODELAY=1``) when installed: one process per study,
         so studies sent together really travel in parallel; pynetdicom otherwise.
         """
+        from triage_node.peers import storescu
         from worker.demo_parts import DemoError, send_files
 
-        exe = shutil.which("storescu")
-        if exe is None:
+        if shutil.which("storescu") is None:
             send_files(files, "127.0.0.1", self.dicom_port, self.node_ae)
             return datetime.now(UTC)
-        proc = subprocess.run(
-            [exe, "-aet", "BENCH_CT", "-aec", self.node_ae, "127.0.0.1", str(self.dicom_port),
-             *(str(f) for f in files)],
-            env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=300, check=False,
-        )
+        # "-x=" is storescu's own default proposal, stated so that no file is read for one.
+        proc = storescu(files, "127.0.0.1", self.dicom_port, self.node_ae, calling_aet="BENCH_CT",
+                        extra_args=("-x=",), timeout=300)
         at = datetime.now(UTC)
         if proc.returncode != 0:
             raise DemoError(f"storescu exited with {proc.returncode}: {(proc.stdout + proc.stderr)[-500:]}")

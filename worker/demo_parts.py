@@ -26,6 +26,7 @@ from typing import Any
 import pydicom
 
 from triage_node.dicom_status import StoreStatus
+from triage_node.peers.process import free_port
 
 __all__ = [
     "NODE_AE",
@@ -47,12 +48,6 @@ NODE_AE = "TRIAGE_NODE"
 
 class DemoError(RuntimeError):
     """The demo could not run to the end (a part did not start, the deadline passed)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LocalPACS:

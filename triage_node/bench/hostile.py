@@ -40,9 +40,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from triage_node.bench.peers import free_port, write_ct_slices
 from triage_node.config import REPO_ROOT, load_settings
 from triage_node.db import schema
+from triage_node.peers import free_port, port_open
+from triage_node.synth.ct_series import write_ct_slices
 
 __all__ = ["JSON_PATH", "KINDS", "run_hostile_benchmark"]
 
@@ -80,7 +81,7 @@ class _Node:
             self.worker = subprocess.Popen([str(executable), "worker", "--concurrency", "1"], env=environ,
                                            stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
-        while not _port_open(self.port):
+        while not port_open(self.port, HOST):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 tail = self.log.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"triage-node serve did not start:\n{tail}")
@@ -123,14 +124,6 @@ class _Node:
         on_disk = sum(1 for p in paths if Path(p).is_file())
         return {"acknowledged": expected, "in_database": len(paths), "in_spool": on_disk,
                 "lost": expected - min(len(paths), on_disk), "jobs": [str(j) for j in jobs]}
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _pdu(pdu_type: int, body: bytes) -> bytes:

@@ -27,13 +27,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from triage_node.bench.peers import OrthancPeer, StoreSCPPeer, free_port, storescu, write_ct_slices
 from triage_node.config import REPO_ROOT, load_settings
 from triage_node.db import schema
 from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.ingest.incoming import IncomingObject
 from triage_node.ingest.scp import StorageSCP
 from triage_node.ingest.store import SUCCESS, InstanceStore, StoreOutcome
+from triage_node.peers import OrthancServer, StoreSCP, free_port, storescu
+from triage_node.synth.ct_series import write_ct_slices
 
 if TYPE_CHECKING:
     from pynetdicom.events import EventHandlerType
@@ -216,7 +217,9 @@ class _MinimalPynetdicom:
 
 def _send(files: list[Path], port: int, aet: str) -> float:
     start = time.perf_counter()
-    proc = storescu(files, port, aet)
+    # "-x=": every uncompressed syntax, local byte order first (storescu's default), stated
+    # so that no file's meta is read for a proposal inside the timed call.
+    proc = storescu(files, "127.0.0.1", port, aet, calling_aet="BENCH", extra_args=("-x=",), timeout=600)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"storescu to {aet} failed: {proc.stderr[-400:]}")
@@ -254,8 +257,9 @@ def run_ingest_benchmark(
             LISTENER: lambda: _NodeTarget(nodelay=True, receiver="discard"),
             FLOOR: lambda: _NodeTarget(nodelay=True, receiver="floor"),
             MINIMAL: _MinimalPynetdicom,
-            STORESCP: StoreSCPPeer,
-            ORTHANC: OrthancPeer,
+            STORESCP: lambda: StoreSCP(work / "storescp"),
+            # Orthanc's default, stated: fsync() after each write to the storage area.
+            ORTHANC: lambda: OrthancServer(config={"SyncStorageArea": True}, dicomweb=False),
         }
         # All receivers run side by side and take turns within each round, so that a
         # change in the machine's load during the run hits every receiver alike; the
@@ -280,7 +284,8 @@ def run_ingest_benchmark(
                     say(f"round {r + 1}: {name}: {images / seconds[name][-1]:.1f} images/s")
         finally:
             for target in targets.values():
-                target.stop()
+                # Orthanc's cleanup also deletes its storage; storescp's folder goes with `work`.
+                (target.cleanup if isinstance(target, OrthancServer) else target.stop)()
         results: dict[str, Any] = {}
         for name, taken in seconds.items():
             rates = [images / s for s in taken]

@@ -33,9 +33,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from triage_node.bench.peers import free_port, write_ct_slices
 from triage_node.config import REPO_ROOT, load_settings
 from triage_node.db import schema
+from triage_node.peers import echoscu, free_port
+from triage_node.synth.ct_series import write_ct_slices
 
 __all__ = ["JSON_PATH", "markdown_section", "run_load_benchmark"]
 
@@ -83,9 +84,7 @@ class _Node:
             self.process = subprocess.Popen([str(executable), "serve", "--no-api"], env=env,
                                             stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
-        from triage_node.bench.peers import echo
-
-        while not echo(self.port, AET):
+        while not echoscu(HOST, self.port, AET, calling_aet="BENCH", timeout=5):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"triage-node serve did not start; see {self.log}")
             time.sleep(0.2)
