@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
-    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -42,6 +41,7 @@ from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.ingest.scp import StorageSCP
 from triage_node.ingest.store import InstanceStore, dataset_offset
 from triage_node.peers import require_binary
+from triage_node.synth.ct_series import ct_slice_dataset
 
 ALL_TRANSFER_SYNTAXES = (
     ExplicitVRLittleEndian,
@@ -78,13 +78,11 @@ def ct_dataset(
 ) -> Dataset:
     """One axial CT slice (CT Image Storage), slices 5 mm apart along z."""
     rng = np.random.default_rng(seed + index)
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid or generate_uid()
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.Modality = "CT"
+    ds = ct_slice_dataset(
+        rng.integers(900, 1200, (size, size), dtype=np.int16),
+        study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, frame_uid=generate_uid(),
+        instance_number=index + 1, position=[-100.0, -100.0, 10.0 + 5.0 * index],
+    )
     ds.PatientName = PATIENT_NAME
     ds.PatientID = PATIENT_ID
     ds.AccessionNumber = "ACC12345"
@@ -93,25 +91,8 @@ def ct_dataset(
     ds.SeriesDescription = "Head 5mm"
     ds.BodyPartExamined = "HEAD"
     ds.SeriesNumber = 2
-    ds.InstanceNumber = index + 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.ConvolutionKernel = "H30s"
-    ds.ImagePositionPatient = [-100.0, -100.0, 10.0 + 5.0 * index]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.SliceThickness = 5.0
-    ds.Rows = ds.Columns = size
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 1
-    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-    ds.PixelData = rng.integers(900, 1200, (size, size), dtype=np.int16).tobytes()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
     return ds
 
 

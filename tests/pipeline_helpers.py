@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.db import schema
 from triage_node.db.models import Instance, Series, Study
 from triage_node.db.session import make_engine, make_sessionmaker
+from triage_node.synth.ct_series import ct_slice_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,12 +69,12 @@ def ct_dataset(
     priority: str | None = None,
 ) -> Dataset:
     """A small but complete CT Image Storage dataset (PS3.3 A.3) with file meta."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid or generate_uid()
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.Modality = "CT"
+    ds = ct_slice_dataset(
+        np.full((size, size), 1064, dtype=np.uint16),
+        study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, instance_number=instance_number,
+        position=[-100.0, -100.0, float(z)], orientation=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        slice_thickness=thickness, bits_stored=12,
+    )
     ds.PatientName = patient_name
     ds.PatientID = "PID-0001"
     ds.StudyDate = "20260101"
@@ -83,32 +84,12 @@ def ct_dataset(
     ds.BodyPartExamined = body_part
     ds.ImageType = list(image_type)
     ds.ConvolutionKernel = kernel
-    ds.SliceThickness = thickness
     ds.SeriesNumber = 2
-    ds.InstanceNumber = instance_number
-    ds.ImagePositionPatient = [-100.0, -100.0, float(z)]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [0.5, 0.5]
     if window_width is not None:
         ds.WindowCenter = 40
         ds.WindowWidth = window_width
     if priority:
         ds.RequestedProcedurePriority = priority
-    ds.Rows = ds.Columns = size
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.RescaleIntercept = -1024
-    ds.RescaleSlope = 1
-    ds.PixelData = (np.full((size, size), 1064, dtype=np.uint16)).tobytes()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
     return ds
 
 

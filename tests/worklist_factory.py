@@ -164,37 +164,25 @@ def add_result(
 def ct_slice(study: Study, series_uid: str, index: int, size: int = 64):
     """One CT slice of the study (CT Image IOD), with a bright blob as the 'bleed'."""
     import numpy as np
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-    ds = pydicom.Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study.study_uid, series_uid
-    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.1"
+    from triage_node.synth.ct_series import ct_slice_dataset
+
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.where((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 2.3) ** 2, 35, -1000)
+    hu = np.where((yy - size / 3) ** 2 + (xx - size / 2.5) ** 2 < (size / 10) ** 2, 75, hu)
+    ds = ct_slice_dataset(
+        hu.astype(np.int16), study_uid=study.study_uid, series_uid=series_uid,
+        frame_uid="1.2.826.0.1.3680043.8.498.1", instance_number=index + 1,
+        position=[0, 0, 5.0 * index], slice_thickness=5, intercept=0,
+    )
     ds.PatientName, ds.PatientID = study.patient_name, study.patient_id
     ds.PatientBirthDate, ds.PatientSex = "", "O"
     ds.StudyDate = study.study_date
     ds.StudyTime, ds.StudyID, ds.ReferringPhysicianName = "120000", "1", ""
     ds.AccessionNumber = study.accession_number
-    ds.Modality, ds.Manufacturer, ds.SeriesNumber, ds.InstanceNumber = "CT", "Test", 2, index + 1
+    ds.Manufacturer, ds.SeriesNumber = "Test", 2
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.PatientPosition = "HFS"
-    ds.ImagePositionPatient = [0, 0, 5.0 * index]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 5
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows = ds.Columns = size
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-    yy, xx = np.mgrid[:size, :size]
-    hu = np.where((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 2.3) ** 2, 35, -1000)
-    hu = np.where((yy - size / 3) ** 2 + (xx - size / 2.5) ** 2 < (size / 10) ** 2, 75, hu)
-    ds.PixelData = hu.astype(np.int16).tobytes()
     return ds
 
 
