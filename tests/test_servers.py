@@ -10,10 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 import sqlalchemy as sa
-from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
-    CTImageStorage,
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
     generate_uid,
@@ -29,6 +26,7 @@ from triage_node.peers import (
     require_binary,
     storescu,
 )
+from triage_node.synth.ct_series import ct_slice_dataset
 
 
 def make_ct_series(folder: Path, n: int = 3, size: int = 64) -> list[Path]:
@@ -39,21 +37,17 @@ def make_ct_series(folder: Path, n: int = 3, size: int = 64) -> list[Path]:
     rng = np.random.default_rng(0)
     paths = []
     for index in range(n):
-        sop_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
+        pixels = rng.integers(-1000, 100, size=(size, size), dtype=np.int16)
+        ds = ct_slice_dataset(
+            pixels, study_uid=study_uid, series_uid=series_uid, frame_uid=frame_uid,
+            instance_number=index + 1, position=[-0.5 * size, -0.5 * size, 5.0 * index],
+            pixel_spacing=[1.0, 1.0], slice_thickness=5.0, intercept="0", slope="1",
+        )
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
         ds.AccessionNumber = "A1"
-        ds.Modality = "CT"
         ds.Manufacturer = "Test"
         ds.ReferringPhysicianName = ""
         ds.StudyDescription = "CT HEAD WO CONTRAST"
@@ -62,36 +56,17 @@ def make_ct_series(folder: Path, n: int = 3, size: int = 64) -> list[Path]:
         ds.PatientBirthDate = ""
         ds.PatientSex = "O"
         ds.BodyPartExamined = "HEAD"
-        ds.SliceThickness = "5"
         ds.KVP = "120"
         ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
         ds.StudyID = "1"
         ds.SeriesNumber = 2
         ds.AcquisitionNumber = 1
-        ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [-0.5 * size, -0.5 * size, 5.0 * index]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.FrameOfReferenceUID = frame_uid
         ds.PositionReferenceIndicator = ""
         ds.SliceLocation = 5.0 * index
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.PixelSpacing = [1.0, 1.0]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = "0"
-        ds.RescaleSlope = "1"
         ds.RescaleType = "HU"
         ds.WindowCenter = "40"
         ds.WindowWidth = "80"
-        pixels = rng.integers(-1000, 100, size=(size, size), dtype=np.int16)
-        ds.PixelData = pixels.tobytes()
-        path = folder / f"{sop_uid}.dcm"
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths

@@ -86,8 +86,9 @@ def write_ct_series(
     patient's left-right axis, as head CTs often are (up to about 20 degrees).
     """
     import numpy as np
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
+
+    from triage_node.synth.ct_series import ct_slice_dataset
 
     rng = np.random.default_rng(seed)
     folder = Path(folder)
@@ -112,18 +113,14 @@ def write_ct_series(
             br = ((yy - cy + 0.1 * size) / (0.08 * size)) ** 2 + ((xx - cx - 0.12 * size) / (0.06 * size)) ** 2
             hu[br <= 1.0] = 65.0
         hu += rng.normal(0, 4, hu.shape).astype(np.float32)
-        meta = FileMetaDataset()
-        sop_uid = generate_uid()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid, "for"])
+        ds = ct_slice_dataset(
+            np.clip(hu + 1024, -32768, 32767).astype(np.int16),
+            study_uid=study_uid, series_uid=series_uid,
+            frame_uid=generate_uid(entropy_srcs=[study_uid, "for"]), instance_number=z + 1,
+            position=[round(float(v), 4) for v in origin + 5.0 * z * normal],
+            orientation=[round(float(v), 6) for v in (*row_dir, *col_dir)],
+            pixel_spacing=[0.5 * 512 / size, 0.5 * 512 / size], slice_thickness=5.0,
+        )
         ds.PatientName = "Phantom^Test"
         ds.PatientID = "PH-0001"
         ds.PatientBirthDate = "19700101"
@@ -136,29 +133,14 @@ def write_ct_series(
         ds.StudyDescription = "CT HEAD WO CONTRAST"
         ds.SeriesDescription = "Head 5mm brain"
         ds.BodyPartExamined = "HEAD"
-        ds.Modality = "CT"
         ds.Manufacturer = "TestPhantom"
         ds.SeriesNumber = 2
-        ds.InstanceNumber = z + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ConvolutionKernel = "H30s"
-        ds.SliceThickness = 5.0
         ds.KVP = 120
         ds.PatientPosition = "HFS"
-        ds.ImagePositionPatient = [round(float(v), 4) for v in origin + 5.0 * z * normal]
-        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_dir, *col_dir)]
         ds.SliceLocation = 5.0 * z
         ds.PositionReferenceIndicator = ""
-        ds.PixelSpacing = [0.5 * 512 / size, 0.5 * 512 / size]
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = -1024
-        ds.RescaleSlope = 1
         ds.RescaleType = "HU"
         ds.WindowCenter = 40
         ds.WindowWidth = 80
@@ -167,7 +149,6 @@ def write_ct_series(
             item = type(ds)()
             item.RequestedProcedurePriority = requested_priority
             ds.RequestAttributesSequence = [item]
-        ds.PixelData = np.clip(hu + 1024, -32768, 32767).astype(np.int16).tobytes()
         path = folder / f"{z + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
