@@ -19,8 +19,9 @@ from tests.worklist_factory import Database, add_study, database, migrated_datab
 from triage_node.config import load_settings
 from triage_node.db.models import AuditEvent, Job, OutboxItem, OutboxState
 from triage_node.db.session import transaction
+from triage_node.outbox import enqueue_outbox
 from triage_node.peers import free_port
-from worker.pipeline.delivery import deliver_due, enqueue_outbox, requeue
+from worker.pipeline.delivery import deliver_due, requeue
 from worker.pipeline.delivery_policy import DeliveryPolicy
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)

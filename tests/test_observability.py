@@ -28,9 +28,10 @@ from triage_node.config import REPO_ROOT, load_settings
 from triage_node.db.models import Job
 from triage_node.db.session import transaction
 from triage_node.metrics import BuildInfo, expected_positive_rates, expected_rates_from_cv
+from triage_node.outbox import enqueue_outbox
 from triage_node.peers import free_port
 from worker import metrics as worker_metrics
-from worker.pipeline.delivery import deliver_due, enqueue_outbox
+from worker.pipeline.delivery import deliver_due
 
 PROMETHEUS = REPO_ROOT / "deploy" / "prometheus"
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "dashboards" / "triage.json"

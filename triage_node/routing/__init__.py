@@ -25,11 +25,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.config import Settings
 from triage_node.db import audit
-from triage_node.db.models import Instance, OutboxItem, OutboxState, Series, Study
+from triage_node.db.models import Instance, OutboxItem, Series, Study
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
+from triage_node.outbox import enqueue_outbox
 from triage_node.routing.rules import Attributes, RoutingRulesError, RuleSet, evaluate, load_rules
-from triage_node.timeutil import utcnow
 
 log = get_logger(__name__)
 
@@ -72,32 +72,8 @@ def _queue(
     session: Session, instance: Instance, study_uid: str, destinations: Iterable[str]
 ) -> list[OutboxItem]:
     """Outbox rows for ``instance`` at each destination that does not have it yet."""
-    wanted = list(destinations)
-    have = set(
-        session.scalars(
-            select(OutboxItem.destination).where(
-                OutboxItem.sop_uid == instance.sop_uid, OutboxItem.destination.in_(wanted)
-            )
-        )
-    )
-    items = []
-    for name in wanted:
-        if name in have:
-            continue
-        item = OutboxItem(
-            job_id=None,
-            study_uid=study_uid,
-            sop_uid=instance.sop_uid,
-            path=instance.path,
-            destination=name,
-            reason=ROUTING_REASON,
-            state=OutboxState.pending.value,
-            next_attempt_at=utcnow(),
-        )
-        session.add(item)
-        items.append(item)
-    session.flush()
-    return items
+    return enqueue_outbox(session, None, study_uid, [(instance.sop_uid, instance.path)], list(destinations),
+                          reason=ROUTING_REASON)
 
 
 def _decide(settings: Settings, rules: RuleSet, attrs: Attributes) -> tuple[list[str], list[str], list[str]]:

@@ -1,7 +1,7 @@
 """The outbox: one row per object and destination, delivered with retries.
 
-``enqueue_outbox`` adds rows (idempotent on (SOP Instance UID, destination)); ``deliver_due``
-sends every due pending row, one batch per destination, each destination in its own thread
+Rows are added by `triage_node.outbox.enqueue_outbox` (the one writer, idempotent on (SOP
+Instance UID, destination)); ``deliver_due`` sends every due pending row, one batch per destination, each destination in its own thread
 so that a slow or dead peer never holds up the others. Outcomes (see ``destinations.py``):
 
 - sent: state ``delivered``, audit ``delivery.sent``.
@@ -27,7 +27,6 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -46,67 +45,6 @@ from worker.pipeline.destinations import SendItem, SendOutcome, send
 log = get_logger(__name__)
 
 ACTOR = "worker"
-
-
-def enqueue_outbox(
-    session: Session,
-    job_id: int | None,
-    study_uid: str,
-    objects: Sequence[tuple[str, str | Path]],
-    destinations: Sequence[Destination | str],
-    *,
-    reason: str = "result",
-    now: datetime | None = None,
-) -> list[OutboxItem]:
-    """Add one pending row per (object, destination) to the session's transaction.
-
-    Parameters
-    ----------
-    objects : sequence of (sop_uid, path)
-        The DICOM files to deliver (e.g. the SR and the overlays of a job).
-    destinations : sequence of Destination or destination name
-    reason : {"result", "routing"}
-
-    Returns
-    -------
-    list of OutboxItem
-        The rows added; rows that already exist for (sop_uid, destination) are left as they
-        are, so a re-run of a job does not send its objects twice.
-    """
-    names = [d.name if isinstance(d, Destination) else str(d) for d in destinations]
-    if not objects or not names:
-        return []
-    sop_uids = [sop for sop, _ in objects]
-    existing = {
-        (sop, dest) for sop, dest in session.execute(
-            select(OutboxItem.sop_uid, OutboxItem.destination).where(
-                OutboxItem.sop_uid.in_(sop_uids), OutboxItem.destination.in_(names)
-            )
-        )
-    }
-    when = as_utc(now or utcnow())
-    added = []
-    for sop_uid, path in objects:
-        for name in names:
-            if (sop_uid, name) in existing:
-                continue
-            item = OutboxItem(
-                job_id=job_id,
-                study_uid=study_uid,
-                sop_uid=sop_uid,
-                path=str(path),
-                destination=name,
-                reason=reason,
-                state=OutboxState.pending,
-                attempts=0,
-                next_attempt_at=when,
-            )
-            session.add(item)
-            added.append(item)
-            existing.add((sop_uid, name))
-    session.flush()
-    log.info("outbox_enqueued", job_id=job_id, study_uid=study_uid, rows=len(added), destinations=names)
-    return added
 
 
 def deliver_due(

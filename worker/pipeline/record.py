@@ -110,7 +110,7 @@ def _record_in(
         model_version=values["model_version"], sr_sop_uid=written.sr_sop_uid,
         overlay_sop_uids=list(written.overlay_sop_uids), rewritten=rewritten,
     )
-    from worker.pipeline.delivery import enqueue_outbox
+    from triage_node.outbox import enqueue_outbox
 
     deliveries = [
         (destination, [(sop, str(path)) for sop, path in written.for_destination(destination)])
