@@ -20,7 +20,7 @@ from tests.ingest_support import ct_dataset, part10
 from triage_node.ingest.header import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
-    _Refused,
+    Refused,
     dataset_offset_from_bytes,
     parse_header,
 )
@@ -78,7 +78,7 @@ def test_a_truncated_object_is_refused(
 ) -> None:
     data = _ct(size=128)[:-100]
     incoming = _receive(Spool(tmp_path), data, 4_000)
-    with pytest.raises(_Refused) as refused:
+    with pytest.raises(Refused) as refused:
         incoming.header()
     assert (refused.value.status, refused.value.reason) == (CANNOT_UNDERSTAND, "pixel data is truncated")
 
@@ -112,7 +112,7 @@ def test_discard_removes_the_temporary_file(tmp_path: Path) -> None:
 
 def test_an_already_refused_object_writes_nothing(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    refusal = _Refused(CANNOT_UNDERSTAND, "refused before the first byte")
+    refusal = Refused(CANNOT_UNDERSTAND, "refused before the first byte")
     incoming = IncomingObject(spool, hash_from=0, refused=refusal)
     incoming.write(b"x" * 100)
     assert incoming.refused is refusal and _incoming_files(spool) == []

@@ -25,13 +25,13 @@ from tests.worker_support import build_small_repository, write_ct_series
 from triage_node.config import load_settings
 from triage_node.db import schema
 from triage_node.db.models import Instance, JobState, Result, Series
-from triage_node.ingest.scp import (
+from triage_node.ingest.scp import StorageSCP
+from triage_node.ingest.store import InstanceStore
+from triage_node.ingest.transfer_syntaxes import (
     ACCEPTED_TRANSFER_SYNTAXES,
     COMPRESSED_TRANSFER_SYNTAXES,
     NATIVE_TRANSFER_SYNTAXES,
-    StorageSCP,
 )
-from triage_node.ingest.store import InstanceStore
 from triage_node.peers import free_port, storescu
 from triage_node.studies.completeness import CompletenessTracker
 from worker.pipeline.context import build_context
@@ -91,13 +91,13 @@ _WITHOUT_DECODERS = textwrap.dedent(
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless
     from pynetdicom import AE
     from tests.ingest_support import running_node
-    from triage_node.ingest.header import CANNOT_UNDERSTAND, _Refused, parse_header
-    from triage_node.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES
+    from triage_node.ingest.header import CANNOT_UNDERSTAND, Refused, parse_header
+    from triage_node.ingest.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
 
     print("accepted", *ACCEPTED_TRANSFER_SYNTAXES)
     try:  # STOW-RS goes through the same header check
         parse_header(Path(sys.argv[1]).read_bytes())
-    except _Refused as exc:
+    except Refused as exc:
         print("header", hex(exc.status), exc.reason)
     with running_node() as node:
         ae = AE(ae_title="MODALITY")

@@ -181,11 +181,8 @@ def conformance_blocks() -> dict[str, str]:
     from pynetdicom import AllStoragePresentationContexts
 
     from triage_node.ingest import admission
-    from triage_node.ingest.scp import (
-        ACCEPTED_TRANSFER_SYNTAXES,
-        NATIVE_TRANSFER_SYNTAXES,
-        TRIAGED_SOP_CLASSES,
-    )
+    from triage_node.ingest.scp import TRIAGED_SOP_CLASSES
+    from triage_node.ingest.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES, NATIVE_TRANSFER_SYNTAXES
     from worker.pipeline.sr_classes import SR_CLASS_UIDS
     from worker.pipeline.sr_codes import CODES
 

@@ -34,13 +34,13 @@ from sqlalchemy.orm import Session
 from triage_node.db.models import Series, Study
 from triage_node.ingest.header import (
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    _float,
-    _Header,
-    _int,
-    _Refused,
-    _requested_priority,
-    _text,
+    Header,
+    Refused,
+    float_value,
+    int_value,
+    requested_priority,
     series_geometry,
+    text_value,
 )
 
 __all__ = ["FILED_ELSEWHERE", "Filing", "FilingCache", "file_series"]
@@ -53,9 +53,9 @@ FILED_ELSEWHERE = DATASET_DOES_NOT_MATCH_SOP_CLASS
 CACHE_LIMIT = 10_000
 
 
-def patient_key(header: _Header) -> str | None:
+def patient_key(header: Header) -> str | None:
     """PatientID as the study row keeps it (stripped, at most 64 characters, None if empty)."""
-    return _text(header.ds, "PatientID")
+    return text_value(header.ds, "PatientID")
 
 
 @dataclass(frozen=True)
@@ -66,17 +66,17 @@ class Filing:
     study_uid: str
     patient_id: str | None
 
-    def check(self, header: _Header) -> None:
+    def check(self, header: Header) -> None:
         """Refuse ``header`` with `FILED_ELSEWHERE` when it belongs to another study or patient."""
         if header.study_uid != self.study_uid:
-            raise _Refused(FILED_ELSEWHERE, "SeriesInstanceUID is already filed under another study")
+            raise Refused(FILED_ELSEWHERE, "SeriesInstanceUID is already filed under another study")
         # Same study: the same check, and the same reason, as when the rows are read.
         _check_patient(self.patient_id, header)
 
 
-def _check_patient(filed: str | None, header: _Header) -> None:
+def _check_patient(filed: str | None, header: Header) -> None:
     if patient_key(header) != filed:
-        raise _Refused(FILED_ELSEWHERE, "StudyInstanceUID is already filed under another patient")
+        raise Refused(FILED_ELSEWHERE, "StudyInstanceUID is already filed under another patient")
 
 
 class FilingCache:
@@ -115,7 +115,7 @@ def _insert_ignore(session: Session, model: type, **values: Any) -> None:
 
 def file_series(
     session: Session,
-    header: _Header,
+    header: Header,
     calling_ae: str,
     source: str,
     expected: int | None,
@@ -126,7 +126,7 @@ def file_series(
 
     Raises
     ------
-    _Refused
+    Refused
         `FILED_ELSEWHERE` when the study is filed under another PatientID or the series
         under another study.
     """
@@ -135,14 +135,14 @@ def file_series(
         session,
         Study,
         study_uid=header.study_uid,
-        patient_name=_text(ds, "PatientName", 324),
+        patient_name=text_value(ds, "PatientName", 324),
         patient_id=patient_key(header),
-        accession_number=_text(ds, "AccessionNumber"),
-        study_date=_text(ds, "StudyDate", 8),
-        study_description=_text(ds, "StudyDescription"),
-        modality=_text(ds, "Modality", 16),
+        accession_number=text_value(ds, "AccessionNumber"),
+        study_date=text_value(ds, "StudyDate", 8),
+        study_description=text_value(ds, "StudyDescription"),
+        modality=text_value(ds, "Modality", 16),
         calling_ae=calling_ae[:16] if source == "dimse" else None,
-        requested_priority=_requested_priority(ds),
+        requested_priority=requested_priority(ds),
         received_at=now,
         updated_at=now,
     )
@@ -155,15 +155,15 @@ def file_series(
         Series,
         study_id=study_id,
         series_uid=header.series_uid,
-        modality=_text(ds, "Modality", 16),
-        series_number=_int(ds, "SeriesNumber"),
-        description=_text(ds, "SeriesDescription"),
-        body_part=_text(ds, "BodyPartExamined"),
-        protocol_name=_text(ds, "ProtocolName"),
-        image_type=_text(ds, "ImageType", 128),
-        convolution_kernel=_text(ds, "ConvolutionKernel"),
-        slice_thickness=_float(ds, "SliceThickness"),
-        contrast_agent=_text(ds, "ContrastBolusAgent"),
+        modality=text_value(ds, "Modality", 16),
+        series_number=int_value(ds, "SeriesNumber"),
+        description=text_value(ds, "SeriesDescription"),
+        body_part=text_value(ds, "BodyPartExamined"),
+        protocol_name=text_value(ds, "ProtocolName"),
+        image_type=text_value(ds, "ImageType", 128),
+        convolution_kernel=text_value(ds, "ConvolutionKernel"),
+        slice_thickness=float_value(ds, "SliceThickness"),
+        contrast_agent=text_value(ds, "ContrastBolusAgent"),
         sop_class_uid=header.sop_class_uid,
         **series_geometry(ds),
         expected_instances=expected,
@@ -176,5 +176,5 @@ def file_series(
         select(Series.id, Series.study_id).where(Series.series_uid == header.series_uid)
     ).one()
     if series_study_id != study_id:
-        raise _Refused(FILED_ELSEWHERE, "SeriesInstanceUID is already filed under another study")
+        raise Refused(FILED_ELSEWHERE, "SeriesInstanceUID is already filed under another study")
     return Filing(int(series_id), header.study_uid, patient_id)

@@ -2,7 +2,7 @@
 
 Only the header is parsed (pixels are never decoded or re-encoded); the checks here turn
 malformed input into the Storage Service Class statuses of PS3.4 Annex B.2.3 (Table
-B.2-1), raised as :class:`_Refused` for :class:`triage_node.ingest.store.InstanceStore`
+B.2-1), raised as :class:`Refused` for :class:`triage_node.ingest.store.InstanceStore`
 to answer and audit.
 """
 
@@ -21,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from triage_node.dicom_status import StoreStatus
 from triage_node.ingest.inflate import is_deflated
 from triage_node.ingest.spool import InvalidUID, validate_uid
+from triage_node.ingest.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
 
 # -- Storage Service Class statuses, by their names in this package -----------------
 SUCCESS = StoreStatus.SUCCESS
@@ -32,7 +33,7 @@ CANNOT_UNDERSTAND = StoreStatus.CANNOT_UNDERSTAND
 INVALID_UID = StoreStatus.CANNOT_UNDERSTAND_INVALID_UID
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """Internal: a validation step refuses the object with a status and a reason."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -42,7 +43,7 @@ class _Refused(Exception):
 
 
 @dataclass(frozen=True)
-class _Header:
+class Header:
     """The parts of a header the node records (parsed once, before pixels)."""
 
     ds: Dataset
@@ -105,7 +106,7 @@ def slice_position(ds: Dataset) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+def text_value(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
@@ -117,7 +118,7 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
     return text[:limit] if text else None
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def int_value(ds: Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else None
@@ -125,7 +126,7 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _float(ds: Dataset, keyword: str) -> float | None:
+def float_value(ds: Dataset, keyword: str) -> float | None:
     try:
         value = ds.get(keyword)
         return float(value) if value not in (None, "") else None
@@ -133,13 +134,13 @@ def _float(ds: Dataset, keyword: str) -> float | None:
         return None
 
 
-def _requested_priority(ds: Dataset) -> str | None:
+def requested_priority(ds: Dataset) -> str | None:
     """RequestedProcedurePriority (0040,1003), top level or in RequestAttributesSequence."""
-    value = _text(ds, "RequestedProcedurePriority", 16)
+    value = text_value(ds, "RequestedProcedurePriority", 16)
     if value:
         return value
     for item in ds.get("RequestAttributesSequence") or []:
-        value = _text(item, "RequestedProcedurePriority", 16)
+        value = text_value(item, "RequestedProcedurePriority", 16)
         if value:
             return value
     return None
@@ -179,12 +180,12 @@ def series_geometry(ds: Dataset) -> dict[str, object]:
     except (TypeError, AttributeError):
         codes = []
     lossy = None
-    if _text(ds, "LossyImageCompression", 2) == LOSSY_COMPRESSED:
-        lossy = _text(ds, "LossyImageCompressionMethod") or "unnamed method"
+    if text_value(ds, "LossyImageCompression", 2) == LOSSY_COMPRESSED:
+        lossy = text_value(ds, "LossyImageCompressionMethod") or "unnamed method"
     return {
         "image_orientation": "\\".join(f"{v + 0.0:g}" for v in cosines) if cosines else None,
-        "rows": _int(ds, "Rows"),
-        "columns": _int(ds, "Columns"),
+        "rows": int_value(ds, "Rows"),
+        "columns": int_value(ds, "Columns"),
         "pixel_spacing_row": spacing[0] if spacing else None,
         "pixel_spacing_column": spacing[1] if spacing else None,
         "derivation_codes": "\\".join(codes)[:128] or None,
@@ -271,19 +272,19 @@ def _native_pixel_data_problem(ds: Dataset, data: bytes, position: int, implicit
     return None
 
 
-def parse_header(data: bytes) -> _Header:
+def parse_header(data: bytes) -> Header:
     """Parse the header of a Part 10 file (stops before Pixel Data; nothing is decoded).
 
     Raises
     ------
-    _Refused
+    Refused
         0xC000 when the file cannot be parsed, 0xC001 when a UID is invalid,
         0xA900 when a required UID is missing.
     """
     if is_deflated(data):
         # pydicom would inflate it in one call, without a bound: the store inflates it
         # first (`triage_node.ingest.incoming.IncomingObject.inflate`).
-        raise _Refused(CANNOT_UNDERSTAND, "deflated data set was not inflated before the header check")
+        raise Refused(CANNOT_UNDERSTAND, "deflated data set was not inflated before the header check")
     try:
         fp = BytesIO(data)
         ds = dcmread(fp, stop_before_pixels=True)
@@ -294,19 +295,19 @@ def parse_header(data: bytes) -> _Header:
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
             NotImplementedError, AttributeError, IndexError, BytesLengthException,
             struct.error, OverflowError) as exc:
-        raise _Refused(CANNOT_UNDERSTAND, f"header cannot be parsed: {type(exc).__name__}") from None
+        raise Refused(CANNOT_UNDERSTAND, f"header cannot be parsed: {type(exc).__name__}") from None
     except RecursionError:
-        raise _Refused(CANNOT_UNDERSTAND, "header cannot be parsed: sequences nested too deep") from None
+        raise Refused(CANNOT_UNDERSTAND, "header cannot be parsed: sequences nested too deep") from None
     meta = getattr(ds, "file_meta", None)
     transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if not transfer_syntax:
-        raise _Refused(CANNOT_UNDERSTAND, "file meta has no TransferSyntaxUID")
+        raise Refused(CANNOT_UNDERSTAND, "file meta has no TransferSyntaxUID")
     if not _meta_group_length_consistent(data, meta):
-        raise _Refused(CANNOT_UNDERSTAND, "FileMetaInformationGroupLength does not match the file meta")
+        raise Refused(CANNOT_UNDERSTAND, "FileMetaInformationGroupLength does not match the file meta")
     if not _pixel_data_complete(
         data, stopped_at, implicit=transfer_syntax == ImplicitVRLittleEndian
     ):
-        raise _Refused(CANNOT_UNDERSTAND, "pixel data is truncated")
+        raise Refused(CANNOT_UNDERSTAND, "pixel data is truncated")
     # De-identified files may carry the SOP class only in the file meta (DESIGN.md).
     sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
     uids: dict[str, str] = {}
@@ -317,26 +318,25 @@ def parse_header(data: bytes) -> _Header:
         ("SOPClassUID", sop_class),
     ):
         if value is None or str(value).strip("\x00 ") == "":
-            raise _Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing")
+            raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing")
         try:
             uids[keyword] = validate_uid(str(value), keyword)
         except InvalidUID as exc:
-            raise _Refused(INVALID_UID, str(exc)) from None
+            raise Refused(INVALID_UID, str(exc)) from None
     try:
         transfer_syntax = validate_uid(str(transfer_syntax), "TransferSyntaxUID")
     except InvalidUID as exc:
-        raise _Refused(INVALID_UID, str(exc)) from None
-    from triage_node.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES  # scp imports this module
+        raise Refused(INVALID_UID, str(exc)) from None
 
     if transfer_syntax not in ACCEPTED_TRANSFER_SYNTAXES:
-        raise _Refused(CANNOT_UNDERSTAND, f"transfer syntax {transfer_syntax} is not accepted")
+        raise Refused(CANNOT_UNDERSTAND, f"transfer syntax {transfer_syntax} is not accepted")
     if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         problem = _native_pixel_data_problem(
             ds, data, stopped_at, implicit=transfer_syntax == ImplicitVRLittleEndian
         )
         if problem:
-            raise _Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, problem)
-    return _Header(
+            raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, problem)
+    return Header(
         ds=ds,
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],

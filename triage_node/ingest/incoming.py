@@ -35,8 +35,8 @@ from triage_node.ingest.header import (
     CANNOT_UNDERSTAND,
     OBJECT_TOO_LARGE,
     OUT_OF_RESOURCES,
-    _Header,
-    _Refused,
+    Header,
+    Refused,
     dataset_offset_from_bytes,
     parse_header,
 )
@@ -73,11 +73,11 @@ class IncomingObject:
         Where the data set is expected to start (after the file meta), before the
         header is parsed: the digest covers the data set only, so the same object from
         two senders hashes the same. The store checks it against the parsed header.
-    refused : _Refused, optional
+    refused : Refused, optional
         Already refused (the free-disk watermark): nothing is written.
     """
 
-    def __init__(self, spool: Spool, *, hash_from: int, refused: _Refused | None = None) -> None:
+    def __init__(self, spool: Spool, *, hash_from: int, refused: Refused | None = None) -> None:
         self._spool = spool
         self.hash_from = hash_from
         self._chunks: list[bytes | memoryview] = []
@@ -127,7 +127,7 @@ class IncomingObject:
 
         Raises
         ------
-        _Refused
+        Refused
             0xA702 when it inflates past ``limit`` bytes, 0xC000 when the deflated
             stream is corrupt, 0xA700 when the spool write fails or the inflated bytes
             do not fit in ``budget`` now (held until `discard`).
@@ -147,11 +147,11 @@ class IncomingObject:
         try:
             inflated = inflate_part10(data, limit, reserve)
         except DeflateBusy as exc:
-            raise _Refused(OUT_OF_RESOURCES, f"{exc}: try again later") from None
+            raise Refused(OUT_OF_RESOURCES, f"{exc}: try again later") from None
         except DeflateTooLarge as exc:
-            raise _Refused(OBJECT_TOO_LARGE, f"{exc} (max_object_mb)") from None
+            raise Refused(OBJECT_TOO_LARGE, f"{exc} (max_object_mb)") from None
         except DeflateCorrupt as exc:
-            raise _Refused(CANNOT_UNDERSTAND, str(exc)) from None
+            raise Refused(CANNOT_UNDERSTAND, str(exc)) from None
         self._chunks, self._size = [inflated], len(inflated)
         self.hash_from = dataset_offset_from_bytes(inflated)
         try:
@@ -179,8 +179,8 @@ class IncomingObject:
             self._fd = None  # closed by fsync_temp
             raise
 
-    def header(self) -> _Header:
-        """The parsed and checked header; raises `_Refused` as `parse_header` does."""
+    def header(self) -> Header:
+        """The parsed and checked header; raises `Refused` as `parse_header` does."""
         return parse_header(self.data())
 
     def discard(self) -> None:
@@ -200,5 +200,5 @@ class IncomingObject:
         return self
 
     def _fail(self, exc: OSError) -> None:
-        self.refused = _Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
+        self.refused = Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
         self.discard()

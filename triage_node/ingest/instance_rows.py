@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from triage_node.db import audit
 from triage_node.db.models import Instance, Series
 from triage_node.ingest.filing import Filing, FilingCache, file_series
-from triage_node.ingest.header import _Header, _int, slice_position
+from triage_node.ingest.header import Header, int_value, slice_position
 
 __all__ = ["known_versions", "stage_rows", "stored_bytes"]
 
@@ -60,7 +60,7 @@ def stored_bytes(session: Session) -> Any:
 def stage_rows(
     session: Session,
     filed: FilingCache,
-    header: _Header,
+    header: Header,
     size_bytes: int,
     digest: str,
     version: int,
@@ -81,7 +81,7 @@ def stage_rows(
     """
     ds = header.ds
     now = datetime.now(UTC)
-    expected = _int(ds, "NumberOfSeriesRelatedInstances") or _int(ds, "ImagesInAcquisition")
+    expected = int_value(ds, "NumberOfSeriesRelatedInstances") or int_value(ds, "ImagesInAcquisition")
     filing = filed.get(header.series_uid)
     if filing is None:
         filing = file_series(session, header, calling_ae, source, expected, now)
@@ -100,7 +100,7 @@ def stage_rows(
             "version": version,
             "sop_class_uid": header.sop_class_uid,
             "transfer_syntax": header.transfer_syntax,
-            "instance_number": _int(ds, "InstanceNumber"),
+            "instance_number": int_value(ds, "InstanceNumber"),
             "slice_position": slice_position(ds),
             "path": str(path),
             "sha256": digest,

@@ -13,23 +13,9 @@ from __future__ import annotations
 
 import socketserver
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-from pydicom.pixels import get_decoder
-from pydicom.uid import (
-    JPEG2000,
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification  # type: ignore[attr-defined]  # pynetdicom defines these through globals()
@@ -41,59 +27,13 @@ from triage_node.ingest.association import Listener
 from triage_node.ingest.refusals import RefusedConnections
 from triage_node.ingest.store import InstanceStore
 from triage_node.ingest.tls import server_ssl_context
+from triage_node.ingest.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES, COMPRESSED_TRANSFER_SYNTAXES
 from triage_node.logs import get_logger
 from triage_node.setting_types import UnknownStorageClassPolicy
 
-__all__ = [
-    "ACCEPTED_TRANSFER_SYNTAXES",
-    "COMPRESSED_TRANSFER_SYNTAXES",
-    "NATIVE_TRANSFER_SYNTAXES",
-    "TRIAGED_SOP_CLASSES",
-    "StorageSCP",
-    "decodable",
-    "storage_contexts",
-]
+__all__ = ["TRIAGED_SOP_CLASSES", "StorageSCP", "storage_contexts"]
 
 log = get_logger(__name__)
-
-#: Transfer syntaxes the node always accepts (PS3.5 Section 10): pydicom reads them
-#: without a plugin (a deflated data set is inflated on arrival, `triage_node.ingest.inflate`).
-NATIVE_TRANSFER_SYNTAXES = (
-    ExplicitVRLittleEndian,  # 1.2.840.10008.1.2.1
-    ImplicitVRLittleEndian,  # 1.2.840.10008.1.2
-    DeflatedExplicitVRLittleEndian,  # 1.2.840.10008.1.2.1.99
-)
-
-#: Compressed transfer syntaxes (PS3.5 Annex A.4), accepted only where a decoder is
-#: installed (pylibjpeg-libjpeg: JPEG Lossless and JPEG-LS; pyjpegls: JPEG-LS;
-#: pylibjpeg-openjpeg: JPEG 2000; RLE needs none).
-COMPRESSED_TRANSFER_SYNTAXES = (
-    JPEGLossless,  # 1.2.840.10008.1.2.4.57 (Process 14)
-    JPEGLosslessSV1,  # 1.2.840.10008.1.2.4.70 (Process 14, selection value 1)
-    JPEGLSLossless,  # 1.2.840.10008.1.2.4.80
-    JPEGLSNearLossless,  # 1.2.840.10008.1.2.4.81
-    JPEG2000Lossless,  # 1.2.840.10008.1.2.4.90
-    JPEG2000,  # 1.2.840.10008.1.2.4.91
-    RLELossless,  # 1.2.840.10008.1.2.5
-)
-
-
-def decodable(syntaxes: Iterable[str]) -> tuple[UID, ...]:
-    """The transfer syntaxes of ``syntaxes`` that pydicom can decode with what is installed."""
-    found = []
-    for uid in syntaxes:
-        try:
-            available = get_decoder(uid).is_available
-        except NotImplementedError:  # pydicom has no decoder of its own for this syntax
-            available = False
-        if available:
-            found.append(UID(uid))
-    return tuple(found)
-
-
-#: Transfer syntaxes accepted for storage, decided once at import: what is installed
-#: does not change while the node runs.
-ACCEPTED_TRANSFER_SYNTAXES = NATIVE_TRANSFER_SYNTAXES + decodable(COMPRESSED_TRANSFER_SYNTAXES)
 
 #: Storage classes that are triaged (the others are stored, or refused by setting).
 TRIAGED_SOP_CLASSES = (str(CTImageStorage), str(EnhancedCTImageStorage))

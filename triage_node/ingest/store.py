@@ -55,8 +55,8 @@ from triage_node.ingest.header import (
     OBJECT_TOO_LARGE,
     OUT_OF_RESOURCES,
     SUCCESS,
-    _Header,
-    _Refused,
+    Header,
+    Refused,
     dataset_offset,
     dataset_offset_from_bytes,
     parse_header,
@@ -133,7 +133,7 @@ class StoreOutcome:
         return self.status == SUCCESS
 
     @classmethod
-    def success(cls, header: _Header, *, version: int, path: Path, duplicate: bool) -> StoreOutcome:
+    def success(cls, header: Header, *, version: int, path: Path, duplicate: bool) -> StoreOutcome:
         """The object is on disk and in the database (new, or identical to a stored one)."""
         return cls(
             status=SUCCESS,
@@ -263,7 +263,7 @@ class InstanceStore:
         """
         refused = None
         if self.below_watermark():
-            refused = _Refused(OUT_OF_RESOURCES, self._watermark_reason())
+            refused = Refused(OUT_OF_RESOURCES, self._watermark_reason())
         return IncomingObject(self.spool, hash_from=hash_from, refused=refused)
 
     def finish(
@@ -282,7 +282,7 @@ class InstanceStore:
             incoming.discard()
             raise ValueError(f"source must be one of {SOURCES}")
         actor = f"ae:{calling_ae}@{peer}"[:64] if source == "dimse" else f"stow:{calling_ae}"[:64]
-        header: _Header | None = None
+        header: Header | None = None
         try:
             if incoming.refused is not None:
                 raise incoming.refused
@@ -305,17 +305,17 @@ class InstanceStore:
                     header = replace(header, received_transfer_syntax=DeflatedExplicitVRLittleEndian)
                 remember_identifiers(header.ds)
                 if expected_study and header.study_uid != expected_study:
-                    raise _Refused(
+                    raise Refused(
                         DATASET_DOES_NOT_MATCH_SOP_CLASS,
                         "StudyInstanceUID differs from the study in the request URL",
                     )
                 if expected_sop_class and header.sop_class_uid != expected_sop_class.strip("\x00 "):
-                    raise _Refused(
+                    raise Refused(
                         DATASET_DOES_NOT_MATCH_SOP_CLASS,
                         "SOPClassUID differs from the presentation context's abstract syntax",
                     )
                 if expected_sop_instance and header.sop_uid != expected_sop_instance.strip("\x00 "):
-                    raise _Refused(
+                    raise Refused(
                         DATASET_DOES_NOT_MATCH_SOP_CLASS,
                         "SOPInstanceUID differs from the request's Affected SOP Instance UID",
                     )
@@ -327,7 +327,7 @@ class InstanceStore:
                 # The file meta was not where the quick look put it: hash from the header's.
                 digest = dataset_digest(data, header.dataset_offset)
             outcome = self._spool_and_record(header, data, digest, staging, calling_ae, source, actor)
-        except _Refused as refused:
+        except Refused as refused:
             outcome = self._refuse(header, refused, actor, source)
         finally:
             incoming.discard()  # frees the bytes; the file is published or dropped by now
@@ -346,7 +346,7 @@ class InstanceStore:
         return self._sop_locks[hash(sop_uid) % len(self._sop_locks)]
 
     def _spool_and_record(
-        self, header: _Header, data: bytes, digest: str, staging: Future[Path], calling_ae: str,
+        self, header: Header, data: bytes, digest: str, staging: Future[Path], calling_ae: str,
         source: str, actor: str,
     ) -> StoreOutcome:
         """Spool and record one object under its SOP Instance UID's lock.
@@ -370,13 +370,13 @@ class InstanceStore:
                     # A row appeared under us (another process, or a study/series race
                     # on PostgreSQL): read again.
                     if attempt + 1 == _INSERT_RETRIES:
-                        raise _Refused(DATABASE_UNAVAILABLE, "instance row conflicts") from None
+                        raise Refused(DATABASE_UNAVAILABLE, "instance row conflicts") from None
                 finally:
                     current = None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _spool_and_record_once(
-        self, header: _Header, data: bytes, digest: str, staging: Future[Path], calling_ae: str,
+        self, header: Header, data: bytes, digest: str, staging: Future[Path], calling_ae: str,
         source: str, actor: str,
     ) -> StoreOutcome:
         # The file gets its final name (rename + directory fsync) once the version is
@@ -403,14 +403,14 @@ class InstanceStore:
                         staged, header.study_uid, header.series_uid, header.sop_uid, version
                     )
                 except OSError as exc:
-                    raise _Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
+                    raise Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
                 # The file is durable (fsynced, renamed, directory fsynced): commit.
                 session.commit()
                 committed = True
-        except (_Refused, IntegrityError):
+        except (Refused, IntegrityError):
             raise
         except SQLAlchemyError as exc:
-            raise _Refused(
+            raise Refused(
                 DATABASE_UNAVAILABLE, f"database write failed: {type(exc).__name__}"
             ) from None
         finally:
@@ -438,7 +438,7 @@ class InstanceStore:
         return StoreOutcome.success(header, version=version, path=written, duplicate=False)
 
     def _duplicate(
-        self, session: Session, header: _Header, row: Any, actor: str, source: str
+        self, session: Session, header: Header, row: Any, actor: str, source: str
     ) -> StoreOutcome:
         version, digest, path = int(row[0]), str(row[1]), str(row[2])
         audit.record_now(
@@ -477,7 +477,7 @@ class InstanceStore:
             self.spool.remove(path)
 
     def _refuse(
-        self, header: _Header | None, refused: _Refused, actor: str, source: str
+        self, header: Header | None, refused: Refused, actor: str, source: str
     ) -> StoreOutcome:
         log.warning(
             "instance refused",

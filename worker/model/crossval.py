@@ -28,7 +28,7 @@ from triage_node.logs import get_logger
 from worker.inference.card import json_safe
 from worker.model import metrics as M
 from worker.model.data import SYNTH_PREFIX, CachedSet
-from worker.model.evaluate import _auc_block, _fmt_ci, plot_curves
+from worker.model.evaluate import auc_block, fmt_ci, plot_curves
 from worker.model.metrics import choose_operating_points
 from worker.model.train import TrainConfig, extract, series_probs, train_cnn, train_sequence, training_cache
 
@@ -141,10 +141,10 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, n_boot: int = 1000, progres
         "folds": folds,
         "patients": int(len(y)),
         "positive_patients": {c: int(y[:, j].sum()) for j, c in enumerate(CLASSES)},
-        "study_level": _auc_block(y, p, n_boot, cfg.seed),
-        "study_level_cnn_only": _auc_block(y, pred["study_cnn"], n_boot, cfg.seed),
-        "slice_level": _auc_block(pred["slice_y"], pred["slice_seq"], n_boot, cfg.seed),
-        "slice_level_cnn_only": _auc_block(pred["slice_y"], pred["slice_cnn"], n_boot, cfg.seed),
+        "study_level": auc_block(y, p, n_boot, cfg.seed),
+        "study_level_cnn_only": auc_block(y, pred["study_cnn"], n_boot, cfg.seed),
+        "slice_level": auc_block(pred["slice_y"], pred["slice_seq"], n_boot, cfg.seed),
+        "slice_level_cnn_only": auc_block(pred["slice_y"], pred["slice_cnn"], n_boot, cfg.seed),
         "per_fold_study_auc_any": per_fold_auc,
         "operating_points_out_of_fold": fold_thresholded(pred),
         "operating_points": choose_operating_points(y, p),
@@ -216,18 +216,18 @@ def render_markdown(rep: dict, cfg: TrainConfig, command: str, datasets: list[di
     ]
     for c in CLASSES:
         s, k = rep["study_level"][c], rep["study_level_cnn_only"][c]
-        lines.append(f"| {c} | {s['n_pos']}/{s['n']} | {_fmt_ci(s['auc_roc'], s['auc_roc_ci95'])} | {_fmt_ci(k['auc_roc'], k['auc_roc_ci95'])} | {_fmt_ci(s['auc_pr'], s['auc_pr_ci95'])} |")
+        lines.append(f"| {c} | {s['n_pos']}/{s['n']} | {fmt_ci(s['auc_roc'], s['auc_roc_ci95'])} | {fmt_ci(k['auc_roc'], k['auc_roc_ci95'])} | {fmt_ci(s['auc_pr'], s['auc_pr_ci95'])} |")
     lines += ["", "AUC(any) per fold: " + ", ".join(f"{a:.3f}" for a in rep["per_fold_study_auc_any"]) + ".", ""]
     lines += ["## Slice level, out of fold", "", "| class | slices + | AUC-ROC CNN+sequence | AUC-ROC CNN only |", "|---|---|---|---|"]
     for c in CLASSES:
         s, k = rep["slice_level"][c], rep["slice_level_cnn_only"][c]
-        lines.append(f"| {c} | {s['n_pos']}/{s['n']} | {_fmt_ci(s['auc_roc'], s['auc_roc_ci95'])} | {_fmt_ci(k['auc_roc'], k['auc_roc_ci95'])} |")
+        lines.append(f"| {c} | {s['n_pos']}/{s['n']} | {fmt_ci(s['auc_roc'], s['auc_roc_ci95'])} | {fmt_ci(k['auc_roc'], k['auc_roc_ci95'])} |")
     for op, title in (("high_sensitivity", "High-sensitivity point"), ("balanced", "Balanced point")):
         lines += ["", f"## {title}, out of fold (thresholds from the other folds)", "",
                   "| class | sensitivity (95% CI) | specificity (95% CI) | TP/FN/TN/FP | shipped threshold |", "|---|---|---|---|---|"]
         for c in CLASSES:
             r = rep["operating_points_out_of_fold"][op][c]
-            lines.append(f"| {c} | {_fmt_ci(r['sensitivity'], r['sensitivity_ci'])} | {_fmt_ci(r['specificity'], r['specificity_ci'])} | "
+            lines.append(f"| {c} | {fmt_ci(r['sensitivity'], r['sensitivity_ci'])} | {fmt_ci(r['specificity'], r['specificity_ci'])} | "
                          f"{r['tp']}/{r['fn']}/{r['tn']}/{r['fp']} | {rep['operating_points'][op][c]:.4f} |")
     lines += ["", "Subtypes with fewer than ten positive patients have intervals too wide to act on.", "", "## Curves (study level, out of fold)", ""]
     lines += [f"![{f}]({f})" for f in rep.get("figures", [])]

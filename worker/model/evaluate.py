@@ -67,7 +67,7 @@ def predict_dataset(model_dir: str | Path, data: str | Path, fmt: str = "synth",
     }
 
 
-def _auc_block(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict:
+def auc_block(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict:
     out = {}
     for k, c in enumerate(CLASSES):
         yk, pk = y[:, k], p[:, k]
@@ -96,10 +96,10 @@ def compute_report(pred: dict, n_boot: int = 1000, seed: int = 0) -> dict:
         "n_slices": int(pred["slice_y"].shape[0]),
         "unreadable_files": pred["unreadable_files"],
         "failed_series": pred["failed_series"],
-        "study_level": _auc_block(sy, sp, n_boot, seed),
-        "study_level_cnn_only": _auc_block(sy, sc, n_boot, seed),
-        "slice_level": _auc_block(pred["slice_y"], pred["slice_seq"], n_boot, seed),
-        "slice_level_cnn_only": _auc_block(pred["slice_y"], pred["slice_cnn"], n_boot, seed),
+        "study_level": auc_block(sy, sp, n_boot, seed),
+        "study_level_cnn_only": auc_block(sy, sc, n_boot, seed),
+        "slice_level": auc_block(pred["slice_y"], pred["slice_seq"], n_boot, seed),
+        "slice_level_cnn_only": auc_block(pred["slice_y"], pred["slice_cnn"], n_boot, seed),
         "operating_points": operating,
         "rsna_log_loss": {
             "study_sequence": M.rsna_log_loss(sy, sp),
@@ -150,7 +150,7 @@ def plot_curves(pred: dict, out_dir: Path) -> list[str]:
     return files
 
 
-def _fmt_ci(v: float, ci) -> str:
+def fmt_ci(v: float, ci) -> str:
     return f"{v:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"
 
 
@@ -174,16 +174,16 @@ def render_markdown(rep: dict, figures: list[str], data_note: str) -> str:
     ]
     for c in CLASSES:
         s, k = rep["study_level"][c], rep["study_level_cnn_only"][c]
-        lines.append(f"| {c} | {s['n_pos']}/{s['n']} | {_fmt_ci(s['auc_roc'], s['auc_roc_ci95'])} | {_fmt_ci(s['auc_pr'], s['auc_pr_ci95'])} | {_fmt_ci(k['auc_roc'], k['auc_roc_ci95'])} | {_fmt_ci(k['auc_pr'], k['auc_pr_ci95'])} |")
+        lines.append(f"| {c} | {s['n_pos']}/{s['n']} | {fmt_ci(s['auc_roc'], s['auc_roc_ci95'])} | {fmt_ci(s['auc_pr'], s['auc_pr_ci95'])} | {fmt_ci(k['auc_roc'], k['auc_roc_ci95'])} | {fmt_ci(k['auc_pr'], k['auc_pr_ci95'])} |")
     lines += ["", "## Slice level", "", "| class | n+ | AUC-ROC CNN+seq | AUC-PR CNN+seq | AUC-ROC CNN only | AUC-PR CNN only |", "|---|---|---|---|---|---|"]
     for c in CLASSES:
         s, k = rep["slice_level"][c], rep["slice_level_cnn_only"][c]
-        lines.append(f"| {c} | {s['n_pos']}/{s['n']} | {_fmt_ci(s['auc_roc'], s['auc_roc_ci95'])} | {_fmt_ci(s['auc_pr'], s['auc_pr_ci95'])} | {_fmt_ci(k['auc_roc'], k['auc_roc_ci95'])} | {_fmt_ci(k['auc_pr'], k['auc_pr_ci95'])} |")
+        lines.append(f"| {c} | {s['n_pos']}/{s['n']} | {fmt_ci(s['auc_roc'], s['auc_roc_ci95'])} | {fmt_ci(s['auc_pr'], s['auc_pr_ci95'])} | {fmt_ci(k['auc_roc'], k['auc_roc_ci95'])} | {fmt_ci(k['auc_pr'], k['auc_pr_ci95'])} |")
     for op, title in (("high_sensitivity", "High-sensitivity operating point"), ("balanced", "Balanced operating point")):
         lines += ["", f"## {title} (study level, thresholds: {m.get('thresholds', 'model card')})", "", "| class | threshold | sensitivity (95% CI) | specificity (95% CI) | TP/FN/TN/FP |", "|---|---|---|---|---|"]
         for c in CLASSES:
             r = rep["operating_points"][op][c]
-            lines.append(f"| {c} | {r['threshold']:.4f} | {_fmt_ci(r['sensitivity'], r['sensitivity_ci'])} | {_fmt_ci(r['specificity'], r['specificity_ci'])} | {r['tp']}/{r['fn']}/{r['tn']}/{r['fp']} |")
+            lines.append(f"| {c} | {r['threshold']:.4f} | {fmt_ci(r['sensitivity'], r['sensitivity_ci'])} | {fmt_ci(r['specificity'], r['specificity_ci'])} | {r['tp']}/{r['fn']}/{r['tn']}/{r['fp']} |")
     ll = rep["rsna_log_loss"]
     lines += [
         "",
