@@ -77,6 +77,7 @@ def test_store_writes_the_bytes_the_rows_and_an_audit_row(env: Env) -> None:
     for i in range(3):
         ds = ct_dataset(study, series, i)
         ds.NumberOfSeriesRelatedInstances = 3
+        ds.WindowWidth = [80, 2800]  # brain and bone: the series row keeps the first
         sent.append((ds.SOPInstanceUID, part10(ds)))
     outcomes = [env.put(data) for _, data in sent]
     assert [o.status for o in outcomes] == [SUCCESS] * 3
@@ -94,6 +95,7 @@ def test_store_writes_the_bytes_the_rows_and_an_audit_row(env: Env) -> None:
     assert se.series_uid == series and se.instance_count == 3 and se.expected_instances == 3
     assert se.image_type == "ORIGINAL\\PRIMARY\\AXIAL" and se.body_part == "HEAD"
     assert se.convolution_kernel == "H30s" and se.slice_thickness == 5.0
+    assert se.window_width == 80.0  # from the header as received, not read back from the spool
     assert [r.instance_number for r in rows] == [1, 2, 3]
     assert [r.slice_position for r in rows] == pytest.approx([10.0, 15.0, 20.0])
     assert {r.transfer_syntax for r in rows} == {"1.2.840.10008.1.2.1"}

@@ -163,6 +163,7 @@ def file_series(
         image_type=text_value(ds, "ImageType", 128),
         convolution_kernel=text_value(ds, "ConvolutionKernel"),
         slice_thickness=float_value(ds, "SliceThickness"),
+        window_width=float_value(ds, "WindowWidth"),  # a brain vs a bone window (selection)
         contrast_agent=text_value(ds, "ContrastBolusAgent"),
         sop_class_uid=header.sop_class_uid,
         **series_geometry(ds),

@@ -16,6 +16,7 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from triage_node.dicom_status import StoreStatus
@@ -127,8 +128,12 @@ def int_value(ds: Dataset, keyword: str) -> int | None:
 
 
 def float_value(ds: Dataset, keyword: str) -> float | None:
+    """A numeric attribute as float; of a multi-valued one (WindowWidth may hold one value per
+    window) the first value; None when absent, empty or not a number."""
     try:
         value = ds.get(keyword)
+        if isinstance(value, (list, tuple, MultiValue)):
+            value = value[0] if len(value) else None
         return float(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None

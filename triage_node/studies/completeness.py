@@ -31,11 +31,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -268,8 +265,6 @@ class CompletenessTracker:
         series.state = SeriesState.complete
         series.completed_at = now
         series.completion_reason = reason
-        if series.window_width is None:
-            series.window_width = _window_width(session, series.id)
         # Recomputed at each completion: late instances may fill or break the spacing.
         series.slice_spacing, series.slice_spacing_deviation = slice_spacing(stats.positions)
         study = session.get(Study, series.study_id)
@@ -347,22 +342,3 @@ class CompletenessTracker:
         log.info("job.created", job_id=job.id, version=version, queue=queue,
                  series_uid=chosen.series_uid, reason=why)
         result.job_ids.append(job.id)
-
-
-def _window_width(session: Session, series_id: int) -> float | None:
-    """WindowWidth (0028,1051) of one instance, first value (read from the spooled header)."""
-    path = session.scalar(select(Instance.path).where(Instance.series_id == series_id).limit(1))
-    if not path or not Path(path).is_file():
-        return None
-    try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["WindowWidth"])
-    except (InvalidDicomError, OSError, ValueError):
-        return None
-    value = ds.get("WindowWidth")
-    if value is None or value == "":
-        return None
-    try:
-        first = value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value
-        return float(first)
-    except (TypeError, ValueError, IndexError):
-        return None
