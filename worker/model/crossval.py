@@ -30,7 +30,8 @@ from worker.model import metrics as M
 from worker.model.data import SYNTH_PREFIX, CachedSet
 from worker.model.evaluate import auc_block, fmt_ci, plot_curves
 from worker.model.metrics import choose_operating_points
-from worker.model.train import TrainConfig, extract, series_probs, train_cnn, train_sequence, training_cache
+from worker.model.series_eval import series_probs
+from worker.model.train import TrainConfig, extract, train_cnn, train_sequence, training_cache
 
 log = get_logger(__name__)
 

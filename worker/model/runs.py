@@ -9,7 +9,8 @@ import torch
 
 from worker.model.data import load_cache
 from worker.model.networks import SequenceModel, SliceCNN
-from worker.model.train import TrainConfig, extract, split_series, validate
+from worker.model.series_eval import validate
+from worker.model.train import TrainConfig, extract, split_series
 from worker.pipeline.preprocess import DEFAULT_WINDOWS
 
 

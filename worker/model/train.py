@@ -48,6 +48,7 @@ from worker.model.networks import (
     SliceCNN,
     rsna_bce,
 )
+from worker.model.series_eval import sequence_tensor, validate
 from worker.pipeline.preprocess import DEFAULT_WINDOWS, WINDOWS, channel_plan
 
 log = get_logger(__name__)
@@ -200,12 +201,6 @@ def extract(model: SliceCNN, cache: CachedSet, batch: int = 64, progress: Progre
     return emb, logits
 
 
-def _sequence_tensor(emb: np.ndarray, logits: np.ndarray, cache: CachedSet, i: int) -> torch.Tensor:
-    s = cache.series_slice(i)
-    probs = 1.0 / (1.0 + np.exp(-logits[s]))
-    return torch.from_numpy(np.concatenate([emb[s], probs], axis=1).astype(np.float32))[None]
-
-
 def _study_loss(model: SequenceModel, seqs: list[torch.Tensor], ys: list[np.ndarray]) -> float:
     if not seqs:
         return float("nan")
@@ -236,11 +231,11 @@ def train_sequence(
     model = SequenceModel(f, hidden=cfg.seq_hidden, cell=cfg.seq_cell)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     rng = np.random.default_rng(cfg.seed + 1)
-    seqs = [_sequence_tensor(emb, logits, cache, i) for i in train_idx]
+    seqs = [sequence_tensor(emb, logits, cache, i) for i in train_idx]
     cnn_logits = [torch.from_numpy(logits[cache.series_slice(i)].astype(np.float32))[None] for i in train_idx]
     ys = [torch.from_numpy(cache.labels[cache.series_slice(i)].astype(np.float32))[None] for i in train_idx]
     val_idx = list(val_idx or [])
-    val_seqs = [_sequence_tensor(emb, logits, cache, i) for i in val_idx]
+    val_seqs = [sequence_tensor(emb, logits, cache, i) for i in val_idx]
     val_y = [cache.labels[cache.series_slice(i)].max(0) for i in val_idx]
     best_loss, best_state, best_epoch = _study_loss(model, val_seqs, val_y), copy.deepcopy(model.state_dict()), 0
     history = []
@@ -266,34 +261,6 @@ def train_sequence(
         model.load_state_dict(best_state)
     log.info("sequence_trained", best_epoch=best_epoch, val_study_log_loss=round(best_loss, 5) if val_seqs else None)
     return model.eval(), history
-
-
-@torch.no_grad()
-def series_probs(seq: SequenceModel, emb: np.ndarray, logits: np.ndarray, cache: CachedSet, idx: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-series slice probabilities [n_i, 6]: (sequence model, CNN only)."""
-    out_seq, out_cnn = [], []
-    for i in idx:
-        x = _sequence_tensor(emb, logits, cache, i)
-        out_seq.append(torch.sigmoid(seq(x))[0].numpy().astype(np.float64))
-        out_cnn.append(1.0 / (1.0 + np.exp(-logits[cache.series_slice(i)].astype(np.float64))))
-    return out_seq, out_cnn
-
-
-def validate(seq: SequenceModel, emb: np.ndarray, logits: np.ndarray, cache: CachedSet, val_idx: list[int]) -> tuple[dict, dict]:
-    """Operating points and study-level metrics on the validation series."""
-    y_val = np.stack([cache.labels[cache.series_slice(i)].max(0) for i in val_idx])
-    p_seq, p_cnn = series_probs(seq, emb, logits, cache, val_idx)
-    study_seq = np.stack([p.max(0) for p in p_seq])
-    study_cnn = np.stack([p.max(0) for p in p_cnn])
-    ops = M.choose_operating_points(y_val, study_seq)
-    val_metrics = {
-        "n_series": len(val_idx),
-        "study_auc_sequence": {c: M.roc_auc(y_val[:, k], study_seq[:, k]) for k, c in enumerate(CLASSES)},
-        "study_auc_cnn": {c: M.roc_auc(y_val[:, k], study_cnn[:, k]) for k, c in enumerate(CLASSES)},
-        "study_rsna_log_loss_sequence": M.rsna_log_loss(y_val, study_seq),
-        "study_rsna_log_loss_cnn": M.rsna_log_loss(y_val, study_cnn),
-    }
-    return ops, val_metrics
 
 
 def training_cache(cfg: TrainConfig, run: Path, progress: Callable[[int, int], None] | None = None) -> tuple[DatasetIndex, CachedSet]:
