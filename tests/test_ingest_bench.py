@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from triage_node.bench.benchmarks_md import update_benchmarks_md
 from triage_node.bench.ingest import (
     FLOOR,
     LISTENER,
@@ -12,10 +13,9 @@ from triage_node.bench.ingest import (
     NODE_NO_NODELAY,
     ORTHANC,
     STORESCP,
-    markdown_table,
     run_ingest_benchmark,
-    update_benchmarks_md,
 )
+from triage_node.bench.ingest_report import markdown_table
 
 
 def test_small_ingest_benchmark_against_real_receivers() -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from triage_node.bench.benchmarks_md import update_benchmarks_md
 from triage_node.config import REPO_ROOT, load_settings
 from triage_node.logs import get_logger
 from worker.bench_scale import SCALE_JSON_PATH, run_scale_benchmark
@@ -42,7 +43,6 @@ from worker.bench_site import BenchSite, make_studies
 log = get_logger(__name__)
 
 JSON_PATH = REPO_ROOT / "docs" / "bench" / "e2e.json"
-BENCHMARKS_MD = REPO_ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## End to end"
 TARGET_P95_S = 10.0
 TARGET_TRITON_RATIO = 1.25
@@ -266,20 +266,6 @@ def markdown_section(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def update_benchmarks_md(section: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace (or append) the ``## End to end`` section of ``docs/BENCHMARKS.md``."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + section + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
 
 
 def register(bench_app: Any) -> None:

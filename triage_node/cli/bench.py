@@ -27,12 +27,9 @@ def bench_ingest(
     ),
 ) -> None:
     """Send the same 512x512 slices with storescu to this SCP, DCMTK storescp and Orthanc."""
-    from triage_node.bench.ingest import (
-        JSON_PATH,
-        markdown_table,
-        run_ingest_benchmark,
-        update_benchmarks_md,
-    )
+    from triage_node.bench.benchmarks_md import update_benchmarks_md
+    from triage_node.bench.ingest import JSON_PATH, run_ingest_benchmark
+    from triage_node.bench.ingest_report import markdown_table
     from triage_node.logs import configure_logging
 
     configure_logging("WARNING")
