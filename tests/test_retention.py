@@ -47,7 +47,7 @@ from triage_node.db.models import (
     Study,
 )
 from triage_node.db.session import make_engine, make_sessionmaker, transaction
-from triage_node.ingest import store as store_module
+from triage_node.ingest import watermark as watermark_module
 from triage_node.ingest.store import OUT_OF_RESOURCES, SUCCESS, InstanceStore
 from triage_node.retention import plan, run, set_legal_hold
 from triage_node.studies.completeness import CompletenessTracker
@@ -277,7 +277,7 @@ def test_the_beat_runs_the_cleaner_when_retention_is_enabled() -> None:
 def test_a_long_run_at_the_quota_keeps_accepting_because_finished_studies_go(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
-    monkeypatch.setattr(store_module, "QUOTA_REFRESH_S", 0.0)
+    monkeypatch.setattr(watermark_module, "QUOTA_REFRESH_S", 0.0)
     # 1 MiB of images: about twelve 10-slice 64x64 studies. No age limit comes into it.
     quota = {"retention_disk_quota_mb": 1, "retention_disk_high_percent": 80,
              "retention_disk_low_percent": 50, "retention_instances_days": 365}

@@ -29,10 +29,9 @@ Status codes are those of the Storage Service Class, PS3.4 Annex B.2.3, Table B.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +63,10 @@ from triage_node.ingest.header import (
 )
 from triage_node.ingest.incoming import IncomingObject, dataset_digest
 from triage_node.ingest.inflate import InflationBudget
-from triage_node.ingest.instance_rows import known_versions, stage_rows, stored_bytes
+from triage_node.ingest.instance_rows import known_versions, stage_rows
+from triage_node.ingest.outcome import StoreOutcome
 from triage_node.ingest.spool import Spool
+from triage_node.ingest.watermark import DiskWatermark
 from triage_node.logs import get_logger, remember_identifiers
 
 __all__ = [
@@ -89,63 +90,6 @@ log = get_logger(__name__)
 SOURCES = ("dimse", "stow")
 
 _INSERT_RETRIES = 3
-#: Seconds the stored-bytes figure of the quota watermark is reused.
-QUOTA_REFRESH_S = 1.0
-
-
-@dataclass(frozen=True)
-class StoreOutcome:
-    """What happened to one received object.
-
-    Attributes
-    ----------
-    status : int
-        Storage Service Class status (PS3.4 Table B.2-1), one of this module's constants.
-    study_uid, series_uid, sop_uid : str or None
-        UIDs from the header (None when they could not be read or were invalid).
-    stored : bool
-        True when the object is on disk and in the database (new or duplicate).
-    duplicate : bool
-        True when the identical object was already stored (idempotent success).
-    version : int
-        Version of the stored object (1 for the first; 0 when nothing was stored).
-    reason : str or None
-        Why the object was refused; None on success.
-    sop_class_uid : str or None
-        SOP Class UID of the object, when known.
-    path : Path or None
-        Spool path of the stored version.
-    """
-
-    status: int
-    study_uid: str | None
-    series_uid: str | None
-    sop_uid: str | None
-    stored: bool
-    duplicate: bool
-    version: int
-    reason: str | None = None
-    sop_class_uid: str | None = None
-    path: Path | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == SUCCESS
-
-    @classmethod
-    def success(cls, header: Header, *, version: int, path: Path, duplicate: bool) -> StoreOutcome:
-        """The object is on disk and in the database (new, or identical to a stored one)."""
-        return cls(
-            status=SUCCESS,
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            sop_uid=header.sop_uid,
-            stored=True,
-            duplicate=duplicate,
-            version=version,
-            sop_class_uid=header.sop_class_uid,
-            path=path,
-        )
 
 
 class InstanceStore:
@@ -178,7 +122,7 @@ class InstanceStore:
         # Refusals that could not be audited (database away), written once it is back.
         self._deferred_audit = DeferredAudit()
         self._sop_locks = [threading.Lock() for _ in range(64)]
-        self._quota_used, self._quota_checked_at = 0, -QUOTA_REFRESH_S
+        self.watermark = DiskWatermark(self.spool, session_factory)
         # fsyncs and digests run here (two per object at once), overlapping the
         # header checks and SQL work of the same object.
         self._io = ThreadPoolExecutor(
@@ -187,30 +131,8 @@ class InstanceStore:
 
     # -- watermark -----------------------------------------------------------------
     def below_watermark(self) -> bool:
-        """True when the spool's free space is below ``settings.min_free_disk_mb``, or the
-        stored images fill ``retention_disk_quota_mb`` (when set)."""
-        if self.spool.free_mb() < self.settings.min_free_disk_mb:
-            return True
-        return bool(self.settings.retention_disk_quota_mb) and self._quota_full()
-
-    def _watermark_reason(self) -> str:
-        if self.spool.free_mb() < self.settings.min_free_disk_mb:
-            return f"free disk below {self.settings.min_free_disk_mb} MiB on the spool"
-        return f"stored images fill retention_disk_quota_mb ({self.settings.retention_disk_quota_mb} MiB)"
-
-    def _quota_full(self) -> bool:
-        # The sum over instances is read at most every QUOTA_REFRESH_S: the watermark is
-        # checked per association and per object, and the listener, STOW-RS and
-        # retention change the figure from different processes.
-        now = time.monotonic()
-        if now - self._quota_checked_at >= QUOTA_REFRESH_S:
-            try:
-                with self.session_factory() as session:
-                    used = stored_bytes(session)
-            except SQLAlchemyError:
-                return False  # the database being away is answered when the row is written
-            self._quota_used, self._quota_checked_at = int(used or 0), now
-        return self._quota_used >= self.settings.retention_disk_quota_mb * 2**20
+        """True when nothing more may be stored (`triage_node.ingest.watermark`)."""
+        return self.watermark.below(self.settings)
 
     # -- the door ------------------------------------------------------------------
     def store(
@@ -263,7 +185,7 @@ class InstanceStore:
         """
         refused = None
         if self.below_watermark():
-            refused = Refused(OUT_OF_RESOURCES, self._watermark_reason())
+            refused = Refused(OUT_OF_RESOURCES, self.watermark.reason(self.settings))
         return IncomingObject(self.spool, hash_from=hash_from, refused=refused)
 
     def finish(
