@@ -22,8 +22,9 @@ from triage_node.cli import build_app
 from triage_node.config import SettingsError, load_settings
 from triage_node.db.models import OutboxItem, OutboxState
 from triage_node.db.session import transaction
+from triage_node.outbox import enqueue_outbox
 from triage_node.peers import OrthancServer
-from worker.pipeline.delivery import deliver_due, enqueue_outbox
+from worker.pipeline.delivery import deliver_due
 from worker.pipeline.destination_check import TEST_PATIENT_ID
 
 USER, PASSWORD = "triage", "correct-horse-battery"
