@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING
 import typer
 
 from triage_node import CLASSES
-from triage_node.cli.common import settings_or_exit
+from triage_node.cli.common import database_or_exit
 from triage_node.db import audit
-from triage_node.db.schema import SchemaOutOfDate, require_current
-from triage_node.db.session import make_engine, make_sessionmaker, transaction
+from triage_node.db.session import transaction
 from triage_node.logs import get_logger
 
 if TYPE_CHECKING:
@@ -78,16 +77,8 @@ def calibrate(
     from worker.model.calibrate import CalibrationRefused, site_file_path, write_site_file
     from worker.model.calibrate import calibrate as run
 
-    settings = settings_or_exit(data_dir=data_dir)
-    engine = make_engine(settings.effective_database_url)
-    try:
-        # checked before minutes of inference: a refusal or a result must be audited
-        require_current(engine)
-    except SchemaOutOfDate as exc:
-        engine.dispose()
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    factory = make_sessionmaker(engine)
+    # the schema is checked before minutes of inference: a refusal or a result must be audited
+    settings, engine, factory = database_or_exit(data_dir)
     path = site_file_path(model, out)
     common = {"model": str(model.resolve()), "data": str(data.resolve()), "format": fmt,
               "target_sensitivity": target_sensitivity}
