@@ -18,7 +18,8 @@ the whole file at once: `store`). For each Part 10 object it
    is filed under another study or patient: `triage_node.ingest.filing`),
 5. renames the file to its final name and fsyncs its folder
    (`triage_node.ingest.spool.Spool.publish`), then commits the rows
-   (0xA701 when that fails: never success without the row),
+   (0xA701 when that fails: never success without the row); steps 4 and 5 are
+   `triage_node.ingest.recording.InstanceRecorder`,
 6. and only then returns success and calls ``on_stored(series_uid)``.
 A refused object's temporary file is deleted, and its audit row waits in memory while
 the database is away (`triage_node.ingest.deferred_audit`).
@@ -30,22 +31,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.config import Settings
 from triage_node.db import audit
-from triage_node.db.models import Instance
 from triage_node.db.session import transaction
 from triage_node.ingest.deferred_audit import DeferredAudit
-from triage_node.ingest.filing import FILED_ELSEWHERE, FilingCache
+from triage_node.ingest.filing import FILED_ELSEWHERE
 from triage_node.ingest.header import (
     CANNOT_UNDERSTAND,
     DATABASE_UNAVAILABLE,
@@ -63,8 +61,8 @@ from triage_node.ingest.header import (
 )
 from triage_node.ingest.incoming import IncomingObject, dataset_digest
 from triage_node.ingest.inflate import InflationBudget
-from triage_node.ingest.instance_rows import known_versions, stage_rows
 from triage_node.ingest.outcome import StoreOutcome
+from triage_node.ingest.recording import InstanceRecorder
 from triage_node.ingest.spool import Spool
 from triage_node.ingest.watermark import DiskWatermark
 from triage_node.logs import get_logger, remember_identifiers
@@ -88,8 +86,6 @@ __all__ = [
 log = get_logger(__name__)
 
 SOURCES = ("dimse", "stow")
-
-_INSERT_RETRIES = 3
 
 
 class InstanceStore:
@@ -117,17 +113,17 @@ class InstanceStore:
         self.session_factory = session_factory
         self.on_stored = on_stored
         self.spool = Spool(settings.spool_dir)
-        self._filed = FilingCache()
         self.inflation = InflationBudget(settings.inflation_budget_mb * 2**20)
         # Refusals that could not be audited (database away), written once it is back.
         self._deferred_audit = DeferredAudit()
-        self._sop_locks = [threading.Lock() for _ in range(64)]
         self.watermark = DiskWatermark(self.spool, session_factory)
         # fsyncs and digests run here (two per object at once), overlapping the
         # header checks and SQL work of the same object.
         self._io = ThreadPoolExecutor(
             max_workers=2 * max(1, settings.max_associations), thread_name_prefix="spool"
         )
+        # Publishes the file and commits its rows (`triage_node.ingest.recording`).
+        self.recorder = InstanceRecorder(self.spool, session_factory, self._io)
 
     # -- watermark -----------------------------------------------------------------
     def below_watermark(self) -> bool:
@@ -242,13 +238,13 @@ class InstanceStore:
                         "SOPInstanceUID differs from the request's Affected SOP Instance UID",
                     )
             except BaseException:
-                self._drop_staged(staging)
+                self.recorder.drop_staged(staging)
                 raise
             digest = hashing.result()
             if header.dataset_offset != incoming.hash_from:
                 # The file meta was not where the quick look put it: hash from the header's.
                 digest = dataset_digest(data, header.dataset_offset)
-            outcome = self._spool_and_record(header, data, digest, staging, calling_ae, source, actor)
+            outcome = self.recorder.record(header, data, digest, staging, calling_ae, source, actor)
         except Refused as refused:
             outcome = self._refuse(header, refused, actor, source)
         finally:
@@ -264,140 +260,6 @@ class InstanceStore:
         return outcome
 
     # -- internals -----------------------------------------------------------------
-    def _lock_for(self, sop_uid: str) -> threading.Lock:
-        return self._sop_locks[hash(sop_uid) % len(self._sop_locks)]
-
-    def _spool_and_record(
-        self, header: Header, data: bytes, digest: str, staging: Future[Path], calling_ae: str,
-        source: str, actor: str,
-    ) -> StoreOutcome:
-        """Spool and record one object under its SOP Instance UID's lock.
-
-        The lock (striped by UID) keeps two associations sending the same SOP Instance
-        UID at once from choosing the same version file. Within one session: read the
-        known versions and stage the rows while the file is being written (``staging``);
-        then give the file its final name, and commit only once it is durable.
-        Each attempt consumes its staged file (published or dropped).
-        """
-        current: Future[Path] | None = staging
-        with self._lock_for(header.sop_uid):
-            for attempt in range(_INSERT_RETRIES):
-                if current is None:
-                    current = self._io.submit(self.spool.stage, data)
-                try:
-                    return self._spool_and_record_once(
-                        header, data, digest, current, calling_ae, source, actor
-                    )
-                except IntegrityError:
-                    # A row appeared under us (another process, or a study/series race
-                    # on PostgreSQL): read again.
-                    if attempt + 1 == _INSERT_RETRIES:
-                        raise Refused(DATABASE_UNAVAILABLE, "instance row conflicts") from None
-                finally:
-                    current = None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _spool_and_record_once(
-        self, header: Header, data: bytes, digest: str, staging: Future[Path], calling_ae: str,
-        source: str, actor: str,
-    ) -> StoreOutcome:
-        # The file gets its final name (rename + directory fsync) once the version is
-        # known, and the rows are committed only after that.
-        staged: Path | None = None
-        written: Path | None = None
-        committed = False
-        try:
-            with self.session_factory() as session:
-                rows = known_versions(session, header.sop_uid)
-                same = [row for row in rows if row[1] == digest]
-                if same:
-                    return self._duplicate(session, header, same[0], actor, source)
-                version = max((int(row[0]) for row in rows), default=0) + 1
-                path = self.spool.path_for(
-                    header.study_uid, header.series_uid, header.sop_uid, version
-                )
-                filing = stage_rows(session, self._filed, header, len(data), digest, version,
-                                    path, calling_ae, source, actor)
-                session.flush()
-                try:
-                    staged = staging.result()
-                    written = self.spool.publish(
-                        staged, header.study_uid, header.series_uid, header.sop_uid, version
-                    )
-                except OSError as exc:
-                    raise Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
-                # The file is durable (fsynced, renamed, directory fsynced): commit.
-                session.commit()
-                committed = True
-        except (Refused, IntegrityError):
-            raise
-        except SQLAlchemyError as exc:
-            raise Refused(
-                DATABASE_UNAVAILABLE, f"database write failed: {type(exc).__name__}"
-            ) from None
-        finally:
-            if staged is None:
-                # Not yet collected (duplicate or an early failure): wait, then drop it.
-                try:
-                    staged = staging.result()
-                except OSError:
-                    staged = None
-                if staged is not None and written is None:
-                    self.spool.discard(staged)
-            if written is not None and not committed:
-                self._discard_unreferenced(written)
-        # Only after the commit: a rolled-back insert must not be cached.
-        self._filed.put(header.series_uid, filing)
-        log.debug(
-            "instance stored",
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            sop_uid=header.sop_uid,
-            version=version,
-            source=source,
-            bytes=len(data),
-        )
-        return StoreOutcome.success(header, version=version, path=written, duplicate=False)
-
-    def _duplicate(
-        self, session: Session, header: Header, row: Any, actor: str, source: str
-    ) -> StoreOutcome:
-        version, digest, path = int(row[0]), str(row[1]), str(row[2])
-        audit.record_now(
-            session,
-            "instance.duplicate",
-            actor=actor,
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            sop_uid=header.sop_uid,
-            version=version,
-            sha256=digest,
-            source=source,
-        )
-        session.commit()
-        log.debug("duplicate instance", sop_uid=header.sop_uid, version=version, source=source)
-        return StoreOutcome.success(header, version=version, path=Path(path), duplicate=True)
-
-    def _drop_staged(self, staging: Future[Path]) -> None:
-        """Wait for a staged file that will not be published, and delete it."""
-        try:
-            self.spool.discard(staging.result())
-        except OSError:
-            pass  # the write itself failed: nothing was left behind
-
-    def _discard_unreferenced(self, path: Path) -> None:
-        """Remove a spooled file whose row did not commit, unless a row references it."""
-        try:
-            with self.session_factory() as session:
-                referenced = session.execute(
-                    select(func.count()).select_from(Instance).where(Instance.path == str(path))
-                ).scalar_one()
-        except SQLAlchemyError:
-            log.warning("cannot check spooled file; keeping it", path=str(path))
-            return
-        if not referenced:
-            self.spool.remove(path)
-
     def _refuse(
         self, header: Header | None, refused: Refused, actor: str, source: str
     ) -> StoreOutcome:
