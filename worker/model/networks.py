@@ -250,14 +250,20 @@ class SequenceModel(nn.Module):
     CNN's own answer.
     """
 
-    def __init__(self, feature_dim: int, hidden: int = 96, cell: str = "gru", layers: int = 1, dropout: float = 0.3):
+    def __init__(self, feature_dim: int, hidden: int = 96, cell: str = "gru", layers: int = 1, dropout: float = 0.3,
+                 use_embedding: bool = True):
         super().__init__()
         if cell not in ("gru", "lstm"):
             raise ValueError(f"cell must be 'gru' or 'lstm', got {cell!r}")
         self.feature_dim = feature_dim
         self.cell = cell
         self.hidden = hidden
-        self.reduce = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim + N_CLASSES, hidden), nn.ReLU())
+        # Without the embedding the model reads only the CNN's probabilities, so it can be
+        # trained on out-of-fold CNN outputs (those of other folds' CNNs, whose embeddings
+        # do not share one space); the input keeps its [embedding, probabilities] shape.
+        self.use_embedding = use_embedding
+        width = (feature_dim if use_embedding else 0) + N_CLASSES
+        self.reduce = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, hidden), nn.ReLU())
         rnn = nn.GRU if cell == "gru" else nn.LSTM
         self.rnn = rnn(hidden, hidden, num_layers=layers, batch_first=True, bidirectional=True)
         correction = nn.Linear(2 * hidden + N_CLASSES, N_CLASSES)
@@ -268,7 +274,7 @@ class SequenceModel(nn.Module):
     def forward(self, sequence: torch.Tensor) -> torch.Tensor:
         probs = sequence[..., self.feature_dim :]
         cnn_logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
-        h, _ = self.rnn(self.reduce(sequence))
+        h, _ = self.rnn(self.reduce(sequence if self.use_embedding else probs))
         return cnn_logits + self.head(torch.cat([h, probs], dim=-1))
 
 

@@ -70,6 +70,10 @@ class TrainConfig:
     seq_epochs: int = 40
     seq_hidden: int = 96
     seq_cell: str = "gru"
+    #: False: the sequence model reads only the CNN probabilities (see `SequenceModel`)
+    seq_use_embedding: bool = True
+    #: sd of the Gaussian noise added to the CNN logits the sequence model trains on
+    seq_logit_jitter: float = 1.0
     val_fraction: float = 0.2
     seed: int = 0
     threads: int = 2
@@ -222,13 +226,13 @@ def train_sequence(
     """Stage 2: one series per step, RSNA-weighted BCE on every slice.
 
     The CNN is more confident on its own training series than on new ones, so the CNN logits
-    fed to the sequence model are jittered (Gaussian, sd 1) and the embeddings scaled by
+    fed to the sequence model are jittered (Gaussian, sd ``seq_logit_jitter``) and the embeddings scaled by
     N(1, 0.1) noise. The epoch with the lowest validation study-level RSNA log loss is kept
     (epoch 0 is the untrained residual, i.e. the CNN itself).
     """
     _seed(cfg.seed + 1)
     f = emb.shape[1]
-    model = SequenceModel(f, hidden=cfg.seq_hidden, cell=cfg.seq_cell)
+    model = SequenceModel(f, hidden=cfg.seq_hidden, cell=cfg.seq_cell, use_embedding=cfg.seq_use_embedding)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     rng = np.random.default_rng(cfg.seed + 1)
     seqs = [sequence_tensor(emb, logits, cache, i) for i in train_idx]
@@ -245,7 +249,7 @@ def train_sequence(
         for k in rng.permutation(len(seqs)):
             e = seqs[k][..., :f]
             e = e * (1 + 0.1 * torch.randn_like(e))
-            p = torch.sigmoid(cnn_logits[k] + torch.randn_like(cnn_logits[k]))
+            p = torch.sigmoid(cnn_logits[k] + cfg.seq_logit_jitter * torch.randn_like(cnn_logits[k]))
             loss = rsna_bce(model(torch.cat([e, p], -1)).reshape(-1, N_CLASSES), ys[k].reshape(-1, N_CLASSES))
             opt.zero_grad(set_to_none=True)
             loss.backward()
