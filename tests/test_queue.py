@@ -12,10 +12,11 @@ from kombu.exceptions import OperationalError
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from tests.node_process import WorkerProcess
 from tests.pipeline_helpers import ProbeWorker, add_series, database_url, session_factory  # noqa: F401
 from triage_node.config import load_settings
 from triage_node.db.models import AuditEvent, Job, JobState, Series, Study
-from triage_node.peers import free_port
+from triage_node.peers import free_port, wait_until
 from triage_node.queue import (
     QUEUE_ROUTINE,
     QUEUE_STAT,
@@ -126,6 +127,30 @@ def test_broker_down_leaves_the_job_queued_and_the_reconciler_sends_it_later(
         assert enqueued.detail["reconciled"] is True
     # Nothing left to send: a second run does nothing.
     assert reconcile_queued_jobs(session_factory, make_client(settings), older_than=1) == []
+
+
+def test_the_beat_is_the_one_schedule_that_sends_a_job_the_broker_never_took(
+    tmp_path, database_url, session_factory, redis_server
+):
+    # No node runs here, only a worker with its embedded beat: the sweep needs nothing else.
+    job_id = _queued_job(session_factory)  # committed 5 minutes ago, never reached the broker
+    (tmp_path / "data").mkdir()
+    worker = WorkerProcess({"TRIAGE_DATA_DIR": str(tmp_path / "data"), "TRIAGE_DATABASE_URL": database_url,
+                            "TRIAGE_BROKER_URL": redis_server.url, "TRIAGE_RECONCILE_INTERVAL_S": "1"},
+                           tmp_path / "worker.log")
+
+    def reconciled() -> list[AuditEvent]:
+        with session_factory() as session:
+            return [e for e in session.scalars(select(AuditEvent).where(
+                AuditEvent.action == "job.enqueued", AuditEvent.job_id == job_id)) if e.detail.get("reconciled")]
+
+    try:
+        worker.start()
+        wait_until(lambda: bool(reconciled()), "the beat's sweep sends the job", timeout=60, interval=0.5,
+                   process=worker.process, log=tmp_path / "worker.log")
+    finally:
+        worker.stop()
+    assert len(reconciled()) == 1  # sent once, however many sweeps ran
 
 
 def test_reconciler_leaves_young_and_non_queued_jobs_alone(tmp_path, session_factory):

@@ -114,15 +114,16 @@ def _unbind_task(**_: Any) -> None:
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
-    """Periodic tasks of the embedded beat: due deliveries every few seconds (when there
-    are destinations; HL7 messages when there is a RIS), jobs of vanished workers every minute,
-    and the retention cleaner every ``retention_interval_s`` (when enabled)."""
+    """Periodic tasks of the beat: the sweep of stuck jobs every ``reconcile_interval_s``,
+    due deliveries every few seconds (when there are destinations; HL7 messages when there
+    is a RIS), and the retention cleaner every ``retention_interval_s`` (when enabled)."""
     every = max(1.0, min(float(settings.delivery_backoff_base_s), 5.0))
     schedule: dict[str, Any] = {
-        "requeue-stale": {
-            "task": "worker.requeue_stale",
-            "schedule": 60.0,
-            "options": {"queue": QUEUE_ROUTINE, "expires": 120.0},
+        "reconcile": {
+            "task": "worker.reconcile",
+            "schedule": settings.reconcile_interval_s,
+            # a late sweep is replaced by the next one, never stacked behind it
+            "options": {"queue": QUEUE_ROUTINE, "expires": settings.reconcile_interval_s},
         }
     }
     if settings.destinations:

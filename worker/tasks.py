@@ -9,8 +9,10 @@
 ``worker.deliver_due()``
     Delivers outbox items whose next attempt is due (retries with backoff); run
     periodically by the worker's embedded beat and right after each job.
-``worker.requeue_stale()``
-    Sends again jobs left ``running`` by a vanished worker; run every minute by beat.
+``worker.reconcile()``
+    The sweep of stuck jobs (`triage_node.jobs.sweep`): jobs left ``running`` by a
+    vanished worker, ``queued`` jobs the broker never took, and jobs the broker lost;
+    run every ``reconcile_interval_s`` by the beat, the only schedule that moves them.
 ``worker.notify_job(job_id)``
     Webhooks and the HL7 priority update for a positive result or a failed job
     (:func:`triage_node.notify.notify_job`), and the HL7 ORU^R01 of every result
@@ -133,19 +135,21 @@ def deliver_hl7_due() -> dict[str, int]:
     return deliver(ctx.session_factory, ctx.settings).as_dict()
 
 
-@app.task(name="worker.requeue_stale", ignore_result=True)
-def requeue_stale() -> list[int]:
-    """Send again jobs whose worker vanished mid-run (the ``stale`` step of `triage_node.jobs.sweep`)."""
-    from triage_node.jobs.sweep import STALE, sweep
+@app.task(name="worker.reconcile", ignore_result=True)
+def reconcile() -> dict[str, int]:
+    """Every step of `triage_node.jobs.sweep.sweep`: stale, never sent, lost."""
+    from triage_node.jobs.sweep import sweep
     from triage_node.queue import JobEnqueuer, make_client
     from worker.pipeline.context import get_context
 
     ctx = get_context()
     client = make_client(ctx.settings)
     try:
-        return sweep(JobEnqueuer(ctx.session_factory, client), ctx.settings, steps=(STALE,)).requeued
+        report = sweep(JobEnqueuer(ctx.session_factory, client), ctx.settings)
     finally:
         client.close()
+    return {"requeued": len(report.requeued), "sent": sum(o.sent for o in report.sent),
+            "resent": sum(r.sent for r in report.resent)}
 
 
 @app.task(name="worker.retention", acks_late=True, ignore_result=True)

@@ -16,9 +16,7 @@ from triage_node.db import audit, schema
 from triage_node.db.session import make_engine, make_sessionmaker
 from triage_node.ingest.scp import StorageSCP
 from triage_node.ingest.store import InstanceStore
-from triage_node.jobs.sweep import Reconciler
 from triage_node.logs import get_logger
-from triage_node.queue import make_client
 from triage_node.routing import with_routing
 from triage_node.studies.completeness import CompletenessTracker
 
@@ -104,7 +102,6 @@ def serve(
     signal.signal(signal.SIGINT, _on_signal)
 
     api: _ApiServer | None = None
-    reconciler: Reconciler | None = None
     try:
         try:
             scp.start()
@@ -116,8 +113,6 @@ def serve(
             )
             raise typer.Exit(2) from None
         tracker.run_in_thread()
-        # Jobs lost by the broker (Redis restarted) or by a SIGKILLed worker.
-        reconciler = Reconciler(session_factory, make_client(settings)).run_in_thread()
         if not no_api:
             api = _ApiServer(settings, session_factory, store, tracker).start()
             log.info("HTTP API started", host=settings.http_host, port=settings.http_port)
@@ -130,8 +125,6 @@ def serve(
             api.stop()
         scp.stop()
         tracker.stop()
-        if reconciler is not None:
-            reconciler.stop()
         audit.flush_refusals()  # the counts of refusal windows still open
         engine.dispose()
         log.info("stopped")

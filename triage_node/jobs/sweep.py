@@ -15,17 +15,17 @@ A job can get stuck three ways, and `sweep` has one step for each:
     holds: Redis restarted without persistence, or the whole worker was SIGKILLed
     (`triage_node.reconcile.resend_lost_jobs`, ``job.reenqueued``). The state is kept.
 
-Each host runs the steps it always ran, on its own schedule: the worker's embedded beat
-``stale`` every minute (``worker.requeue_stale``); the node's `Reconciler` thread
-``unsent`` and ``lost`` every minute; the completeness timer ``unsent`` at its own
-interval, so that jobs left by a broker outage go out soon after it ends. The steps are
-safe to run from several processes at once: a state change is a guarded UPDATE
+One scheduler runs all three: the beat (`worker.celery_app.beat_schedule`) sends
+``worker.reconcile`` every ``reconcile_interval_s``, and whichever worker takes it runs
+`sweep` with every step. There is one beat per site however many workers and listeners
+run (compose runs it as its own service; the demo's worker embeds it), so there is one
+loop and one schedule. The steps are still safe to run from several processes at once (a
+second beat by mistake, a manual run): a state change is a guarded UPDATE
 (`triage_node.jobs.transitions`), and only the process that won it sends the job.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -49,6 +49,10 @@ STALE, UNSENT, LOST = "stale", "unsent", "lost"
 STEPS = (STALE, UNSENT, LOST)
 #: Seconds past the task's hard time limit before a running job counts as stale.
 STALE_MARGIN_S = 60
+#: ``unsent``: a queued job this old was not sent when it was committed (broker down).
+UNSENT_AFTER_S = 30
+#: ``lost``: jobs sent or started this recently are left alone (a worker may be about to ack).
+LOST_GRACE_S = 120
 
 
 def requeue_stale(
@@ -103,8 +107,8 @@ def sweep(
     settings: Settings | None = None,
     *,
     steps: Iterable[str] = STEPS,
-    unsent_after: timedelta | float = 30.0,
-    grace: timedelta | float = 60.0,
+    unsent_after: timedelta | float = UNSENT_AFTER_S,
+    grace: timedelta | float = LOST_GRACE_S,
     inspect_timeout: float = 1.0,
     now: datetime | None = None,
     actor: str = "worker",
@@ -145,47 +149,3 @@ def sweep(
               if LOST in chosen else [])
     return SweepReport(requeued, sent, resent)
 
-
-class Reconciler:
-    """The node's sweep (``unsent`` and ``lost``) every ``interval`` seconds in a daemon thread.
-
-    Parameters
-    ----------
-    session_factory : sessionmaker
-    client : Celery
-        From `triage_node.queue.make_client`.
-    interval : float
-        Seconds between rounds.
-    grace : float
-        Passed to `sweep` as ``unsent_after`` and ``grace``.
-    """
-
-    def __init__(self, session_factory: sessionmaker[Session], client: Any,
-                 interval: float = 60.0, grace: float = 120.0) -> None:
-        self.enqueuer = JobEnqueuer(session_factory, client)
-        self.interval = interval
-        self.grace = grace
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def run_once(self) -> list[Resent]:
-        report = sweep(self.enqueuer, steps=(UNSENT, LOST), unsent_after=self.grace,
-                       grace=self.grace)
-        return report.resent
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - keep the thread alive; the next round retries
-                log.exception("reconcile.round_failed")
-
-    def run_in_thread(self) -> Reconciler:
-        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)

@@ -40,6 +40,10 @@ class InferenceSettings(BaseModel):
     task_time_limit_s: int = Field(
         300, ge=10, description="Hard time limit of one triage task; the soft limit is 30 s less"
     )
+    reconcile_interval_s: float = Field(
+        30.0, ge=1.0, le=3600.0,
+        description="Seconds between the beat's sweeps of stuck jobs (stale, never sent, lost by the broker)",
+    )
     worker_concurrency: int = Field(
         1, ge=1, le=32, description="Worker processes of `triage-node worker` (each loads the models)"
     )

@@ -50,7 +50,6 @@ from triage_node.db.models import (
 )
 from triage_node.db.session import transaction
 from triage_node.jobs import create_version
-from triage_node.jobs.sweep import UNSENT, sweep
 from triage_node.logs import get_logger
 from triage_node.queue import JobEnqueuer, choose_queue, make_client
 from triage_node.studies.fast_path import SeriesStats, fast_path_complete, series_stats
@@ -95,9 +94,6 @@ class CompletenessTracker:
         default a `JobEnqueuer` on `make_client(settings)`.
     rules : SelectionRules, optional
         Default: loaded from ``settings.selection_rules`` (or the shipped file).
-    reconcile_interval : float
-        Seconds between runs of the sweep's ``unsent`` step (`triage_node.jobs.sweep`) in the
-        timer thread.
     """
 
     def __init__(
@@ -107,13 +103,11 @@ class CompletenessTracker:
         enqueuer: Enqueuer | None = None,
         *,
         rules: SelectionRules | None = None,
-        reconcile_interval: float = 30.0,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.enqueuer: Enqueuer = enqueuer or JobEnqueuer(session_factory, make_client(settings))
         self._rules = rules
-        self.reconcile_interval = reconcile_interval
         self._pending: dict[str, float] = {}
         self._pending_lock = threading.Lock()
         self._complete_lock = threading.Lock()
@@ -204,7 +198,7 @@ class CompletenessTracker:
         return found
 
     def run_in_thread(self, interval: float = 0.25) -> threading.Thread:
-        """Start the timer thread (stability checks, reconciling unsent jobs)."""
+        """Start the timer thread (stability checks; jobs the broker did not take are the beat's `worker.reconcile`)."""
         if self._thread is not None and self._thread.is_alive():
             return self._thread
         self._stop.clear()
@@ -222,13 +216,9 @@ class CompletenessTracker:
 
     def _loop(self, interval: float) -> None:
         self.recover()
-        next_reconcile = time.monotonic() + self.reconcile_interval
         while not self._stop.wait(interval):
             try:
                 self.check_stable()
-                if isinstance(self.enqueuer, JobEnqueuer) and time.monotonic() >= next_reconcile:
-                    next_reconcile = time.monotonic() + self.reconcile_interval
-                    sweep(self.enqueuer, steps=(UNSENT,), unsent_after=self.reconcile_interval)
             except Exception:  # noqa: BLE001 - the timer must survive a database hiccup
                 log.exception("completeness.timer_error")
 
