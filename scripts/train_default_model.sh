@@ -4,6 +4,7 @@
 #   scripts/train_default_model.sh CTICH_DIR [WORK_DIR]
 #   MAX_MINUTES= EPOCHS=32 scripts/train_default_model.sh CTICH_DIR [WORK_DIR]   # by epochs, not time
 #   BACKBONE=efficientnet-lite0 LR=1e-3 MAX_MINUTES= EPOCHS=8 scripts/train_default_model.sh ...
+#   SEQ_OUT_OF_FOLD=1 ... # the sequence model learns from the folds' out-of-fold CNN outputs
 #
 # A time budget (MAX_MINUTES, default 10 per CNN) gives a shorter schedule on a busier
 # machine; with MAX_MINUTES empty the one-cycle schedule runs over EPOCHS, so the result
@@ -49,7 +50,7 @@ t_data=$(date +%s)
 $TN train --data "$CTICH" --format physionet-ich --out "$WORK/run" --resume \
   --backbone "$BACKBONE" --variant adjacent --window brain_wide --crop head --size 128 \
   --synth-data "$WORK/synth-train" --synth-share 0.15 --positive-oversample 3 \
-  --cv "$FOLDS" "${BUDGET[@]}" --epochs "$EPOCHS" --batch-size 32 --lr "$LR" --seq-epochs 20 --seed 0 --threads 2 \
+  --cv "$FOLDS" ${SEQ_OUT_OF_FOLD:+--seq-out-of-fold} "${BUDGET[@]}" --epochs "$EPOCHS" --batch-size 32 --lr "$LR" --seq-epochs 20 --seed 0 --threads 2 \
   --report-dir docs/model --export-dir deploy/triton \
   --data-description "PhysioNet CT-ICH 1.0.0 (82 patients, CC BY 4.0) + 48 synthetic phantom studies (seed 11)" \
   2>&1 | tee "$WORK/train.log"

@@ -96,3 +96,32 @@ def test_a_probabilities_only_sequence_model_ignores_the_embedding():
     y[..., :5] = torch.rand(1, 7, 5)
     with torch.no_grad():
         torch.testing.assert_close(seq(x), seq(y))
+
+
+def test_cross_validation_and_the_shipped_model_use_the_out_of_fold_sequence_model(tmp_path):
+    import onnxruntime as ort
+
+    from triage_node.synth import write_dataset
+    from worker.inference.card import load_model_card
+    from worker.model.crossval import cross_validate
+    from worker.model.train import TrainConfig, fit
+
+    data = tmp_path / "synth"
+    write_dataset(data, 8, 5, positive_fraction=0.5, rows=256, components=("axial",))
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(data), out=str(run), backbone="resnet-lite", size=32, epochs=1, batch_size=16,
+                      seq_epochs=2, seed=0, seq_out_of_fold=True, cache_dir=str(run / "cache"))
+    cross_validate(cfg, folds=2, n_boot=20)
+    pooled = np.load(run / "cv" / "predictions.npz")
+    own = np.concatenate([np.load(run / "cv" / f"fold_{k}.npz")["slice_seq"] for k in range(2)])
+    assert pooled["slice_seq"].shape == own.shape and not np.allclose(pooled["slice_seq"], own)
+
+    fit(TrainConfig(**{**cfg.__dict__, "val_fraction": 0.0, "ops_from": str(run / "cv" / "report.json")}))
+    card = load_model_card(run / "triton")
+    assert card.training["config"]["seq_out_of_fold"] is True
+    # served with the usual [embedding, probabilities] input, it reads only the probabilities
+    sess = ort.InferenceSession(str(run / "triton" / "models" / "ich_sequence" / "1" / "model.onnx"))
+    x = np.random.default_rng(0).uniform(0, 1, (1, 5, card.embedding_dim + len(CLASSES))).astype(np.float32)
+    y = x.copy()
+    y[..., : card.embedding_dim] = 0
+    np.testing.assert_allclose(sess.run(["logits"], {"sequence": x})[0], sess.run(["logits"], {"sequence": y})[0], atol=1e-5)

@@ -73,6 +73,7 @@ def train(
     lr: float = typer.Option(2e-3, help="Peak learning rate (one-cycle)."),
     seq_epochs: int = typer.Option(40, help="Sequence-model epochs."),
     seq_cell: str = typer.Option("gru", help="gru | lstm"),
+    seq_out_of_fold: bool = typer.Option(False, "--seq-out-of-fold", help="With --cv: the sequence model learns from the folds' out-of-fold CNN outputs (reads only the CNN probabilities)."),
     val_fraction: float = typer.Option(0.2, help="Fraction of patients held out for validation (operating points)."),
     seed: int = typer.Option(0, help="Random seed."),
     threads: int = typer.Option(2, help="torch CPU threads."),
@@ -94,7 +95,7 @@ def train(
 
     cfg = TrainConfig(
         data=str(data), out=str(out), fmt=fmt, backbone=backbone, variant=variant, size=size, epochs=epochs,
-        batch_size=batch_size, lr=lr, seq_epochs=seq_epochs, seq_cell=seq_cell, val_fraction=val_fraction, seed=seed,
+        batch_size=batch_size, lr=lr, seq_epochs=seq_epochs, seq_cell=seq_cell, seq_out_of_fold=seq_out_of_fold, val_fraction=val_fraction, seed=seed,
         threads=threads, device=device, max_minutes=max_minutes or None, resume=resume,
         labels_csv=str(labels_csv) if labels_csv else None, export_dir=str(export_dir) if export_dir else None,
         data_description=data_description, windows=tuple(window or DEFAULT_WINDOWS), crop=crop,

@@ -135,6 +135,10 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, n_boot: int = 1000, progres
     _, cache = training_cache(replace(cfg, cache_dir=cfg.cache_dir or str(run / "cache")), run)
     fold_sets = patient_folds(cache, folds, cfg.seed)
     results = [run_fold(cfg, cache, k, test, cv_dir, progress) for k, test in enumerate(fold_sets)]
+    if cfg.seq_out_of_fold:
+        from worker.model.stacking import with_stacked_sequence
+
+        results = with_stacked_sequence(run, results, cfg)
     pred = pooled(cache, results)
     y, p = pred["study_y"], pred["study_seq"]
     per_fold_auc = [M.roc_auc(y[pred["fold"] == k, 0], p[pred["fold"] == k, 0]) for k in range(folds)]
@@ -193,7 +197,9 @@ def render_markdown(rep: dict, cfg: TrainConfig, command: str, datasets: list[di
         f"{cfg.positive_oversample}x; synthetic studies {'added to every training fold at ' + str(int(cfg.synth_share * 100)) + ' % of the samples' if cfg.synth_data else 'not used'}; "
         "augmentation: mirror, rotation ±15°, zoom ±12 %, shift ±6 %, window level/width and gamma jitter, "
         "blur, noise, thin-slice neighbours (`worker/model/augment.py`). Sequence model: bidirectional GRU, "
-        f"{cfg.seq_epochs} epochs, no early stopping (no fold looks at its test patients).",
+        f"{cfg.seq_epochs} epochs, no early stopping (no fold looks at its test patients)"
+        + ("; it reads only the CNN probabilities and, for each fold, learns from the other folds' out-of-fold CNN "
+           "outputs (`worker/model/stacking.py`)." if cfg.seq_out_of_fold else "."),
         "- Thresholds: each fold's patients are judged at thresholds chosen on the other folds' out-of-fold "
         "predictions; the shipped thresholds are chosen on all of them. High-sensitivity point: best specificity "
         "with sensitivity >= 0.90; balanced: highest Youden index with sensitivity >= 0.85.",

@@ -19,7 +19,7 @@ left out of this stage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,14 @@ import torch
 from triage_node import CLASSES
 from worker.model import metrics as M
 from worker.model.data import CachedSet, load_cache, subset_slices
-from worker.model.networks import SliceCNN
+from worker.model.networks import SequenceModel, SliceCNN
 from worker.model.series_eval import series_probs
 from worker.model.train import TrainConfig, train_sequence
+
+#: The stacked sequence model's size and the noise on its inputs; decided before the
+#: cross-validation that measured it (`scripts/stacking_cv.py`, variant ``stacked``).
+STACKED_HIDDEN = 32
+STACKED_JITTER = 0.5
 
 
 @dataclass
@@ -103,8 +108,8 @@ def mirrored_logits(run: str | Path, oof: OutOfFold) -> np.ndarray:
     return out
 
 
-def stacked_cv(oof: OutOfFold, logits: np.ndarray | None = None, *, epochs: int = 20, hidden: int = 32,
-               jitter: float = 0.5, seed: int = 0) -> dict[int, np.ndarray]:
+def stacked_cv(oof: OutOfFold, logits: np.ndarray | None = None, *, epochs: int = 20, hidden: int = STACKED_HIDDEN,
+               jitter: float = STACKED_JITTER, seed: int = 0) -> dict[int, np.ndarray]:
     """Slice probabilities of every real series from a sequence model trained on the other folds."""
     logits = oof.logits if logits is None else logits
     no_embedding = np.zeros((logits.shape[0], 0), np.float32)
@@ -117,6 +122,27 @@ def stacked_cv(oof: OutOfFold, logits: np.ndarray | None = None, *, epochs: int 
         probs, _ = series_probs(seq, no_embedding, logits, oof.cache, test_idx)
         out.update(zip(test_idx, probs, strict=True))
     return out
+
+
+def with_stacked_sequence(run: str | Path, results: list[dict], cfg: TrainConfig) -> list[dict]:
+    """The folds' results with ``slice_seq`` from `stacked_cv` instead of each fold's own sequence model."""
+    stacked = stacked_cv(load_out_of_fold(run), epochs=cfg.seq_epochs, seed=cfg.seed)
+    return [{**r, "slice_seq": np.concatenate([stacked[int(i)] for i in r["test"]])} for r in results]
+
+
+def final_sequence_model(cfg: TrainConfig, run: str | Path, feature_dim: int) -> tuple[SequenceModel, list[float]]:
+    """The shipped sequence model: trained on every real patient's out-of-fold CNN outputs.
+
+    It is served behind the final CNN with the usual ``[embedding, probabilities]`` input
+    (``feature_dim`` wide), of which it reads only the probabilities.
+    """
+    oof = load_out_of_fold(run)
+    stacked_cfg = replace(cfg, seq_hidden=STACKED_HIDDEN, seq_logit_jitter=STACKED_JITTER, seq_use_embedding=False)
+    no_embedding = np.zeros((oof.logits.shape[0], 0), np.float32)
+    model, history = train_sequence(stacked_cfg, no_embedding, oof.logits, oof.cache, sorted(oof.fold_of))
+    served = SequenceModel(feature_dim, hidden=STACKED_HIDDEN, cell=cfg.seq_cell, use_embedding=False)
+    served.load_state_dict(model.state_dict())
+    return served.eval(), history
 
 
 def cnn_probs(oof: OutOfFold, logits: np.ndarray | None = None) -> dict[int, np.ndarray]:

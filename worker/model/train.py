@@ -74,6 +74,8 @@ class TrainConfig:
     seq_use_embedding: bool = True
     #: sd of the Gaussian noise added to the CNN logits the sequence model trains on
     seq_logit_jitter: float = 1.0
+    #: with ``--cv``: the sequence model learns from the folds' out-of-fold CNN outputs (`worker.model.stacking`)
+    seq_out_of_fold: bool = False
     val_fraction: float = 0.2
     seed: int = 0
     threads: int = 2
@@ -306,7 +308,14 @@ def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Call
     cnn, cnn_hist = train_cnn(cfg, cache, train_idx, run, progress)
     torch.save(cnn.state_dict(), run / "cnn_final.pt")
     emb, logits = extract(cnn, cache, progress=progress)
-    seq, seq_hist = train_sequence(cfg, emb, logits, cache, train_idx, val_idx, progress)
+    if cfg.seq_out_of_fold:
+        if not cfg.ops_from:
+            raise ValueError("seq_out_of_fold needs a cross-validation run (--cv) to learn from")
+        from worker.model.stacking import final_sequence_model
+
+        seq, seq_hist = final_sequence_model(cfg, run, cnn.feature_dim)
+    else:
+        seq, seq_hist = train_sequence(cfg, emb, logits, cache, train_idx, val_idx, progress)
     torch.save(seq.state_dict(), run / "sequence_final.pt")
 
     if val_idx:
