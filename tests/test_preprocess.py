@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, RLELossless
 
+from triage_node.synth.ct_series import ct_slice_dataset
 from worker.pipeline.preprocess import (
     WINDOWS,
     SeriesError,
@@ -31,30 +32,13 @@ def ct_slice(
     sop_class_in_dataset=True,
     series_uid="1.2.3.4",
 ) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    if sop_class_in_dataset:
-        ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.SeriesInstanceUID = series_uid
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    ds.RescaleSlope = 1
-    ds.RescaleIntercept = intercept
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.ImageOrientationPatient = list(orientation)
-    ds.ImagePositionPatient = [float(v) for v in position]
-    ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
+    ds = ct_slice_dataset(
+        stored.astype(np.int16 if signed else np.uint16), study_uid="1.2.3", series_uid=series_uid,
+        instance_number=1, position=[float(v) for v in position], orientation=list(orientation),
+        slice_thickness=None, bits_stored=bits_stored, intercept=intercept,
+    )
+    if not sop_class_in_dataset:  # de-identified exports keep it only in the file meta
+        del ds.SOPClassUID
     return ds
 
 

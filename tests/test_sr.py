@@ -9,11 +9,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from triage_node import CLASSES
 from triage_node.peers import dciodvfy
+from triage_node.synth.ct_series import ct_slice_dataset
 from worker.pipeline.inference_core import StudyPrediction
 from worker.pipeline.overlay import build_overlays, overlay_keys, select_key_slices
 from worker.pipeline.sr import ReportError, build_sr
@@ -42,14 +43,15 @@ def make_ct_series(n: int = 8, size: int = 64, deidentified: bool = False, rows:
     rows = rows or size
     out = []
     for z in range(n):
-        sop = generate_uid()
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        if not deidentified:
-            ds.SOPClassUID = CTImageStorage
+        img = np.full((rows, size), 1024 + 35, dtype=np.int16)
+        if z in (3, 4):
+            img[rows // 3 : rows // 2, size // 4 : size // 2] = 1024 + 75
+        ds = ct_slice_dataset(img, study_uid=study, series_uid=series, frame_uid=frame, instance_number=z + 1,
+                              position=[-64.0, -64.0, 5.0 * z])
+        ds.SeriesNumber = 2
+        if deidentified:
+            del ds.SOPClassUID
+        else:
             ds.PatientName = "DOE^JANE"
             ds.PatientID = "PID0001234"
             ds.PatientBirthDate = "19600101"
@@ -59,26 +61,6 @@ def make_ct_series(n: int = 8, size: int = 64, deidentified: bool = False, rows:
             ds.AccessionNumber = "ACC42"
             ds.ReferringPhysicianName = "WHO^DR"
             ds.StudyID = "7"
-        ds.SOPInstanceUID = sop
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.FrameOfReferenceUID = frame
-        ds.Modality = "CT"
-        ds.SeriesNumber = 2
-        ds.InstanceNumber = z + 1
-        ds.ImagePositionPatient = [-64.0, -64.0, 5.0 * z]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [0.5, 0.5]
-        ds.SliceThickness = 5.0
-        ds.Rows, ds.Columns = rows, size
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        img = np.full((rows, size), 1024 + 35, dtype=np.int16)
-        if z in (3, 4):
-            img[rows // 3 : rows // 2, size // 4 : size // 2] = 1024 + 75
-        ds.PixelData = img.tobytes()
         out.append(ds)
     return out
 
