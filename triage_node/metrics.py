@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from triage_node import __version__
 from triage_node.config import Settings
 from triage_node.db.models import Job, JobState, Result
+from triage_node.timeutil import utcnow
 
 #: Stage latencies inside the node, in seconds.
 STAGE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
@@ -123,7 +124,7 @@ def positive_rate_metrics(
     One query over the results written in the window (bounded by the day's volume, not
     by the table). Results of superseded jobs are left out, so a study counts once.
     """
-    now = now or datetime.now(UTC)
+    now = now or utcnow()
     rows = session.scalars(
         select(Result.decisions).join(Job, Job.id == Result.job_id)
         .where(Result.created_at >= now - RATE_WINDOW, Job.state == JobState.done.value)

@@ -35,6 +35,7 @@ from triage_node.db.models import Instance, Job, JobState, Series, Study
 from triage_node.db.session import transaction
 from triage_node.jobs.transitions import retry_job
 from triage_node.logs import get_logger
+from triage_node.timeutil import utcnow
 
 log = get_logger(__name__)
 
@@ -217,7 +218,7 @@ class JobEnqueuer:
                     error=error[:500], left_queued_for="reconciler",
                 )
             return EnqueueOutcome(job_id, sent=False, error=error)
-        enqueued_at = datetime.now(UTC)
+        enqueued_at = utcnow()
         with transaction(self.session_factory) as session:
             job = session.get(Job, job_id)
             if job is None:  # removed (retention) after it was sent: the worker finds no job to run
@@ -287,7 +288,7 @@ def reconcile_queued_jobs(
     list of EnqueueOutcome
     """
     enqueuer = client if isinstance(client, JobEnqueuer) else JobEnqueuer(session_factory, client)
-    now = datetime.now(UTC)
+    now = utcnow()
     cutoff = now - _delta(older_than)
     with session_factory() as session:
         query = select(Job.id).where(Job.state == JobState.queued)

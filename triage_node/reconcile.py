@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from triage_node.db.models import Job, JobState, Series, Study
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
 from triage_node.queue import enqueue_job, reconcile_queued_jobs
+from triage_node.timeutil import utcnow
 
 log = get_logger(__name__)
 
@@ -151,7 +152,7 @@ class Resent:
 
 def lost_job_candidates(session: Session, grace: timedelta) -> list[Job]:
     """Jobs sent (``queued``) or started (``running``) longer than ``grace`` ago."""
-    cutoff = datetime.now(UTC) - grace
+    cutoff = utcnow() - grace
     return list(session.scalars(
         select(Job).where(or_(
             (Job.state == JobState.queued) & Job.enqueued_at.is_not(None) & (Job.enqueued_at <= cutoff),
@@ -243,7 +244,7 @@ def _resend(session_factory: sessionmaker[Session], client: Celery, job_id: int,
             log.warning("reconcile.resent_gone", job_id=job_id, task_id=task_id)
             return Resent(job_id, version, state, old_task, task_id)
         job.task_id = task_id
-        job.enqueued_at = datetime.now(UTC)
+        job.enqueued_at = utcnow()
         series = session.get(Series, job.series_id)
         study = session.get(Study, job.study_id)
         audit.record(

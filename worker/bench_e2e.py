@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import numpy as np
 from triage_node.bench.benchmarks_md import update_benchmarks_md
 from triage_node.config import REPO_ROOT, load_settings
 from triage_node.logs import get_logger
+from triage_node.timeutil import utcnow
 from worker.bench_scale import SCALE_JSON_PATH, run_scale_benchmark
 from worker.bench_site import BenchSite, make_studies
 
@@ -102,7 +103,7 @@ def _bench_backend(backend: str, studies: list[tuple[str, list[Path]]], repeats:
             with lock:
                 acked_at[uid] = at
 
-        t0 = datetime.now(UTC)
+        t0 = utcnow()
         threads = [threading.Thread(target=send, args=item) for item in batch]
         for t in threads:
             t.start()
@@ -193,7 +194,7 @@ def run_e2e_benchmark(
             for b in backends
         }
     out: dict[str, Any] = {
-        "when_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "when_utc": utcnow().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "model": {"name": card.name, "version": card.version, "backbone": card.backbone,
                   "input_size": card.input_size},

@@ -12,11 +12,11 @@ import platform
 import tempfile
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from triage_node.config import REPO_ROOT, load_settings
+from triage_node.timeutil import utcnow
 from worker.bench_site import BenchSite, make_studies
 
 __all__ = ["SCALE_JSON_PATH", "run_scale_benchmark"]
@@ -57,7 +57,7 @@ def run_scale_benchmark(
                     site.send(files)
                 site.wait_sr([uid for uid, _ in warm], timeout=240)
                 batch = all_studies[max(workers): max(workers) + studies]
-                t0 = datetime.now(UTC)
+                t0 = utcnow()
                 threads = [threading.Thread(target=site.send, args=(files,)) for _, files in batch]
                 for t in threads:
                     t.start()
@@ -79,7 +79,7 @@ def run_scale_benchmark(
                     triton.stop()
     base = rows[str(workers[0])]["studies_per_min"]
     return {
-        "when_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "when_utc": utcnow().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "backend": backend,
         "study": {"rows": 512, "slices": slices, "series": "axial only"},

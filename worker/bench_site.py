@@ -17,7 +17,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from triage_node.config import load_settings
 from triage_node.logs import get_logger
+from triage_node.timeutil import utcnow
 
 __all__ = ["BenchSite", "make_studies"]
 
@@ -90,11 +91,11 @@ class BenchSite:
 
         if shutil.which("storescu") is None:
             send_files(files, "127.0.0.1", self.dicom_port, self.node_ae)
-            return datetime.now(UTC)
+            return utcnow()
         # "-x=" is storescu's own default proposal, stated so that no file is read for one.
         proc = storescu(files, "127.0.0.1", self.dicom_port, self.node_ae, calling_aet="BENCH_CT",
                         extra_args=("-x=",), timeout=300)
-        at = datetime.now(UTC)
+        at = utcnow()
         if proc.returncode != 0:
             raise DemoError(f"storescu exited with {proc.returncode}: {(proc.stdout + proc.stderr)[-500:]}")
         return at

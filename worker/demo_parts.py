@@ -27,6 +27,7 @@ import pydicom
 
 from triage_node.dicom_status import StoreStatus
 from triage_node.peers.process import free_port
+from triage_node.timeutil import utcnow
 
 __all__ = [
     "NODE_AE",
@@ -78,7 +79,7 @@ class LocalPACS:
         ds.save_as(path, enforce_file_format=True)
         with self._lock:
             self.received[str(ds.SOPInstanceUID)] = path
-            self.accepted_at[str(ds.SOPInstanceUID)] = datetime.now(UTC)
+            self.accepted_at[str(ds.SOPInstanceUID)] = utcnow()
         return 0x0000  # Success (PS3.4 Annex B.2.3)
 
     def start(self) -> LocalPACS:

@@ -38,7 +38,6 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlencode
@@ -54,6 +53,7 @@ from triage_node.db import audit
 from triage_node.db.models import ApiToken
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
+from triage_node.timeutil import utcnow
 
 log = get_logger(__name__)
 
@@ -147,7 +147,7 @@ def create_token(
         raise ValueError("token name must be 1-64 characters")
     token = new_token()
     row = ApiToken(name=name, role=role.value, token_hash=hash_token(settings, token),
-                   created_at=datetime.now(UTC))
+                   created_at=utcnow())
     session.add(row)
     session.flush()
     audit.record(session, "token.created", actor=actor, token_id=row.id, name=name,
@@ -160,7 +160,7 @@ def revoke_token(session: Session, token_id: int, *, actor: str = "cli") -> bool
     row = session.get(ApiToken, token_id)
     if row is None or row.revoked_at is not None:
         return False
-    row.revoked_at = datetime.now(UTC)
+    row.revoked_at = utcnow()
     audit.record(session, "token.revoked", actor=actor, token_id=row.id, name=row.name)
     return True
 

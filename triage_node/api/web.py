@@ -31,6 +31,7 @@ from triage_node.api.worklist import actor_of, item_from_row
 from triage_node.db import audit
 from triage_node.db.models import PriorityClass, WorklistEntry, WorklistStatus
 from triage_node.db.session import transaction
+from triage_node.timeutil import utcnow
 from triage_node.worklist.feedback import latest_verdicts, list_feedback
 from triage_node.worklist.priority import set_status
 from triage_node.worklist.priority_rules import PriorityError
@@ -295,7 +296,7 @@ def _worklist_context(session: Any, settings: Any, params: Any) -> dict[str, Any
         "findings": FINDINGS,
         "priority_classes": [p.value for p in PriorityClass],
         "refresh": REFRESH_SECONDS,
-        "now": datetime.now(UTC),
+        "now": utcnow(),
     }
 
 

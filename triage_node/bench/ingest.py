@@ -23,7 +23,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,6 +34,7 @@ from triage_node.ingest.scp import StorageSCP
 from triage_node.ingest.store import SUCCESS, InstanceStore, StoreOutcome
 from triage_node.peers import OrthancServer, StoreSCP, free_port, storescu
 from triage_node.synth.ct_series import write_ct_slices
+from triage_node.timeutil import utcnow
 
 if TYPE_CHECKING:
     from pynetdicom.events import EventHandlerType
@@ -320,7 +320,7 @@ def run_ingest_benchmark(
     load_after = os.getloadavg()
     return {
         "benchmark": "ingest",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": utcnow().isoformat(timespec="seconds"),
         "images": images,
         "rounds": rounds,
         "size": f"{size}x{size}",

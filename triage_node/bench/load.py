@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from triage_node.config import REPO_ROOT, load_settings
 from triage_node.db import schema
 from triage_node.peers import echoscu, free_port
 from triage_node.synth.ct_series import write_ct_slices
+from triage_node.timeutil import utcnow
 
 __all__ = ["JSON_PATH", "markdown_section", "run_load_benchmark"]
 
@@ -245,7 +245,7 @@ def _result(associations: int, minutes: float, slices: int, size: int, baseline:
     growth = warm[-1][1] - warm[0][1]
     images = len(tally.image_s)
     return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": utcnow().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_average": [round(x, 2) for x in os.getloadavg()]},
         "setup": {"associations": associations, "minutes": minutes, "slices_per_study": slices,

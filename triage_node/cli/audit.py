@@ -11,6 +11,7 @@ import typer
 from triage_node.cli.app import app
 from triage_node.cli.common import settings_or_exit
 from triage_node.db.session import make_engine, make_sessionmaker
+from triage_node.timeutil import utcnow
 from triage_node.worklist.audit_trail import AuditFilter, audit_rows, list_audit
 
 
@@ -19,7 +20,7 @@ def parse_since(value: str | None, now: datetime | None = None) -> datetime | No
     ``12h``, ``7d``."""
     if not value:
         return None
-    now = now or datetime.now(UTC)
+    now = now or utcnow()
     units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
     if value[-1:] in units and value[:-1].isdigit():
         return now - timedelta(**{units[value[-1]]: int(value[:-1])})

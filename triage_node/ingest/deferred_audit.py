@@ -11,7 +11,6 @@ for the rows, and one so that only one thread writes them at a time.
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from triage_node.db import audit
 from triage_node.db.session import transaction
 from triage_node.logs import get_logger
+from triage_node.timeutil import utcnow
 
 __all__ = ["DEFERRED_AUDIT_LIMIT", "DeferredAudit"]
 
@@ -45,7 +45,7 @@ class DeferredAudit:
         with self._lock:
             if len(self._rows) < DEFERRED_AUDIT_LIMIT:
                 self._rows.append(
-                    {**row, "deferred": True, "refused_at": datetime.now(UTC).isoformat()}
+                    {**row, "deferred": True, "refused_at": utcnow().isoformat()}
                 )
 
     def flush(self, session_factory: sessionmaker[Session]) -> None:

@@ -10,7 +10,6 @@ database side alone, and the same session carries it from staging to commit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from triage_node.db import audit
 from triage_node.db.models import Instance, Series
 from triage_node.ingest.filing import Filing, FilingCache, file_series
 from triage_node.ingest.header import Header, int_value, slice_position
+from triage_node.timeutil import utcnow
 
 __all__ = ["known_versions", "stage_rows", "stored_bytes"]
 
@@ -80,7 +80,7 @@ def stage_rows(
     cached, since study and series rows are never deleted.
     """
     ds = header.ds
-    now = datetime.now(UTC)
+    now = utcnow()
     expected = int_value(ds, "NumberOfSeriesRelatedInstances") or int_value(ds, "ImagesInAcquisition")
     filing = filed.get(header.series_uid)
     if filing is None:

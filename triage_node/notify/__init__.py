@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,6 +36,7 @@ from triage_node.notify.hl7 import (
     build_oru,
 )
 from triage_node.notify.webhook import WebhookOutcome, send_event
+from triage_node.timeutil import utcnow
 
 log = get_logger(__name__)
 
@@ -195,7 +196,7 @@ def result_report(session: Session, job_id: int) -> ResultReport | None:
     probs = result.study_probabilities or {}
     decisions = result.decisions or {}
     names = ["any", *sorted(n for n in probs if n != "any")] if "any" in probs else sorted(probs)
-    created = result.created_at or datetime.now(UTC)
+    created = result.created_at or utcnow()
     return ResultReport(
         study_uid=study.study_uid,
         accession_number=study.accession_number,

@@ -33,6 +33,7 @@ from hl7.exceptions import HL7Exception
 from triage_node.config import Settings
 from triage_node.db.models import PriorityClass
 from triage_node.logs import get_logger
+from triage_node.timeutil import utcnow
 
 log = get_logger(__name__)
 
@@ -192,7 +193,7 @@ def build_orm(update: PriorityUpdate, *, sending_application: str | None = None,
               now: datetime | None = None) -> tuple[str, str]:
     """Build the ``ORM^O01`` order-change message; returns ``(message, control_id)``."""
     env = envelope or Envelope(sending_application=sending_application or "TRIAGE_NODE")
-    stamp = _stamp(now or datetime.now(UTC))
+    stamp = _stamp(now or utcnow())
     control_id = control_id or new_control_id()
     timing = ("", "", "", "", "", HL7_PRIORITY.get(update.priority_class, "R"))
     accession = update.accession_number or ""
@@ -267,7 +268,7 @@ class ResultReport:
 def build_oru(report: ResultReport, *, envelope: Envelope, control_id: str | None = None,
               now: datetime | None = None) -> tuple[str, str]:
     """Build the ``ORU^R01`` result message; returns ``(message, control_id)``."""
-    stamp = _stamp(now or datetime.now(UTC))
+    stamp = _stamp(now or utcnow())
     observed = _stamp(report.observed_at)
     control_id = control_id or new_control_id()
     accession = report.accession_number or ""

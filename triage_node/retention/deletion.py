@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -46,6 +46,7 @@ from triage_node.retention.eligibility import (
     study_verdicts,
 )
 from triage_node.retention.policy import DiskUse, Policy, disk_use
+from triage_node.timeutil import utcnow
 
 log = get_logger(__name__)
 
@@ -98,7 +99,7 @@ def plan(settings: Settings, factory: sessionmaker[Session], now: datetime | Non
 
 def run(settings: Settings, factory: sessionmaker[Session], now: datetime | None = None) -> RunReport:
     """Delete what is due: studies by age, then by disk use, result files, outbox rows, audit rows."""
-    now = now or datetime.now(UTC)
+    now = now or utcnow()
     policy = Policy.from_settings(settings)
     cleaner = _Cleaner(settings, factory, policy, now)
     todo = plan(settings, factory, now)

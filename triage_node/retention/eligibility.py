@@ -32,6 +32,7 @@ from triage_node.db.models import (
     Study,
 )
 from triage_node.retention.policy import DiskUse, Policy
+from triage_node.timeutil import utcnow
 
 ACTIVE_JOBS = (JobState.queued.value, JobState.running.value)
 GIVEN_UP = (OutboxState.dead.value, OutboxState.refused.value)
@@ -202,7 +203,7 @@ def _result_files(session: Session, policy: Policy, now: datetime, skip: set[int
 
 def make_plan(session: Session, policy: Policy, disk: DiskUse, now: datetime | None = None) -> Plan:
     """What is due for deletion now, by age and by disk use, and what is kept past its age."""
-    now = now or datetime.now(UTC)
+    now = now or utcnow()
     plan = Plan(now=now, disk=disk)
     cutoff = Policy.cutoff(now, policy.instances_days)
     over = disk.bytes_above(policy.disk_low_percent) if disk.percent > policy.disk_high_percent else 0

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -56,7 +56,7 @@ from triage_node.studies.fast_path import SeriesStats, fast_path_complete, serie
 from triage_node.studies.geometry import slice_spacing
 from triage_node.studies.selection import select_series
 from triage_node.studies.selection_rules import SelectionRules, load_rules
-from triage_node.timeutil import as_utc
+from triage_node.timeutil import as_utc, utcnow
 from triage_node.worklist.priority import compute_priority
 
 log = get_logger(__name__)
@@ -157,7 +157,7 @@ class CompletenessTracker:
         now : datetime, optional
             Current time (UTC); tests pass a later time instead of sleeping.
         """
-        now = now or datetime.now(UTC)
+        now = now or utcnow()
         quiet = timedelta(seconds=self.settings.stability_seconds)
         results = []
         for series_uid in self.pending():
@@ -251,7 +251,7 @@ class CompletenessTracker:
             or stats.last_received_at <= completed_at
         ):
             return Completion(series_uid, completed=False, reason="already complete")
-        now = datetime.now(UTC)
+        now = utcnow()
         series.state = SeriesState.complete
         series.completed_at = now
         series.completion_reason = reason
@@ -322,7 +322,7 @@ class CompletenessTracker:
             session, study=study, series=chosen, version=version, queue=queue,
             queue_reason=queue_reason, reason=why, actor=ACTOR, supersede=active,
             last_instance_at=last, series_complete_at=as_utc(chosen.completed_at),
-            created_at=datetime.now(UTC),
+            created_at=utcnow(),
         )
         result.superseded.extend(superseded)
         if session.scalar(select(WorklistEntry.id).where(WorklistEntry.study_id == study.id)) is None:

@@ -32,6 +32,7 @@ from triage_node.db.models import (
     Study,
     WorklistEntry,
 )
+from triage_node.timeutil import utcnow
 from triage_node.worklist.priority_rules import CLASS_RANK
 
 
@@ -247,7 +248,7 @@ def list_worklist(
     session: Session, settings: Settings, flt: WorklistFilter, now: datetime | None = None
 ) -> tuple[list[WorklistRow], int]:
     """Return one page of the ordered worklist and the total number of matching entries."""
-    now = now or datetime.now(UTC)
+    now = now or utcnow()
     stmt = worklist_select(settings, flt, now)
     total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
     page = session.execute(stmt.limit(flt.limit).offset(flt.offset)).all()
@@ -271,7 +272,7 @@ def worklist_row(
     session: Session, settings: Settings, entry: WorklistEntry, now: datetime | None = None
 ) -> WorklistRow:
     """The `WorklistRow` of one entry (after a change), computed as the list computes it."""
-    now = now or datetime.now(UTC)
+    now = now or utcnow()
     study = session.get(Study, entry.study_id)
     assert study is not None
     hours = max(0.0, (now - _as_utc(study.received_at)).total_seconds()) / 3600.0

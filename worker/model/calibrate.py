@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from triage_node import CLASSES
 from triage_node.logs import get_logger
+from triage_node.timeutil import utcnow
 from worker.files import write_atomic
 from worker.inference.card import OPERATING_POINTS, ModelCard, json_safe, load_model_card
 from worker.inference.site import SITE_FILE, Sample, SiteThresholds, thresholds_digest
@@ -215,7 +215,7 @@ def site_thresholds(card: ModelCard, chosen: dict, sample: Sample, target_sensit
         device_uid=card.device_uid,
         model_name=card.name,
         model_version=card.version,
-        calibrated_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+        calibrated_utc=utcnow().isoformat(timespec="seconds"),
         target_sensitivity=target_sensitivity,
         sample=sample,
         digest=thresholds_digest(chosen["operating_points"]),

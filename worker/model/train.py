@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from pydicom.uid import generate_uid
 
 from triage_node import CLASSES
 from triage_node.logs import get_logger
+from triage_node.timeutil import utcnow
 from worker.inference.card import INTENDED_USE, INTENDED_USE_RESEARCH, ModelCard, ServedModel, write_model_card
 from worker.model import metrics as M
 from worker.model.augment import augment
@@ -330,9 +330,9 @@ def fit(cfg: TrainConfig, progress: Progress | None = None, cache_progress: Call
     wall = time.monotonic() - t_start
     card = ModelCard(
         name="ich-triage-ctich" if cfg.fmt == "physionet-ich" else "ich-triage-synthetic",
-        version=datetime.now(UTC).strftime("%Y.%m.%d.%H%M"),
+        version=utcnow().strftime("%Y.%m.%d.%H%M"),
         device_uid=generate_uid(),
-        created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+        created_utc=utcnow().isoformat(timespec="seconds"),
         classes=CLASSES,
         backbone=cfg.backbone,
         input_variant=cfg.variant,

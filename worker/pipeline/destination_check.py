@@ -20,7 +20,6 @@ from __future__ import annotations
 import socket
 import ssl
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import highdicom as hd
@@ -32,6 +31,7 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification  # t
 from pynetdicom.status import code_to_category
 
 from triage_node.setting_types import Destination, DestinationKind
+from triage_node.timeutil import utcnow
 from worker.pipeline.destinations import dicomweb_client, dicomweb_session, ssl_context
 
 __all__ = ["TEST_PATIENT_ID", "Step", "check_destination", "echo", "test_object"]
@@ -64,7 +64,7 @@ class Step:
 
 def test_object() -> Dataset:
     """A new synthetic Secondary Capture image that names itself a connection test."""
-    now = datetime.now(UTC)
+    now = utcnow()
     sc = hd.sc.SCImage(
         pixel_array=np.zeros((16, 16), dtype=np.uint8),
         photometric_interpretation="MONOCHROME2",
