@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from triage_node import CLASSES
 from worker.model import metrics as M
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--seeds", type=int, default=3, help="stacker trainings per variant, averaged")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # small GRUs: one thread is as fast, and leaves a core to a training run
     t0 = time.monotonic()
     oof = load_out_of_fold(args.run)
     mirrored = mirrored_logits(args.run, oof)
